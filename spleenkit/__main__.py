@@ -1,0 +1,7 @@
+"""``python -m spleenkit`` runs the command line (torchrun uses this form)."""
+
+import sys
+
+from spleenkit.cli import main
+
+sys.exit(main())

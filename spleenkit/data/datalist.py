@@ -1,0 +1,65 @@
+"""The datalist of an MSD-layout dataset folder and the bundle's train/validation split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from spleenkit.errors import BadInputError
+
+Datalist = list[dict[str, str]]
+
+
+def load_datalist(dataset_dir: str | os.PathLike[str], section: str = "training") -> Datalist:
+    """Read ``dataset.json`` and return its ``section`` as absolute paths, sorted by image name.
+
+    Sorting by name reproduces the bundle, which globs ``imagesTr/*.nii.gz`` in sorted order.
+    Every listed file must exist; a missing one is named in the error.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise BadInputError("dataset folder not found", root)
+    manifest = root / "dataset.json"
+    if not manifest.is_file():
+        raise BadInputError("no dataset.json: not a dataset in the MSD layout (try `spleenkit data synth`)", manifest)
+    try:
+        description = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInputError(f"not valid JSON ({error})", manifest) from error
+    if section not in description or not isinstance(description[section], list):
+        raise BadInputError(f"has no {section!r} list", manifest)
+    items: Datalist = []
+    for entry in description[section]:
+        record = {"image": entry} if isinstance(entry, str) else dict(entry)
+        for key, relative in list(record.items()):
+            path = (root / relative).resolve()
+            if not path.is_file():
+                raise BadInputError(f"listed in dataset.json as {key} but missing", path)
+            record[key] = str(path)
+        items.append(record)
+    return sorted(items, key=lambda record: Path(record["image"]).name)
+
+
+def split_datalist(items: Datalist, validation_cases: int = 9) -> tuple[Datalist, Datalist]:
+    """The bundle's split: sorted by image name, the last ``validation_cases`` for validation."""
+    items = sorted(items, key=lambda record: Path(record["image"]).name)
+    if not 0 < validation_cases < len(items):
+        raise BadInputError(
+            f"cannot hold out {validation_cases} validation case(s) from {len(items)} labelled case(s)"
+        )
+    return items[:-validation_cases], items[-validation_cases:]
+
+
+def dataset_fingerprint(items: Datalist) -> str:
+    """A sha256 over the names and bytes of every file in the datalist, for run manifests."""
+    digest = hashlib.sha256()
+    for record in sorted(items, key=lambda r: r["image"]):
+        for key in sorted(record):
+            path = Path(record[key])
+            digest.update(f"{key}:{path.name}:".encode())
+            with path.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()

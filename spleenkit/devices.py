@@ -1,0 +1,83 @@
+"""Device and precision choice: the one place that decides where tensors live and in which dtype.
+
+Mixed precision means something on every device: float16 with a gradient scaler on CUDA,
+bfloat16 autocast on the CPU (where float16 autocast is slow and a scaler is not needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from spleenkit.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def pick_device(preference: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """Return the device to compute on: CUDA (this process's local rank) when present, else CPU.
+
+    ``preference`` may be "auto", "cpu", "cuda" or "cuda:N"; asking for CUDA on a machine
+    without it is an error rather than a silent fall-back.
+    """
+    import torch
+
+    preference = (preference or "auto").lower()
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInputError(f"device {preference!r} was asked for but CUDA is not available on this machine")
+        if preference == "cuda":
+            rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device(preference)
+    raise BadInputError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N")
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (float16 on CUDA, bfloat16 on CPU), or None when off."""
+    import torch
+
+    if not enabled:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Autocast for the device's mixed-precision dtype; a no-op when ``enabled`` is False."""
+    import torch
+
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """A gradient scaler that is active only for float16 on CUDA (bfloat16 needs none)."""
+    import torch
+
+    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+
+
+def describe_device(device: torch.device) -> dict[str, object]:
+    """Facts about the device for manifests and the welcome notebook."""
+    import torch
+
+    info: dict[str, object] = {"device": str(device), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_count=torch.cuda.device_count())
+    else:
+        info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return info

@@ -1,0 +1,53 @@
+"""What the kit runs on: versions, device, cores, memory, GPUs, and whether this is Colab or a live session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from spleenkit.manifest import package_versions
+
+
+def total_memory_gib() -> float | None:
+    """Physical memory in GiB (None where it cannot be read)."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def on_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def is_interactive() -> bool:
+    """True in a live Jupyter session; False under papermill, nbclient tests, scripts and CI.
+
+    Heavy interactive widgets (the 3D viewer) are shown only when this is True: in a headless
+    papermill run the cell after such a widget can wait forever for a front end.
+    """
+    if os.environ.get("SPLEENKIT_NONINTERACTIVE") or os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION"):
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    # papermill and nbclient start kernels without a connected front end; Jupyter front ends set this
+    return "JPY_SESSION_NAME" in os.environ or "VSCODE_PID" in os.environ or on_colab()
+
+
+def environment_report() -> dict[str, Any]:
+    """Versions, device, cores, memory and GPU count, as shown by the welcome notebook and ``spleenkit info``."""
+    from spleenkit.devices import describe_device, pick_device
+
+    return {
+        "versions": package_versions(),
+        **describe_device(pick_device("auto")),
+        "memory_gib": total_memory_gib(),
+        "colab": on_colab(),
+    }

@@ -1,0 +1,122 @@
+"""The bundle's UNet, and saving and loading its weights safely.
+
+The network is built exactly as spleen_ct_segmentation's ``network_def`` so that official
+weights load with strict key matching. Checkpoints are read with ``weights_only=True`` and
+written atomically (a temporary file renamed into place), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spleenkit.errors import BadInputError
+from spleenkit.presets import Preset, get_preset
+
+if TYPE_CHECKING:
+    import torch
+
+BUNDLE_PARAMETER_COUNT = 4_808_917
+
+
+def build_unet(preset: Preset | str = "seed") -> torch.nn.Module:
+    """The bundle's 3D UNet: 1 -> 2 channels, 16-32-64-128-256, strides 2, 2 residual units, batch norm."""
+    from monai.networks.nets import UNet
+
+    preset = get_preset(preset)
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=tuple(preset.channels),
+        strides=tuple(preset.strides),
+        num_res_units=preset.num_res_units,
+        norm=preset.norm,
+    )
+
+
+def count_parameters(network: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
+    import torch
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint with ``weights_only=True``; a missing, truncated or unsafe file is a clear error."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError("checkpoint not found", path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise BadInputError(
+            f"refusing to load: the checkpoint holds objects other than tensors and plain data ({error})".splitlines()[0],
+            path,
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise BadInputError(f"corrupt or truncated checkpoint ({str(error).splitlines()[0]})", path) from error
+
+
+def extract_state_dict(checkpoint: Any, path: str | os.PathLike[str] = "checkpoint") -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint: a bare state dict (the bundle's model.pt) or ``{"model": ...}``."""
+    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise BadInputError("the checkpoint holds no network weights", path)
+    # weights saved from a DistributedDataParallel wrapper carry a "module." prefix
+    if all(key.startswith("module.") for key in checkpoint):
+        checkpoint = {key.removeprefix("module."): value for key, value in checkpoint.items()}
+    return checkpoint
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load weights into ``network`` strictly; mismatched keys or shapes are listed in the error."""
+    state = extract_state_dict(load_checkpoint(path), path)
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        def short(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        parts = [f"{label}: {short(keys)}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong_shape)) if keys]
+        raise BadInputError("checkpoint does not match the network (another architecture?); " + "; ".join(parts), path)
+    network.load_state_dict(state, strict=True)
+    return network
+
+
+def load_model(path: str | os.PathLike[str], preset: Preset | str = "seed",
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build the preset's UNet, load ``path`` into it strictly, move it to ``device`` and set eval mode."""
+    network = load_weights(build_unet(preset), path)
+    return network.to(device).eval()

@@ -1,0 +1,91 @@
+"""The MONAI transform chains of a preset: training, validation and inference.
+
+The deterministic part matches the bundle's ``train#deterministic_transforms`` step for step
+(LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd -> ScaleIntensityRanged ->
+EnsureTyped); the training chain adds ``RandCropByPosNegLabeld``. Keep the order and values
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spleenkit.presets import Preset, get_preset
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose, Transform
+
+IMAGE, LABEL = "image", "label"
+
+
+def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...] = (IMAGE, LABEL)) -> list[Transform]:
+    """The cacheable, deterministic preprocessing: load, channel first, orient, resample, window."""
+    from monai.transforms import (
+        CropForegroundd,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    preset = get_preset(preset)
+    keys = list(keys)
+    modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
+    low, high = preset.intensity_range
+    chain: list[Transform] = [
+        LoadImaged(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes=preset.orientation),
+        Spacingd(keys=keys, pixdim=tuple(preset.spacing), mode=modes),
+        ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if preset.crop_foreground:
+        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True))
+    chain.append(EnsureTyped(keys=keys))
+    return chain
+
+
+def random_transforms(preset: Preset | str = "seed") -> list[Transform]:
+    """The random part of training: pad to the patch if needed, then positive/negative crops."""
+    from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
+
+    preset = get_preset(preset)
+    chain: list[Transform] = []
+    if preset.pad_to_patch:
+        chain.append(SpatialPadd(keys=[IMAGE, LABEL], spatial_size=tuple(preset.patch_size)))
+    chain.append(
+        RandCropByPosNegLabeld(
+            keys=[IMAGE, LABEL],
+            label_key=LABEL,
+            spatial_size=tuple(preset.patch_size),
+            pos=preset.positive,
+            neg=preset.negative,
+            num_samples=preset.num_samples,
+            image_key=IMAGE,
+            image_threshold=0,
+        )
+    )
+    return chain
+
+
+def training_transforms(preset: Preset | str = "seed") -> Compose:
+    """Deterministic preprocessing followed by the random crops."""
+    from monai.transforms import Compose
+
+    return Compose(deterministic_transforms(preset) + random_transforms(preset))
+
+
+def validation_transforms(preset: Preset | str = "seed") -> Compose:
+    """The deterministic preprocessing of image and label."""
+    from monai.transforms import Compose
+
+    return Compose(deterministic_transforms(preset))
+
+
+def inference_transforms(preset: Preset | str = "seed") -> Compose:
+    """Image-only preprocessing, invertible with ``Invertd`` to put predictions back on the input grid."""
+    from monai.transforms import Compose
+
+    return Compose(deterministic_transforms(preset, keys=(IMAGE,)))
