@@ -1,0 +1,454 @@
+"""Run the numbered notebooks with papermill under a profile, and strip their outputs for git.
+
+A *profile* (``notebooks/profiles/<name>.yaml``) holds parameter overrides only: ``shared``
+values (``data_dir``, ``runs_dir``, ...) given to every notebook whose ``parameters`` cell
+declares them, and per-notebook values keyed by number or name, which a notebook must declare
+(a typo is an error, not a silently ignored value). String values of keys ending in ``_dir``,
+``_path``, ``_file`` or ``_folder`` are paths relative to the repository and are made absolute.
+
+The runner executes each notebook with its working directory set to ``notebooks/`` (so the
+notebooks' own relative defaults work), in a kernel that runs this very Python (so the kit it
+imports is the one installed here), with ``SPLEENKIT_NONINTERACTIVE=1`` (no 3D viewer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spleenkit.errors import BadInputError, SpleenkitError
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+KEEP_OUTPUT_TAG = "keep_output"
+NBVAL_CHECK_TAG = "nbval-check-output"
+PATH_SUFFIXES = ("_dir", "_path", "_file", "_folder")
+PROFILE_KEYS = {"description", "shared", "notebooks", "execution_timeout"}
+KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1"}
+
+# Where the kit lives on GitHub: the Colab and Binder badges and the Colab install use it.
+# Change it here (then rebuild the notebooks' first cells; tests/test_notebooks.py checks them).
+GITHUB_REPOSITORY = "spleenkit/spleenkit"
+GITHUB_BRANCH = "main"
+
+
+def colab_url(notebook: str) -> str:
+    """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``)."""
+    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_BRANCH}/notebooks/{notebook}"
+
+
+def binder_url(notebook: str) -> str:
+    """The Binder address that opens a notebook file name in JupyterLab."""
+    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_BRANCH}?labpath=notebooks%2F{notebook}"
+
+
+def badges_markdown(notebook: str) -> str:
+    """The Colab and Binder badges for the first cell of a notebook."""
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(notebook)}) "
+            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook)})")
+
+
+def setup_cell_source() -> str:
+    """The setup cell every notebook starts with: install the kit only on Colab, then :func:`colab_setup`."""
+    return (
+        "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
+        "import sys\n\n"
+        'if "google.colab" in sys.modules:\n'
+        f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_BRANCH}"\n'
+        "from spleenkit.environment import colab_setup\n\n"
+        "on_colab = colab_setup()"
+    )
+
+
+class NotebookRunError(SpleenkitError):
+    """A notebook failed under the runner; the message shows the failing cell and its traceback."""
+
+
+# --------------------------------------------------------------------------- finding things
+def find_repo(start: str | os.PathLike[str] | None = None) -> Path:
+    """The repository root: the folder holding ``notebooks/profiles``, from ``start`` (default: here) upwards,
+    else the checkout the kit is installed from."""
+    here = Path(start or Path.cwd()).resolve()
+    candidates = [here, *here.parents, Path(__file__).resolve().parents[1]]
+    for folder in candidates:
+        if (folder / "notebooks" / "profiles").is_dir():
+            return folder
+    raise BadInputError(f"no notebooks/profiles folder in the kit's checkout or in {here} and its parents; "
+                        "run from a clone of the spleenkit repository")
+
+
+def list_notebooks(notebook_dir: str | os.PathLike[str]) -> list[Path]:
+    """The numbered notebooks (``NN_short_name.ipynb``) in ``notebook_dir``, in number order."""
+    folder = Path(notebook_dir)
+    return sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
+
+
+def notebook_number(path: str | os.PathLike[str]) -> str:
+    """The two-digit number of a notebook file name ("01" for ``01_data.ipynb``)."""
+    match = NOTEBOOK_PATTERN.match(Path(path).name)
+    if not match:
+        raise BadInputError(f"{path}: not a numbered notebook (expected NN_short_name.ipynb)")
+    return match.group(1)
+
+
+def _key_matches(key: Any, path: Path) -> bool:
+    if isinstance(key, int) and not isinstance(key, bool):  # YAML reads an unquoted 01 as the integer 1
+        key = f"{key:02d}"
+    key = str(key)
+    if key.isdigit():
+        return key.zfill(2) == notebook_number(path)
+    return key in {path.name, path.stem}
+
+
+def select_notebooks(notebooks: Sequence[Path], only: Iterable[str | int] | None) -> list[Path]:
+    """The notebooks named in ``only`` (numbers like 1 or "01", or names), in number order; all when empty."""
+    wanted = list(only or [])
+    if not wanted:
+        return list(notebooks)
+    unknown = [w for w in wanted if not any(_key_matches(w, nb) for nb in notebooks)]
+    if unknown:
+        raise BadInputError(f"no notebook numbered or named {', '.join(map(str, unknown))}; "
+                            f"have {', '.join(nb.name for nb in notebooks)}")
+    return [nb for nb in notebooks if any(_key_matches(w, nb) for w in wanted)]
+
+
+# --------------------------------------------------------------------------- profiles
+def profile_path(profile: str, repo: Path) -> Path:
+    """The YAML file of a profile name (or the given path when ``profile`` is a file)."""
+    if profile.endswith((".yaml", ".yml")):
+        return Path(profile)
+    return repo / "notebooks" / "profiles" / f"{profile}.yaml"
+
+
+def available_profiles(repo: Path) -> list[str]:
+    """The profile names in ``notebooks/profiles``."""
+    return sorted(p.stem for p in (repo / "notebooks" / "profiles").glob("*.yaml"))
+
+
+def _resolve_paths(values: dict[str, Any], repo: Path) -> dict[str, Any]:
+    resolved = {}
+    for key, value in values.items():
+        if isinstance(value, str) and key.endswith(PATH_SUFFIXES) and value and not Path(value).is_absolute():
+            value = str((repo / value).resolve())
+        resolved[key] = value
+    return resolved
+
+
+def load_profile(profile: str, repo: Path | None = None) -> dict[str, Any]:
+    """Read and check a profile; paths in it are made absolute against the repository."""
+    repo = repo or find_repo()
+    path = profile_path(profile, repo)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such profile; known profiles: {', '.join(available_profiles(repo))}")
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise BadInputError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: a profile is a mapping with the keys {', '.join(sorted(PROFILE_KEYS))}")
+    unknown = sorted(set(data) - PROFILE_KEYS)
+    if unknown:
+        raise BadInputError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(PROFILE_KEYS))}")
+    shared = data.get("shared") or {}
+    per_notebook = data.get("notebooks") or {}
+    if not isinstance(shared, dict) or not isinstance(per_notebook, dict):
+        raise BadInputError(f"{path}: 'shared' and 'notebooks' must be mappings")
+    for key, values in per_notebook.items():
+        if not isinstance(values, dict):
+            raise BadInputError(f"{path}: the parameters of notebook {key!r} must be a mapping")
+    return {
+        "name": path.stem,
+        "path": str(path),
+        "description": data.get("description", ""),
+        "execution_timeout": data.get("execution_timeout"),
+        "shared": _resolve_paths(shared, repo),
+        "notebooks": {key: _resolve_paths(values, repo) for key, values in per_notebook.items()},
+    }
+
+
+def notebook_parameters(notebook: Path, profile: dict[str, Any],
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters a profile gives one notebook: the shared values it declares, then its own values."""
+    import papermill
+
+    declared = set(papermill.inspect_notebook(notebook))
+    parameters = {k: v for k, v in profile["shared"].items() if k in declared}
+    own: dict[str, Any] = {}
+    for key, values in profile["notebooks"].items():
+        if _key_matches(key, notebook):
+            own.update(values)
+    missing = sorted(set(own) - declared)
+    if missing:
+        raise BadInputError(f"{profile['path']}: {notebook.name} has no parameter(s) {', '.join(missing)} "
+                            f"in its parameters cell (it declares {', '.join(sorted(declared)) or 'none'})")
+    parameters.update(own)
+    parameters.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    return parameters
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class NotebookResult:
+    """What happened to one notebook: its status ("ok", "failed", "not run"), time, copy and error."""
+
+    notebook: str
+    status: str
+    seconds: float = 0.0
+    output: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one runner call, written as ``summary.json`` beside the executed copies."""
+
+    profile: str
+    output_dir: str
+    python: str
+    results: list[NotebookResult]
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every selected notebook ran without error."""
+        return all(r.status == "ok" for r in self.results)
+
+    @property
+    def failures(self) -> list[NotebookResult]:
+        """The notebooks that failed."""
+        return [r for r in self.results if r.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"profile": self.profile, "output_dir": self.output_dir, "python": self.python, "ok": self.ok,
+                "seconds": round(self.seconds, 1), "notebooks": [asdict(r) for r in self.results]}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def describe_failure(notebook: str, error: BaseException) -> str:
+    """A readable account of a failed notebook: the failing cell's source and the traceback without colours."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        source = "\n".join("    " + line for line in (error.source or "").splitlines())
+        traceback = _ANSI.sub("", "\n".join(error.traceback or []))
+        return f"{notebook} failed in cell {error.cell_index} (In [{error.exec_count}]):\n{source}\n{traceback}"
+    return f"{notebook} failed: {type(error).__name__}: {_ANSI.sub('', str(error))}"
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def this_python_kernel() -> Iterator[str]:
+    """A kernel spec named ``python3`` that runs this interpreter, shadowing any other for the duration.
+
+    Without it papermill may pick a ``python3`` kernel of another environment (a user-wide
+    kernel spec, say), where the kit is missing or is another version.
+    """
+    with tempfile.TemporaryDirectory(prefix="spleenkit-kernel-") as folder:
+        spec_dir = Path(folder) / "kernels" / "python3"
+        spec_dir.mkdir(parents=True)
+        spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (spleenkit)", "language": "python"}
+        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
+        with _environment({"JUPYTER_PATH": jupyter_path}):
+            yield "python3"
+
+
+def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = None,
+                  out_dir: str | os.PathLike[str] | None = None, repo: str | os.PathLike[str] | None = None,
+                  overrides: dict[str, Any] | None = None, kernel_name: str | None = None,
+                  keep_going: bool = False, log_output: bool = False) -> RunSummary:
+    """Execute the numbered notebooks in order under a profile and write executed copies and ``summary.json``.
+
+    ``overrides`` replace shared profile values (e.g. ``data_dir``) for the notebooks that declare
+    them. After a failure the later notebooks are "not run" (they read earlier run folders) unless
+    ``keep_going``. ``kernel_name`` None means a kernel running this Python.
+    """
+    import papermill
+
+    repo = Path(repo).resolve() if repo else find_repo()
+    settings = load_profile(profile, repo)
+    notebook_dir = repo / "notebooks"
+    notebooks = select_notebooks(list_notebooks(notebook_dir), only)
+    if not notebooks:
+        raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
+    out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    shared_overrides = _resolve_paths(dict(overrides or {}), repo)
+    settings["shared"].update(shared_overrides)
+    plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
+
+    summary = RunSummary(profile=settings["name"], output_dir=str(out), python=sys.executable, results=[])
+    started = time.perf_counter()
+    failed = False
+    kernel = this_python_kernel() if kernel_name is None else _named_kernel(kernel_name)
+    with kernel as name, _environment(KERNEL_ENVIRONMENT):
+        for notebook, parameters in plan:
+            result = NotebookResult(notebook=notebook.name, status="not run", parameters=parameters)
+            summary.results.append(result)
+            if failed and not keep_going:
+                continue
+            output = out / notebook.name
+            log.info("running %s with %s", notebook.name, parameters or "its defaults")
+            tick = time.perf_counter()
+            try:
+                papermill.execute_notebook(
+                    str(notebook), str(output), parameters=parameters, cwd=str(notebook_dir), kernel_name=name,
+                    progress_bar=False, log_output=log_output, execution_timeout=settings["execution_timeout"],
+                )
+                result.status = "ok"
+            except Exception as error:  # noqa: BLE001 - any failure is reported per notebook, not raised mid-run
+                result.status = "failed"
+                result.error = describe_failure(notebook.name, error)
+                failed = True
+                log.error("%s failed (%s: %s)", notebook.name, type(error).__name__, getattr(error, "ename", ""))
+            result.seconds = round(time.perf_counter() - tick, 1)
+            result.output = str(output) if output.exists() else None
+            log.info("%s: %s in %.1f s", notebook.name, result.status, result.seconds)
+    summary.seconds = time.perf_counter() - started
+    write_summary(summary)
+    return summary
+
+
+@contextmanager
+def _named_kernel(name: str) -> Iterator[str]:
+    yield name
+
+
+def write_summary(summary: RunSummary) -> Path:
+    """Write ``summary.json`` into the output folder (atomically) and return its path."""
+    path = Path(summary.output_dir) / "summary.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def format_table(results: Sequence[NotebookResult]) -> str:
+    """A plain-text table of notebook / status / seconds, with a total line."""
+    width = max([len("notebook"), *(len(r.notebook) for r in results)])
+    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}", f"{'-' * width}  {'-' * 8}  {'-' * 8}"]
+    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}" for r in results]
+    lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- outputs in git
+def keeps_output(cell: dict[str, Any]) -> bool:
+    """True for a cell whose outputs stay in git: tagged ``keep_output`` or with nbstripout's ``keep_output: true``."""
+    metadata = cell.get("metadata", {})
+    return KEEP_OUTPUT_TAG in metadata.get("tags", []) or bool(metadata.get("keep_output"))
+
+
+def unkept_outputs(notebook: Any) -> list[int]:
+    """Indices of code cells holding outputs or execution counts that are not marked to be kept."""
+    return [index for index, cell in enumerate(notebook.cells)
+            if cell.cell_type == "code" and not keeps_output(cell)
+            and (cell.get("outputs") or cell.get("execution_count"))]
+
+
+_RUN_METADATA = ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime")
+
+
+def strip_notebook(notebook: Any) -> bool:
+    """Remove outputs, execution counts and run metadata except from cells marked to keep; True if changed."""
+    before = repr(notebook)
+    for key in ("papermill", "widgets", "toc"):
+        notebook.metadata.pop(key, None)
+    for cell in notebook.cells:
+        for key in _RUN_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.cell_type != "code":
+            cell.pop("outputs", None)
+            cell.pop("execution_count", None)
+            continue
+        if keeps_output(cell):
+            cell.execution_count = None
+            for output in cell.outputs:
+                if "execution_count" in output:
+                    output.execution_count = None
+            continue
+        cell.outputs = []
+        cell.execution_count = None
+    return repr(notebook) != before
+
+
+def strip_notebooks(paths: Iterable[str | os.PathLike[str]], check: bool = False) -> list[Path]:
+    """Strip each notebook file in place (or, with ``check``, only report); returns the files that needed it."""
+    import nbformat
+
+    changed = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise BadInputError(f"{path}: no such notebook")
+        try:
+            notebook = nbformat.read(path, as_version=4)
+        except Exception as error:  # noqa: BLE001 - nbformat raises several kinds for a broken file
+            raise BadInputError(f"{path}: not a readable notebook ({error})") from error
+        if strip_notebook(notebook):
+            changed.append(path)
+            if not check:
+                nbformat.write(notebook, path)
+    return changed
+
+
+def notebooks_with_kept_outputs(notebook_dir: str | os.PathLike[str]) -> list[Path]:
+    """The numbered notebooks that hold at least one kept output (these are the ones nbval compares)."""
+    import nbformat
+
+    found = []
+    for path in list_notebooks(notebook_dir):
+        notebook = nbformat.read(path, as_version=4)
+        if any(keeps_output(cell) and cell.get("outputs") for cell in notebook.cells):
+            found.append(path)
+    return found
+
+
+def notebook_title(path: str | os.PathLike[str]) -> str:
+    """The first heading of a notebook's first markdown cell (its title)."""
+    import nbformat
+
+    notebook = nbformat.read(Path(path), as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+            break
+    return Path(path).stem
+
+
+def require_ok(summary: RunSummary) -> None:
+    """Raise :class:`NotebookRunError` with every failure's account when a run did not succeed."""
+    if not summary.ok:
+        raise NotebookRunError("\n\n".join(r.error or r.notebook for r in summary.failures))
