@@ -48,6 +48,77 @@ def _add_general_commands(subparsers: argparse._SubParsersAction) -> None:
     _command(subparsers, "presets", _presets, "List the training recipes.")
 
 
+# --------------------------------------------------------------------------- notebooks
+def _notebooks_run(args: argparse.Namespace) -> int:
+    from spleenkit.notebooks import format_table, run_notebooks
+
+    if not args.verbose:
+        logging.getLogger("papermill").setLevel(logging.WARNING)
+    overrides = dict(_key_value(item) for item in args.set or [])
+    summary = run_notebooks(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides,
+                            kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output)
+    for failure in summary.failures:
+        print(f"\n{failure.error}\n", file=sys.stderr)
+    print(format_table(summary.results))
+    print(f"executed notebooks and summary.json: {summary.output_dir}")
+    return 0 if summary.ok else 1
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpleenkitError(f"--set {item!r}: expected NAME=VALUE")
+    return key, yaml.safe_load(value)
+
+
+def _notebooks_list(args: argparse.Namespace) -> int:
+    from spleenkit.notebooks import find_repo, list_notebooks, notebook_title, notebooks_with_kept_outputs
+
+    folder = find_repo() / "notebooks"
+    notebooks = notebooks_with_kept_outputs(folder) if args.kept else list_notebooks(folder)
+    for path in notebooks:
+        print(path if args.paths else f"{path.name:28s} {notebook_title(path)}")
+    return 0
+
+
+def _notebooks_strip(args: argparse.Namespace) -> int:
+    from spleenkit.notebooks import find_repo, list_notebooks, strip_notebooks
+
+    paths = args.paths or list_notebooks(find_repo() / "notebooks")
+    changed = strip_notebooks(paths, check=args.check)
+    for path in changed:
+        print(f"{'has outputs to strip' if args.check else 'stripped'}: {path}")
+    return 1 if args.check and changed else 0
+
+
+def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("notebooks", help="Run the numbered notebooks with papermill; strip outputs.",
+                                  description="Run, list and strip the numbered notebooks.")
+    commands = group.add_subparsers(title="notebook commands", metavar="COMMAND")
+    group.set_defaults(handler=lambda _args: group.print_help())
+    run = _command(commands, "run", _notebooks_run,
+                   "Execute the numbered notebooks in order with papermill under a profile; print notebook / "
+                   "status / seconds; exit 1 with the failing cell's traceback when one fails.")
+    run.add_argument("--profile", default="quick",
+                     help="quick (CPU, synthetic data, minutes) or full (GPU, MSD data), or a YAML file")
+    run.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (numbers or names)")
+    run.add_argument("--out", help="folder for the executed copies (default runs/<profile>/notebooks)")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="override a shared parameter such as data_dir (repeatable)")
+    run.add_argument("--kernel", help="Jupyter kernel name (default: a kernel running this Python)")
+    run.add_argument("--keep-going", action="store_true", help="run the later notebooks after a failure")
+    run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the log")
+    listing = _command(commands, "list", _notebooks_list, "List the numbered notebooks and their titles.")
+    listing.add_argument("--kept", action="store_true", help="only the notebooks with kept (nbval-compared) outputs")
+    listing.add_argument("--paths", action="store_true", help="print paths only")
+    strip = _command(commands, "strip", _notebooks_strip,
+                     "Remove outputs from notebooks, except cells tagged keep_output (before committing).")
+    strip.add_argument("paths", nargs="*", help="notebook files (default: every numbered notebook)")
+    strip.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook holds outputs")
+
+
 # --------------------------------------------------------------------------- command groups
 # Each concern adds its commands in a function of its own below; keep the heavy imports
 # inside the handlers.
@@ -66,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_general_commands]
+_COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_general_commands, _add_notebook_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,3 +51,30 @@ def environment_report() -> dict[str, Any]:
         "memory_gib": total_memory_gib(),
         "colab": on_colab(),
     }
+
+
+COLAB_WORKSPACE = "/content/spleenkit"
+
+
+def colab_setup(workspace: str = COLAB_WORKSPACE) -> bool:
+    """On Colab (after the notebook's setup cell installed the kit), make the notebooks' relative paths work.
+
+    Colab opens a notebook in /content, outside any checkout, so ``../data`` and ``../runs`` would
+    point at the file system root: this moves into ``<workspace>/notebooks`` and turns on the widget
+    manager the 3D viewer needs. Anywhere else it does nothing. Returns True on Colab.
+    """
+    if not on_colab():
+        return False
+    import logging
+
+    folder = os.path.join(workspace, "notebooks")
+    os.makedirs(folder, exist_ok=True)
+    os.chdir(folder)
+    try:
+        from google.colab import output  # type: ignore[import-not-found]
+
+        output.enable_custom_widget_manager()
+    except (ImportError, AttributeError):
+        pass
+    logging.getLogger(__name__).info("Colab: working in %s; data and runs go to %s", folder, workspace)
+    return True
