@@ -363,6 +363,55 @@ def format_table(results: Sequence[NotebookResult]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- tables for notebooks
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return " x ".join(_cell(v) for v in value) if all(isinstance(v, (int, float)) for v in value) else str(value)
+    return "" if value is None else str(value)
+
+
+def _columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None) -> list[str]:
+    if columns:
+        return list(columns)
+    names: list[str] = []
+    for row in rows:
+        names += [key for key in row if key not in names]
+    return names
+
+
+def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts as a fixed-width text table (what a kept output holds: the same text on every machine)."""
+    names = _columns(rows, columns)
+    cells = [[_cell(row.get(name)) for name in names] for row in rows]
+    widths = [max([len(name), *(len(line[i]) for line in cells)]) for i, name in enumerate(names)]
+    lines = ["  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip(),
+             "  ".join("-" * width for width in widths)]
+    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip()
+              for line in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table, for ``IPython.display.Markdown`` in a notebook."""
+    names = _columns(rows, columns)
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(" --- " for _ in names) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(name)).replace("|", "\\|") for name in names) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The environment report as what / value rows (versions flattened), for the welcome notebook."""
+    rows = [{"what": f"{name} version", "value": version or "not installed"}
+            for name, version in report.get("versions", {}).items()]
+    labels = {"device": "device the kit computes on", "cpu_count": "CPU cores", "cpu_threads": "torch CPU threads",
+              "memory_gib": "memory (GiB)", "gpu_count": "GPUs", "gpu_name": "GPU",
+              "gpu_memory_gib": "GPU memory (GiB)", "colab": "running on Colab"}
+    rows += [{"what": labels.get(key, key), "value": value} for key, value in report.items() if key != "versions"]
+    return rows
+
+
 # --------------------------------------------------------------------------- outputs in git
 def keeps_output(cell: dict[str, Any]) -> bool:
     """True for a cell whose outputs stay in git: tagged ``keep_output`` or with nbstripout's ``keep_output: true``."""
