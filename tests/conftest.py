@@ -26,3 +26,15 @@ def example_ct_dir() -> Path:
     if folder is None:
         pytest.fail("the example CT is missing: set SPLEENKIT_EXAMPLE_DIR or run `spleenkit data download example`")
     return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic MSD-layout dataset: 6 labelled + 1 test phantom, 64x64 in-plane, 5 mm slices (~1 s).
+
+    Session-scoped and shared: treat it as read-only (copy it before changing anything).
+    """
+    from spleenkit.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", cases=6, test_cases=1, seed=0,
+                                   matrix=64, slice_spacing=5.0)

@@ -1,0 +1,704 @@
+"""Synthetic abdominal CT phantoms with spleen labels, written in the MSD Task09 layout.
+
+Each case is drawn in millimetres in the patient's frame (``l`` towards the patient's left,
+``a`` anterior, ``s`` superior) and rendered on the voxel grid of its NIfTI affine, so a case
+stored with flipped axes (LPS-like, as many MSD headers are) shows the same anatomy in world
+space. Organs are signed-distance fields blended with one voxel of partial volume, which gives
+smooth boundaries; the label is exactly the spleen's inside. Hounsfield units follow a
+portal-venous CT: enhancing spleen and liver ~80-130 HU, muscle ~50, fat ~-100, air -1000,
+bone several hundred. The same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spleenkit.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+#: Slice spacings (mm) and how often each is drawn; MSD Task09 spans about 1.5-8 mm.
+SLICE_SPACINGS: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+SLICE_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.15, 0.15, 0.2, 0.3)
+#: Voxel orderings the cases cycle through: RAS+, LPS-like (x and y flipped), LAS (x flipped).
+ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS")
+#: Spleen volume (mL) the generator aims for, as in adults.
+SPLEEN_VOLUME_ML = (100.0, 400.0)
+#: gzip level for the .nii.gz files (1 is nibabel's default: fast, a little larger).
+GZIP_LEVEL = 1
+
+Field = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Box = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+
+
+# --------------------------------------------------------------------------- geometry helpers
+def _rotation(rng: np.random.Generator | None = None, angles: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """A rotation matrix from three angles in degrees (about l, a, s, applied in that order)."""
+    ax, ay, az = np.deg2rad(angles)
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def ellipsoid(center: Sequence[float], axes: Sequence[float], angles: Sequence[float] = (0, 0, 0),
+              wobble: Sequence[tuple[float, float, float, float, float]] = ()) -> Field:
+    """Approximate signed distance (mm, negative inside) to a rotated ellipsoid, optionally lobulated.
+
+    ``wobble`` holds (amplitude_mm, kl, ka, ks, phase) sine terms added to the distance.
+    """
+    c = np.asarray(center, dtype=np.float32)
+    rot = _rotation(angles=angles).T.astype(np.float32)  # world -> local
+    inv = 1.0 / np.asarray(axes, dtype=np.float32)
+
+    def field(L: np.ndarray, A: np.ndarray, S: np.ndarray) -> np.ndarray:
+        d = (L - c[0], A - c[1], S - c[2])
+        u = [rot[i, 0] * d[0] + rot[i, 1] * d[1] + rot[i, 2] * d[2] for i in range(3)]
+        q2 = sum((u[i] * inv[i]) ** 2 for i in range(3))
+        g2 = sum((u[i] * inv[i] ** 2) ** 2 for i in range(3))
+        q = np.sqrt(q2)
+        f = q * (q - 1.0) / (np.sqrt(g2) + 1e-6)
+        for amp, kl, ka, ks, phase in wobble:
+            f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + phase)
+        return f
+
+    return field
+
+
+def capsule(p0: Sequence[float], p1: Sequence[float], radius: float) -> Field:
+    """Signed distance to a capsule (a segment thickened by ``radius``): tubes, vessels, bowel loops."""
+    p = np.asarray(p0, dtype=np.float32)
+    v = np.asarray(p1, dtype=np.float32) - p
+    vv = float(v @ v) or 1.0
+
+    def field(L: np.ndarray, A: np.ndarray, S: np.ndarray) -> np.ndarray:
+        d = (L - p[0], A - p[1], S - p[2])
+        t = np.clip((d[0] * v[0] + d[1] * v[1] + d[2] * v[2]) / vv, 0.0, 1.0)
+        return np.sqrt((d[0] - t * v[0]) ** 2 + (d[1] - t * v[1]) ** 2 + (d[2] - t * v[2]) ** 2) - radius
+
+    return field
+
+
+def cylinder_2d(center: Sequence[float], axes: Sequence[float], power: float = 2.0) -> Field:
+    """Signed distance (approximate) to an elliptic or super-elliptic prism along ``s``."""
+    cl, ca = center
+    al, aa = axes
+
+    def field(L: np.ndarray, A: np.ndarray, S: np.ndarray) -> np.ndarray:
+        x = np.abs(L - cl) / al
+        y = np.abs(A - ca) / aa
+        if power == 2.0:
+            q = np.sqrt(x**2 + y**2)
+            g = np.sqrt((x / al) ** 2 + (y / aa) ** 2) / np.maximum(q, 1e-6)
+        else:
+            q = (x**power + y**power) ** (1.0 / power)
+            qp = np.maximum(q, 1e-6) ** (1.0 - power)
+            g = qp * np.sqrt((x ** (power - 1) / al) ** 2 + (y ** (power - 1) / aa) ** 2)
+        return ((q - 1.0) / (g + 1e-6)) + 0.0 * S
+
+    return field
+
+
+def _box(low: Sequence[float], high: Sequence[float]) -> Box:
+    """A patient-frame box from its lowest and highest corner."""
+    return tuple((float(a), float(b)) for a, b in zip(low, high, strict=True))  # type: ignore[return-value]
+
+
+def union(*fields: Field) -> Field:
+    def field(L, A, S):
+        return functools.reduce(np.minimum, [f(L, A, S) for f in fields])
+
+    return field
+
+
+def intersect(*fields: Field) -> Field:
+    def field(L, A, S):
+        return functools.reduce(np.maximum, [f(L, A, S) for f in fields])
+
+    return field
+
+
+def offset(f: Field, by: float) -> Field:
+    """Grow (``by`` > 0) or shrink a shape by ``by`` millimetres."""
+    return lambda L, A, S: f(L, A, S) - by
+
+
+# --------------------------------------------------------------------------- the canvas
+@dataclass
+class Canvas:
+    """A voxel grid with the patient-frame coordinate of every voxel along each axis."""
+
+    image: np.ndarray  # float32 HU
+    l: np.ndarray  # noqa: E741  (nx,) patient-left coordinate of each index along axis 0
+    a: np.ndarray  # (ny,) anterior coordinate along axis 1
+    s: np.ndarray  # (nz,) superior coordinate along axis 2
+    blur: float  # partial-volume width (mm)
+
+    def _range(self, coords: np.ndarray, low: float, high: float) -> slice | None:
+        inside = np.nonzero((coords >= low) & (coords <= high))[0]
+        if inside.size == 0:
+            return None
+        return slice(int(inside[0]), int(inside[-1]) + 1)
+
+    def window(self, box: Box | None) -> tuple[tuple[slice, slice, slice], tuple[np.ndarray, ...]] | None:
+        """Index slices and broadcastable coordinates of the voxels inside a patient-frame box."""
+        if box is None:
+            box = ((-1e9, 1e9),) * 3
+        ranges = [self._range(c, lo, hi) for c, (lo, hi) in zip((self.l, self.a, self.s), box, strict=True)]
+        if any(r is None for r in ranges):
+            return None
+        sl = tuple(ranges)
+        L = self.l[sl[0]][:, None, None]
+        A = self.a[sl[1]][None, :, None]
+        S = self.s[sl[2]][None, None, :]
+        return sl, (L, A, S)
+
+    def paint(self, field: Field, hu: float | Callable[..., np.ndarray], box: Box | None = None,
+              mask: np.ndarray | None = None) -> np.ndarray | None:
+        """Blend ``hu`` into the image where ``field`` < 0 with one voxel of partial volume.
+
+        Returns the boolean inside (``field`` < 0) over the whole grid when ``mask`` is given
+        (it is filled in place), else None.
+        """
+        win = self.window(box)
+        if win is None:
+            return None
+        sl, (L, A, S) = win
+        f = np.broadcast_to(field(L, A, S), self.image[sl].shape)
+        alpha = np.clip(0.5 - f / self.blur, 0.0, 1.0)
+        value = hu(L, A, S) if callable(hu) else hu
+        region = self.image[sl]
+        region += alpha * (value - region)
+        if mask is not None:
+            mask[sl] |= f < 0
+        return None
+
+
+# --------------------------------------------------------------------------- one case
+@dataclass(frozen=True)
+class CaseGeometry:
+    """Grid of one case: matrix, spacing (mm), orientation code and the world affine."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    orientation: str
+    affine: np.ndarray
+
+
+def _grid(rng: np.random.Generator, matrix: int, slice_spacing: float | None, orientation: str,
+          fov: float, s_top: float, s_bottom: float) -> tuple[CaseGeometry, np.ndarray, np.ndarray, np.ndarray]:
+    """The voxel grid and the patient-frame coordinate of each index."""
+    inplane = fov / matrix
+    dz = slice_spacing if slice_spacing else float(rng.choice(SLICE_SPACINGS, p=SLICE_WEIGHTS))
+    nz = max(8, int(round((s_top - s_bottom) / dz)))
+    shape = (matrix, matrix, nz)
+    # world (RAS) centre of the volume: the table is not always centred on the patient
+    centre = np.array([rng.uniform(-8, 8), rng.uniform(-5, 15), (s_top + s_bottom) / 2 + 400.0])
+    # nibabel's axis codes name where increasing index points: "RAS" has +x towards the right
+    ras_sign = [1.0 if orientation[0] == "R" else -1.0,
+                1.0 if orientation[1] == "A" else -1.0,
+                1.0 if orientation[2] == "S" else -1.0]
+    spacing = (inplane, inplane, dz)
+    affine = np.eye(4)
+    for axis in range(3):
+        step = ras_sign[axis] * spacing[axis]
+        affine[axis, axis] = step
+        affine[axis, 3] = centre[axis] - step * (shape[axis] - 1) / 2
+    affine = np.round(affine, 6)
+    idx = [np.arange(n, dtype=np.float64) for n in shape]
+    world = [affine[axis, axis] * idx[axis] + affine[axis, 3] for axis in range(3)]
+    # patient frame: l = -x (RAS x points to the patient's right), a = y, s = z - 400
+    l_coords = (-(world[0] - centre[0])).astype(np.float32)
+    a_coords = (world[1] - centre[1]).astype(np.float32)
+    s_coords = (world[2] - 400.0).astype(np.float32)
+    geometry = CaseGeometry(shape, (round(inplane, 6), round(inplane, 6), dz), orientation, affine)
+    return geometry, l_coords, a_coords, s_coords
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Gaussian noise with in-plane correlation like a CT reconstruction kernel (unit std)."""
+    from scipy.ndimage import gaussian_filter
+
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if sigma > 0:
+        noise = gaussian_filter(noise, sigma=(sigma, sigma, 0.0), mode="nearest", truncate=2.5)
+        noise /= max(float(noise[::4, ::4, ::2].std()), 1e-6)
+    return noise
+
+
+def _texture(rng: np.random.Generator, amplitude: float, wavelength: float, terms: int = 4) -> Callable:
+    """A smooth random HU modulation (sum of plane waves) for organ texture."""
+    waves = []
+    for _ in range(terms):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        k = 2 * np.pi / (wavelength * rng.uniform(0.6, 1.4))
+        waves.append((*(direction * k), rng.uniform(0, 2 * np.pi)))
+    scale = amplitude / math.sqrt(terms / 2)
+
+    def field(L, A, S):
+        out = 0.0
+        for kl, ka, ks, phase in waves:
+            out = out + np.sin(kl * L + ka * A + ks * S + phase)
+        return scale * out
+
+    return field
+
+
+def _wobble(rng: np.random.Generator, amplitude: float, wavelength: float, terms: int = 4) -> list:
+    result = []
+    for _ in range(terms):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        k = 2 * np.pi / (wavelength * rng.uniform(0.7, 1.3))
+        result.append((amplitude * rng.uniform(0.5, 1.0) / math.sqrt(terms), *(direction * k), rng.uniform(0, 6.3)))
+    return result
+
+
+def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | None = None,
+                orientation: str | None = None) -> tuple[np.ndarray, np.ndarray, CaseGeometry]:
+    """Draw one phantom: int16 HU image, uint8 spleen label and the grid, all from (seed, case)."""
+    # two streams: the anatomy does not change when only the grid (matrix, slices) does
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 1]))
+    grid_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 2]))
+    orientation = orientation or ORIENTATIONS[case % len(ORIENTATIONS)]
+
+    # ---- patient size and field of view
+    width = rng.uniform(205, 240)  # left-right body width (mm)
+    depth = width * rng.uniform(0.70, 0.80)  # anterior-posterior
+    fov = width + rng.uniform(16, 32)
+    half_w, half_d = width / 2, depth / 2
+    fat = rng.uniform(8, 22)  # subcutaneous fat
+    muscle = rng.uniform(8, 13)  # abdominal wall muscle
+    # levels (mm, superior +): s = 0 near the splenic hilum
+    dome = rng.uniform(55, 75)  # top of the right hemidiaphragm
+    s_top = dome + rng.uniform(10, 35)
+    s_bottom = rng.uniform(-105, -80)
+    geometry, l_c, a_c, s_c = _grid(grid_rng, matrix, slice_spacing, orientation, fov, s_top, s_bottom)
+    blur = float(min(geometry.spacing[0], geometry.spacing[2]) * 1.0)
+    canvas = Canvas(np.full(geometry.shape, -1000.0, dtype=np.float32), l_c, a_c, s_c, blur)
+    spleen_mask = np.zeros(geometry.shape, dtype=bool)
+    everywhere = None
+
+    # ---- body wall, table
+    body = cylinder_2d((0.0, 0.0), (half_w, half_d), power=2.4)
+    table_top = -half_d - rng.uniform(1.0, 4.0)
+    table_w = min(fov / 2 - 4, half_w + 30)
+    for top, thickness in ((table_top, 3.0), (table_top - 28.0, 4.0)):
+        bend = 0.0025 if top == table_top else 0.002
+        plate = (lambda t, th, b: lambda L, A, S: np.abs(A - (t - th / 2) - b * L**2) - th / 2 + 0.0 * S)(
+            top, thickness, bend)
+        canvas.paint(intersect(plate, cylinder_2d((0.0, top), (table_w, 60.0))), 120.0,
+                     ((-table_w, table_w), (top - 70, top + 20), (-1e9, 1e9)))
+    canvas.paint(intersect(lambda L, A, S: np.abs(A - (table_top - 14) - 0.002 * L**2) - 10.0 + 0 * S,
+                           cylinder_2d((0.0, table_top), (table_w - 6, 60.0))), -880.0,
+                 ((-table_w, table_w), (table_top - 40, table_top), (-1e9, 1e9)))
+    canvas.paint(body, 20.0, everywhere)  # skin
+    canvas.paint(offset(body, -2.0), -105.0 + rng.uniform(-8, 8), everywhere)  # subcutaneous fat
+    canvas.paint(offset(body, -fat), 48.0, everywhere)  # muscle wall
+
+    # the visceral cavity: inside the muscle, with the spine biting in from behind
+    spine_a = -half_d + fat + rng.uniform(32, 40)  # centre of the vertebral body
+    cav_half_w = half_w - fat - muscle
+    cav_back = spine_a - 22
+    cav_front = half_d - fat - muscle
+    cav_centre = (cav_front + cav_back) / 2
+    cavity = cylinder_2d((0.0, cav_centre), (cav_half_w, (cav_front - cav_back) / 2), power=2.2)
+    # diaphragm: two domes; below it is abdomen, above it the lung bases and heart
+    dome_l = dome - rng.uniform(8, 20)
+    k_dome = rng.uniform(0.006, 0.009)
+
+    def diaphragm(L, A, S):  # > 0 below the diaphragm (abdomen), in mm of height
+        right = dome - k_dome * ((L + 45) ** 2 + (A - 5) ** 2)
+        left = dome_l - k_dome * ((L - 50) ** 2 + (A + 5) ** 2)
+        return np.maximum(right, left) - S
+
+    def below_diaphragm(f: Field) -> Field:
+        return lambda L, A, S: np.maximum(f(L, A, S), -diaphragm(L, A, S))
+
+    canvas.paint(cavity, -95.0 + rng.uniform(-8, 8), everywhere)  # visceral fat
+    # lung bases and heart above the diaphragm
+    lung = intersect(offset(cavity, -2.0), lambda L, A, S: diaphragm(L, A, S) + 2.0)
+    canvas.paint(lung, lambda L, A, S: -860.0 + 25 * np.sin(0.21 * L + 0.17 * A) * np.cos(0.13 * S), everywhere)
+    heart = intersect(ellipsoid((12.0, cav_front - 55, dome + 45), (65, 52, 50), (0, 0, 20)),
+                      lambda L, A, S: diaphragm(L, A, S) + 1.0, offset(cavity, -3.0))
+    canvas.paint(heart, 95.0, ((-60, 90), (cav_back, cav_front), (dome - 20, 1e9)))
+    canvas.paint(offset(heart, -9.0), 140.0, ((-60, 90), (cav_back, cav_front), (dome - 20, 1e9)))
+
+    # ---- ribs: oblique tubes in the wall, seen as ovals laterally and behind
+    rib_r = rng.uniform(4.0, 5.0)
+    pitch = rng.uniform(30, 38)
+    phase = rng.uniform(0, pitch)
+    ring_out = fat + muscle * 0.5
+    slope = 0.45  # ribs run down towards the front
+
+    def ribs(L, A, S):
+        radial = body(L, A, S) + ring_out
+        angle = np.arctan2(L, A - 0.3 * half_d)  # 0 = anterior, +-pi = posterior
+        arc = np.abs(angle) * half_w
+        along = np.mod(S + slope * arc + phase, pitch) - pitch / 2
+        tube = np.sqrt(radial**2 + (along / math.sqrt(1 + slope**2) * 1.6) ** 2) - rib_r
+        sector = np.maximum(0.9 - np.abs(angle), np.abs(angle) - 2.7) * 40.0
+        costal_margin = (-55 + 40 * np.cos(angle)) - S  # the rib cage ends lower at the sides
+        return functools.reduce(np.maximum, [tube, sector, costal_margin])
+
+    canvas.paint(ribs, 700.0, everywhere)
+    canvas.paint(offset(ribs, -1.5), 240.0, everywhere)
+
+    # ---- spine, paraspinal muscles, psoas, aorta, inferior vena cava
+    vb_r = rng.uniform(16, 19)
+    disc_pitch = rng.uniform(30, 36)
+    disc_phase = rng.uniform(0, disc_pitch)
+    vert_box = ((-90, 90), (-half_d, spine_a + 45), (-1e9, 1e9))
+    inner_wall = offset(body, -fat)
+    for side in (-1, 1):
+        canvas.paint(intersect(ellipsoid((side * 30.0, spine_a - 42, 0.0), (28, 24, 1e4)), inner_wall), 52.0,
+                     vert_box)
+        psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
+        canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
+
+    def in_disc(S):
+        return np.cos(2 * np.pi * (S + disc_phase) / disc_pitch) > 0.8
+
+    vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
+    canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0) + 0 * L + 0 * A, vert_box)
+    canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0) + 0 * L + 0 * A,
+                 vert_box)
+    canal_a = spine_a - vb_r - 9
+
+    def posterior_elements(L, A, S):
+        ring = np.abs(np.sqrt((L / 1.15) ** 2 + (A - canal_a) ** 2) - 10.5) - 3.0
+        ring = np.maximum(ring, A - canal_a - 10)  # pedicles and laminae
+        dz = np.mod(S + disc_phase, disc_pitch) / disc_pitch  # 0..1 through one vertebra
+        spinous = np.maximum(np.abs(L) - 3.0 - 0 * A, np.abs(A - (canal_a - 26)) - 14)
+        spinous = np.maximum(spinous, (np.abs(dz - 0.55) - 0.3) * 40)
+        transverse = np.maximum(np.abs(np.abs(L) - 22) - 12, np.abs(A - canal_a - 2) - 4)
+        transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
+        return functools.reduce(np.minimum, [ring, spinous, transverse])
+
+    canvas.paint(posterior_elements, 520.0, vert_box)
+    canvas.paint(cylinder_2d((0.0, canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
+
+    enhancement = rng.uniform(0.85, 1.15)  # contrast timing varies between patients
+    aorta_r = rng.uniform(10, 12.5)
+    aorta_c = (rng.uniform(4, 12), spine_a + vb_r + aorta_r + 1)
+    canvas.paint(cylinder_2d(aorta_c, (aorta_r, aorta_r)), 165.0 * enhancement, vert_box)
+    ivc_c = (-rng.uniform(20, 28), spine_a + vb_r + 13)
+    canvas.paint(below_diaphragm(cylinder_2d(ivc_c, (13, 9))), 125.0 * enhancement,
+                 ((-60, 10), (spine_a, spine_a + 60), (-1e9, 1e9)))
+
+    # ---- the spleen's frame comes first: the other organs are placed around it
+    # it lies against the posterolateral wall (ribs), thickness along the wall's inward normal
+    target_ml = rng.uniform(110, 380)
+    ratios = np.array([rng.uniform(1.0, 1.25), rng.uniform(0.58, 0.7), rng.uniform(0.32, 0.40)])
+    scale = (target_ml * 1000 / (4 / 3 * math.pi * ratios.prod())) ** (1 / 3)
+    sp_axes = (scale * ratios).astype(np.float32)  # semi-axes: length, width along the wall, thickness
+    theta = math.radians(rng.uniform(105, 122))  # angle from anterior towards the patient's left
+    cav_half_d = (cav_front - cav_back) / 2
+    wall = np.array([cav_half_w * math.sin(theta), cav_centre + cav_half_d * math.cos(theta)])
+    normal = -np.array([math.sin(theta) / cav_half_w, math.cos(theta) / cav_half_d])
+    normal /= np.linalg.norm(normal)  # inward
+    tangent = np.array([normal[1], -normal[0]])  # along the wall, towards anterior
+    if tangent[1] < 0:
+        tangent = -tangent
+    sp_centre_s = rng.uniform(-5, 15)
+    centre_2d = wall + normal * (sp_axes[2] * 0.75)
+    sp_centre = np.array([centre_2d[0], centre_2d[1], sp_centre_s], dtype=np.float32)
+    tilt = math.radians(rng.uniform(12, 28))  # lower pole forwards
+    e_thick = np.array([normal[0], normal[1], 0.0])
+    e_width = np.array([tangent[0], tangent[1], 0.0])
+    e_long = np.array([0.0, 0.0, 1.0])
+    e_long, e_width = (math.cos(tilt) * e_long - math.sin(tilt) * e_width,
+                       math.sin(tilt) * e_long + math.cos(tilt) * e_width)
+    frame = np.stack([e_long, e_width, e_thick]).astype(np.float32)
+    bend = rng.uniform(0.006, 0.010)  # follows the curve of the wall: a crescent
+    notch = rng.uniform(0.25, 0.45)  # the hilum: a medial groove
+    sp_wobble = _wobble(rng, rng.uniform(1.5, 3.0), 40.0, 4)
+    inv = (1.0 / sp_axes).astype(np.float32)
+
+    def spleen_shape(L, A, S):
+        d = (L - sp_centre[0], A - sp_centre[1], S - sp_centre[2])
+        u = [frame[i, 0] * d[0] + frame[i, 1] * d[1] + frame[i, 2] * d[2] for i in range(3)]
+        u[2] = u[2] - bend * (u[1] ** 2 + 0.5 * u[0] ** 2)
+        # thinner towards the tips, with a groove where the vessels enter
+        u[2] = u[2] * (1 + notch * np.exp(-(u[0] ** 2 + u[1] ** 2) / (0.2 * sp_axes[1] ** 2)) * (u[2] > 0))
+        q = np.sqrt(sum((u[i] * inv[i]) ** 2 for i in range(3)))
+        g = np.sqrt(sum((u[i] * inv[i] ** 2) ** 2 for i in range(3)))
+        f = q * (q - 1.0) / (g + 1e-6)
+        for amp, kl, ka, ks, ph in sp_wobble:
+            f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
+        return f
+
+    spleen = below_diaphragm(intersect(spleen_shape, offset(cavity, -0.5)))
+    r_max = float(sp_axes.max()) * 1.3 + 10
+    spleen_box = tuple((float(c - r_max), float(c + r_max)) for c in sp_centre)
+    spleen_bottom = float(sp_centre[2] - sp_axes[0] * math.cos(tilt))
+
+    def outside_spleen(gap: float) -> Field:
+        return lambda L, A, S: gap - spleen_shape(L, A, S)
+
+    hilum = sp_centre + np.array([*(normal * sp_axes[2] * 1.1), 0.0], dtype=np.float32)
+
+    # ---- bowel: small-bowel loops and colon with fluid, wall and air-fluid levels
+    loops = int(rng.integers(30, 45))
+    for _ in range(loops):
+        c0 = np.array([rng.uniform(-0.85, 0.85) * cav_half_w, rng.uniform(spine_a + 15, cav_front - 10),
+                       rng.uniform(s_bottom - 10, sp_centre_s - 30)])
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        c1 = c0 + direction * rng.uniform(20, 70)
+        radius = rng.uniform(8, 13)
+        tube = below_diaphragm(intersect(capsule(c0, c1, radius), offset(cavity, -3.0)))
+        box = _box(np.minimum(c0, c1) - radius - 2, np.maximum(c0, c1) + radius + 2)
+        canvas.paint(tube, 85.0 * enhancement, box)  # enhancing wall
+        canvas.paint(offset(tube, -2.0), rng.uniform(5, 35), box)
+        if rng.random() < 0.3:
+            level = float(rng.uniform(c0[1], c0[1] + radius))
+            canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A + 0 * L + 0 * S),
+                         -1000.0, box)
+    colon_r = rng.uniform(14, 19)
+    flexure = np.array([sp_centre[0] - 15, sp_centre[1] + sp_axes[1] + colon_r, spleen_bottom + 15])
+    colon_path = [
+        np.array([-cav_half_w + colon_r + 6, spine_a + 20, s_bottom - 20]),
+        np.array([-cav_half_w + colon_r + 8, spine_a + 30, -45.0]),
+        np.array([0.0, cav_front - colon_r - 8, -40.0]),
+        flexure,
+        np.array([cav_half_w - colon_r - 6, spine_a + 20, spleen_bottom - 30]),
+        np.array([cav_half_w - colon_r - 8, spine_a + 25, s_bottom - 20]),
+    ]
+    stool = _texture(rng, 1.0, 8.0, 6)
+    for p0, p1 in zip(colon_path[:-1], colon_path[1:], strict=True):
+        tube = below_diaphragm(intersect(capsule(p0, p1, colon_r), offset(cavity, -3.0)))
+        box = _box(np.minimum(p0, p1) - colon_r - 2, np.maximum(p0, p1) + colon_r + 2)
+        canvas.paint(tube, 70.0, box)
+        canvas.paint(offset(tube, -2.0), lambda L, A, S: np.clip(-300.0 + 450 * stool(L, A, S), -950, 60), box)
+        level = float((p0[1] + p1[1]) / 2 + rng.uniform(-2, 10))
+        canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A + 0 * L + 0 * S), -1000.0, box)
+
+    # ---- liver (right upper quadrant, its left lobe reaching across), gallbladder, vessels
+    liver_hu = 105.0 * enhancement + rng.uniform(-8, 8)
+    liver_tex = _texture(rng, 5.0, 25.0)
+    liver = below_diaphragm(intersect(
+        union(ellipsoid((-rng.uniform(35, 50), cav_centre - 5, dome - 75), (rng.uniform(80, 95), 90, 85),
+                        (0, rng.uniform(-10, 10), rng.uniform(-10, 10)), _wobble(rng, 3.0, 80)),
+              ellipsoid((20.0, cav_front - 35, dome - 35), (rng.uniform(45, 60), 32, 40), (0, 0, -15))),
+        offset(cavity, -1.0),
+        outside_spleen(6.0),
+        lambda L, A, S: 25 - np.hypot(L - aorta_c[0], A - aorta_c[1]) + 0 * S,
+    ))
+    liver_box = ((-cav_half_w, 100), (cav_back, cav_front), (dome - 200, dome + 5))
+    canvas.paint(liver, lambda L, A, S: liver_hu + liver_tex(L, A, S), liver_box)
+    for _ in range(int(rng.integers(5, 9))):  # portal and hepatic veins
+        p0 = np.array([rng.uniform(-80, -10), rng.uniform(cav_centre - 30, cav_centre + 40),
+                       rng.uniform(-20, dome - 20)])
+        p1 = p0 + rng.normal(scale=25, size=3)
+        canvas.paint(intersect(capsule(p0, p1, rng.uniform(2.5, 5.5)), offset(liver, -3.0)),
+                     liver_hu + 45 * enhancement, _box(np.minimum(p0, p1) - 8, np.maximum(p0, p1) + 8))
+    gb = np.array([-rng.uniform(25, 45), cav_front - rng.uniform(25, 40), dome - rng.uniform(100, 120)])
+    canvas.paint(intersect(ellipsoid(gb, (14, 13, 28), (20, 0, 0)), offset(liver, 6.0)), 12.0,
+                 _box(gb - 35, gb + 35))
+
+    # ---- stomach medial and anterior to the spleen, with an air-fluid level (the patient is supine)
+    st_axes = np.array([rng.uniform(28, 36), rng.uniform(32, 42), rng.uniform(45, 60)])
+    st_c = np.array([*(hilum[:2] + normal * (st_axes[0] * 0.8) + np.array([0.0, 15.0])),
+                     sp_centre_s + rng.uniform(5, 20)])
+    stomach = below_diaphragm(intersect(ellipsoid(st_c, st_axes, (rng.uniform(-20, 0), 0, rng.uniform(-40, -10)),
+                                                  _wobble(rng, 2.0, 40)), offset(cavity, -2.0), outside_spleen(3.0)))
+    st_box = _box(st_c - 75, st_c + 75)
+    canvas.paint(stomach, 85.0 * enhancement, st_box)
+    canvas.paint(offset(stomach, -3.5), rng.uniform(5, 25), st_box)
+    st_level = float(st_c[1] + rng.uniform(-5, 25))
+    canvas.paint(intersect(offset(stomach, -3.5), lambda L, A, S: st_level - A + 0 * L + 0 * S), -1000.0, st_box)
+
+    # ---- pancreas body and tail towards the splenic hilum, splenic vein behind it
+    pan_path = [np.array([-25.0, aorta_c[1] + 28, -30.0]), np.array([15.0, aorta_c[1] + 24, -20.0]),
+                hilum + np.array([-normal[0] * 12, -normal[1] * 12 + 8, -8.0])]
+    pan_r = rng.uniform(8, 11)
+    for p0, p1 in zip(pan_path[:-1], pan_path[1:], strict=True):
+        canvas.paint(below_diaphragm(capsule(p0, p1, pan_r)), 95.0 * enhancement,
+                     _box(np.minimum(p0, p1) - 15, np.maximum(p0, p1) + 15))
+        v0, v1 = p0 + np.array([0, -pan_r, 0]), p1 + np.array([0, -pan_r, 0])
+        canvas.paint(capsule(v0, v1, 4.0), 150.0 * enhancement,
+                     _box(np.minimum(v0, v1) - 8, np.maximum(v0, v1) + 8))
+
+    # ---- kidneys: cortex, medulla, sinus fat; the left one just below the spleen
+    for side in (-1, 1):
+        k_axes = np.array([rng.uniform(22, 27), rng.uniform(18, 24), rng.uniform(48, 58)])
+        top = (spleen_bottom + sp_axes[0] * rng.uniform(0.3, 0.6)) if side > 0 else dome - rng.uniform(120, 140)
+        kc = np.array([side * rng.uniform(55, 66), spine_a + rng.uniform(0, 8), top - k_axes[2]])
+        angles = (rng.uniform(-10, 10), side * rng.uniform(8, 18), side * rng.uniform(20, 35))
+        kidney = intersect(ellipsoid(kc, k_axes, angles), offset(cavity, -1.0), outside_spleen(3.0))
+        box = _box(kc - 75, kc + 75)
+        canvas.paint(kidney, 175.0 * enhancement, box)
+        canvas.paint(ellipsoid(kc, k_axes * (0.6, 0.55, 0.8), angles), 115.0 * enhancement, box)
+        canvas.paint(ellipsoid(kc - np.array([side * k_axes[0] * 0.55, -5, 0]), (9, 8, 22), angles), -80.0, box)
+
+    # ---- the spleen itself, last, so its voxels are exactly the label
+    sp_hu = 120.0 * enhancement + rng.uniform(-8, 8)
+    sp_tex = _texture(rng, 5.0, 20.0)
+    canvas.paint(spleen, lambda L, A, S: sp_hu + sp_tex(L, A, S), spleen_box, mask=spleen_mask)
+
+    # ---- noise and the scanner's range
+    noise_sd = rng.uniform(9, 16) * math.sqrt(3.0 / geometry.spacing[2]) ** 0.5
+    image = canvas.image
+    image += noise_sd * _smooth_noise(rng, geometry.shape, sigma=0.7 / max(geometry.spacing[0], 0.5))
+    np.clip(image, -1024, 3071, out=image)
+    return np.rint(image).astype(np.int16), spleen_mask.astype(np.uint8), geometry
+
+
+# --------------------------------------------------------------------------- writing files
+def nifti_bytes(data: np.ndarray, affine: np.ndarray, level: int = GZIP_LEVEL) -> bytes:
+    """A gzipped NIfTI-1 file as bytes, with a fixed gzip header so equal data gives equal bytes."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=level, mtime=0)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written file is left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(payload)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def msd_description(training: list[str], test: list[str], description: str) -> dict:
+    """A dataset.json with exactly the keys of MSD Task09's."""
+    return {
+        "name": "Spleen",
+        "description": description,
+        "reference": "Synthetic phantoms made by spleenkit (MSD Task09 layout: Memorial Sloan Kettering Cancer Center)",
+        "licence": "CC-BY-SA 4.0",
+        "release": "1.0",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "spleen"},
+        "numTraining": len(training),
+        "numTest": len(test),
+        "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in training],
+        "test": [f"./imagesTs/{n}" for n in test],
+    }
+
+
+def _description(cases: int, test_cases: int, seed: int, matrix: int, slice_spacing: float | None) -> str:
+    from spleenkit import __version__
+
+    slices = f"{slice_spacing:g} mm slices" if slice_spacing else "1.5-5 mm slices"
+    return (f"Synthetic abdominal CT phantoms with spleen labels (spleenkit {__version__}; seed {seed}, "
+            f"{cases} labelled + {test_cases} test cases, {matrix}x{matrix} matrix, {slices})")
+
+
+def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, seed: int = 0, test_cases: int = 2,
+                            matrix: int = 256, slice_spacing: float | None = None, overwrite: bool = False,
+                            workers: int = 1) -> Path:
+    """Write ``cases`` labelled and ``test_cases`` unlabelled phantoms in the MSD Task09 layout.
+
+    Files are ``spleen_N.nii.gz`` (int16 images, uint8 labels) under imagesTr/, labelsTr/ and
+    imagesTs/, with a dataset.json. The set is built in a temporary folder beside ``out_dir``
+    and renamed into place at the end. If ``out_dir`` already holds the same set (same
+    description in dataset.json), nothing is done; another non-empty folder is an error
+    unless ``overwrite``. ``matrix`` sets the in-plane size (256 gives about 0.85-1.05 mm
+    voxels over the abdomen); ``slice_spacing`` fixes the slice spacing (else 1.5-5 mm, drawn).
+    """
+    if cases < 1 or test_cases < 0:
+        raise BadInputError(f"need at least one labelled case and no negative test cases (got {cases}, {test_cases})")
+    if matrix < 32:
+        raise BadInputError(f"matrix {matrix} is too small; use 32 or more (256 is realistic)")
+    out = Path(out_dir).absolute()
+    description = _description(cases, test_cases, seed, matrix, slice_spacing)
+    manifest = out / "dataset.json"
+    if out.exists():
+        if not out.is_dir():
+            raise BadInputError("exists and is not a folder", out)
+        if manifest.is_file():
+            try:
+                same = json.loads(manifest.read_text()).get("description") == description
+            except (OSError, ValueError):
+                same = False
+            if same and not overwrite:
+                log.info("%s already holds this synthetic dataset; nothing to do", out)
+                return out
+        if any(out.iterdir()) and not overwrite:
+            raise BadInputError("exists and is not empty (it holds another dataset); choose another folder "
+                                "or overwrite it", out)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", parent) from error
+    started = time.perf_counter()
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (staging / sub).mkdir()
+        jobs = [(number, number <= cases) for number in range(1, cases + test_cases + 1)]
+
+        def make(job: tuple[int, bool]) -> None:
+            number, labelled = job
+            image, label, geometry = render_case(seed, number, matrix, slice_spacing)
+            name = f"spleen_{number}.nii.gz"
+            folder = "imagesTr" if labelled else "imagesTs"
+            _write_atomic(staging / folder / name, nifti_bytes(image, geometry.affine))
+            if labelled:
+                _write_atomic(staging / "labelsTr" / name, nifti_bytes(label, geometry.affine))
+            log.debug("case %s: %s voxels at %s mm, %s, spleen %.0f mL", name, geometry.shape, geometry.spacing,
+                      geometry.orientation, label.sum() * float(np.prod(geometry.spacing)) / 1000)
+
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(make, jobs))
+        else:
+            for job in jobs:
+                make(job)
+        names = [f"spleen_{n}.nii.gz" for n, labelled in jobs if labelled]
+        tests = [f"spleen_{n}.nii.gz" for n, labelled in jobs if not labelled]
+        payload = json.dumps(msd_description(names, tests, description), indent=4).encode()
+        _write_atomic(staging / "dataset.json", payload)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BadInputError(f"cannot write the dataset ({error.strerror or error})", getattr(error, "filename", out)
+                            or out) from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote %d labelled and %d test phantoms to %s in %.1f s", cases, test_cases, out,
+             time.perf_counter() - started)
+    return out

@@ -1,0 +1,123 @@
+"""The synthetic phantoms: MSD layout, realistic values, consistent orientation, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from spleenkit.data.datalist import load_datalist
+from spleenkit.data.synthetic import render_case, write_synthetic_dataset
+from spleenkit.errors import BadInputError
+
+MSD_KEYS = {"name", "description", "reference", "licence", "release", "tensorImageSize", "modality", "labels",
+            "numTraining", "numTest", "training", "test"}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_matches_msd(synthetic_dataset: Path) -> None:
+    description = json.loads((synthetic_dataset / "dataset.json").read_text())
+    assert set(description) == MSD_KEYS
+    assert description["labels"] == {"0": "background", "1": "spleen"}
+    assert description["modality"] == {"0": "CT"}
+    assert description["numTraining"] == 6 and description["numTest"] == 1
+    assert description["training"][0] == {"image": "./imagesTr/spleen_1.nii.gz", "label": "./labelsTr/spleen_1.nii.gz"}
+    assert description["test"] == ["./imagesTs/spleen_7.nii.gz"]
+    assert sorted(p.name for p in (synthetic_dataset / "imagesTr").iterdir()) == sorted(
+        f"spleen_{n}.nii.gz" for n in range(1, 7))
+    assert len(load_datalist(synthetic_dataset)) == 6
+    assert not [p for p in synthetic_dataset.parent.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_images_and_labels_are_consistent(synthetic_dataset: Path) -> None:
+    orientations = set()
+    for record in load_datalist(synthetic_dataset):
+        image, label = nib.load(record["image"]), nib.load(record["label"])
+        assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
+        assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        assert image.header.get_sform(coded=True)[1] == 1 and image.header.get_qform(coded=True)[1] == 1
+        orientations.add("".join(nib.aff2axcodes(image.affine)))
+        values = np.asarray(label.dataobj)
+        assert set(np.unique(values)) == {0, 1}
+        hu = np.asarray(image.dataobj)
+        assert hu.min() >= -1024 and hu.max() > 300  # air and bone
+        # the spleen enhances like portal-venous CT
+        assert 80 <= float(np.median(hu[values == 1])) <= 140
+    assert {"RAS", "LPS"} <= orientations, "some cases must be stored with flipped axes"
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS"])
+def test_anatomy_is_right_in_world_space(orientation: str) -> None:
+    """Whatever the voxel order, the spleen lies on the patient's left (RAS x < 0 of the body centre) and behind."""
+    image, label, geometry = render_case(seed=3, case=1, matrix=64, slice_spacing=5.0, orientation=orientation)
+    assert "".join(nib.aff2axcodes(geometry.affine)) == orientation
+    body = nib.affines.apply_affine(geometry.affine, np.argwhere(image[..., ::3] > -300) * [1, 1, 3]).mean(axis=0)
+    spleen = nib.affines.apply_affine(geometry.affine, np.argwhere(label > 0)).mean(axis=0)
+    assert spleen[0] < body[0] - 40  # left
+    assert spleen[1] < body[1] + 20  # not in front
+    volume_ml = label.sum() * np.prod(geometry.spacing) / 1000
+    assert 80 < volume_ml < 450
+
+
+def test_same_anatomy_whatever_the_voxel_order() -> None:
+    ras = render_case(seed=5, case=2, matrix=48, slice_spacing=5.0, orientation="RAS")
+    lps = render_case(seed=5, case=2, matrix=48, slice_spacing=5.0, orientation="LPS")
+    canonical = [nib.as_closest_canonical(nib.Nifti1Image(c[1], c[2].affine)) for c in (ras, lps)]
+    assert np.allclose(canonical[0].affine, canonical[1].affine, atol=1e-4)
+    assert np.array_equal(np.asarray(canonical[0].dataobj), np.asarray(canonical[1].dataobj))
+
+
+def test_default_grid_is_msd_like() -> None:
+    """256 in-plane gives sub-millimetre to about 1 mm voxels; slices 1.5-5 mm; spleens 100-400 mL."""
+    volumes = []
+    for case in range(1, 5):
+        _, label, geometry = render_case(seed=0, case=case, matrix=256, slice_spacing=5.0)
+        assert 0.8 <= geometry.spacing[0] <= 1.06 and geometry.spacing[0] == geometry.spacing[1]
+        volumes.append(label.sum() * np.prod(geometry.spacing) / 1000)
+    assert all(100 <= v <= 400 for v in volumes), volumes
+
+
+def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
+    first = write_synthetic_dataset(tmp_path / "a", cases=2, test_cases=1, seed=7, matrix=40, slice_spacing=5.0)
+    second = write_synthetic_dataset(tmp_path / "b", cases=2, test_cases=1, seed=7, matrix=40, slice_spacing=5.0)
+    other = write_synthetic_dataset(tmp_path / "c", cases=2, test_cases=1, seed=8, matrix=40, slice_spacing=5.0)
+    assert _tree_digest(first) == _tree_digest(second)
+    assert _tree_digest(first)["imagesTr/spleen_1.nii.gz"] != _tree_digest(other)["imagesTr/spleen_1.nii.gz"]
+
+
+def test_rerun_is_a_no_op_and_other_content_is_refused(tmp_path: Path) -> None:
+    out = write_synthetic_dataset(tmp_path / "d", cases=1, test_cases=0, matrix=32, slice_spacing=5.0)
+    stamp = (out / "dataset.json").stat().st_mtime_ns
+    write_synthetic_dataset(out, cases=1, test_cases=0, matrix=32, slice_spacing=5.0)
+    assert (out / "dataset.json").stat().st_mtime_ns == stamp
+    with pytest.raises(BadInputError, match="not empty"):
+        write_synthetic_dataset(out, cases=2, test_cases=0, matrix=32, slice_spacing=5.0)
+    write_synthetic_dataset(out, cases=2, test_cases=0, matrix=32, slice_spacing=5.0, overwrite=True)
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BadInputError, match="cannot write") as caught:
+        write_synthetic_dataset(blocker / "out", cases=1, test_cases=0, matrix=32)
+    assert str(blocker) in str(caught.value)
+    if os.geteuid() != 0:  # permissions do not stop root
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(BadInputError, match="cannot write"):
+                write_synthetic_dataset(locked / "out", cases=1, test_cases=0, matrix=32)
+            assert list(locked.iterdir()) == []
+        finally:
+            locked.chmod(0o700)
