@@ -648,7 +648,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
                 return out
         if any(out.iterdir()) and not overwrite:
             raise BadInputError("exists and is not empty (it holds another dataset); choose another folder "
-                                "or overwrite it", out)
+                                "or replace it (overwrite=True; --force on the command line)", out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
