@@ -1,0 +1,517 @@
+"""Evaluation: sliding-window inference, post-processing, and metrics in two spaces.
+
+A prediction is scored twice: in the *resampled* space the network works in (RAS, the preset's
+voxel spacing), and in the *original* space of the image file, after ``Invertd`` has put the
+prediction back on the original grid, against the original label file. The two differ because
+resampling a label changes it; the original-space numbers are the ones to report.
+
+Metrics use MONAI (Dice, ``HausdorffDistanceMetric(percentile=95)``,
+``SurfaceDistanceMetric(symmetric=True)``) with the voxel spacing, so distances are in mm.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spleenkit.errors import BadInputError
+from spleenkit.presets import Preset, get_preset
+
+if TYPE_CHECKING:
+    import nibabel as nib
+    import torch
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import Compose
+
+log = logging.getLogger(__name__)
+
+#: Metric columns of a per-case row, in the order of the CSV.
+METRICS: tuple[str, ...] = (
+    "dice", "hd95_mm", "hd_mm", "assd_mm",
+    "pred_volume_ml", "ref_volume_ml", "volume_error_ml", "volume_error_percent",
+)
+#: Which direction is better for each metric ("max": higher is better; "min": lower; "abs": closer to 0).
+BETTER: dict[str, str] = {
+    "dice": "max", "hd95_mm": "min", "hd_mm": "min", "assd_mm": "min",
+    "pred_volume_ml": "none", "ref_volume_ml": "none", "volume_error_ml": "abs", "volume_error_percent": "abs",
+}
+SPACES = ("resampled", "original")
+BLEND_MODES = ("constant", "gaussian")
+#: Two grids are "the same" when their shapes are equal and their affines agree to this tolerance (mm).
+GRID_TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------- sliding window
+def make_inferer(preset: Preset | str = "seed", overlap: float | None = None, sw_batch_size: int | None = None,
+                 blend: str = "constant", device: torch.device | str | None = None,
+                 stitch_device: str = "cpu") -> SlidingWindowInferer:
+    """MONAI's SlidingWindowInferer with the preset's window, batch and overlap.
+
+    Windows run on ``device``; the stitched output lives on the CPU when ``stitch_device`` is
+    "cpu" (GPU memory then no longer grows with the image), or beside the windows when "auto".
+    ``blend`` is "constant" (the bundle) or "gaussian" (down-weights window borders).
+    """
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    preset = get_preset(preset)
+    if blend not in BLEND_MODES:
+        raise BadInputError(f"unknown blend mode {blend!r}; use one of {', '.join(BLEND_MODES)}")
+    if stitch_device not in ("cpu", "auto"):
+        raise BadInputError(f"unknown stitch device {stitch_device!r}; use cpu or auto")
+    overlap = preset.sliding_window_overlap if overlap is None else float(overlap)
+    if not 0.0 <= overlap < 1.0:
+        raise BadInputError(f"overlap must be in [0, 1), got {overlap}")
+    sw_batch_size = preset.sliding_window_batch_size if sw_batch_size is None else int(sw_batch_size)
+    if sw_batch_size < 1:
+        raise BadInputError(f"sliding-window batch size must be at least 1, got {sw_batch_size}")
+    window_device = torch.device(device) if device is not None else None
+    return SlidingWindowInferer(
+        roi_size=tuple(preset.validation_roi_size),
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode=blend,
+        sw_device=window_device,
+        device=torch.device("cpu") if stitch_device == "cpu" else window_device,
+    )
+
+
+def predict_logits(network: torch.nn.Module, image: torch.Tensor, inferer: SlidingWindowInferer,
+                   device: torch.device | str = "cpu", amp: bool = True) -> torch.Tensor:
+    """Run the sliding window over one channel-first image; returns float32 logits (C, ...).
+
+    The image itself stays where it is (usually the CPU); only the windows go to ``device``,
+    under mixed precision when ``amp`` (float16 on CUDA, bfloat16 on the CPU).
+    """
+    import torch
+
+    from spleenkit.devices import autocast
+
+    device = torch.device(device)
+    network.eval()
+    with torch.no_grad(), autocast(device, enabled=amp):
+        logits = inferer(image[None], network)
+    return logits[0].float()
+
+
+# --------------------------------------------------------------------------- post-processing
+def postprocessing(largest_component: bool = False, fill_holes: bool = False, invert: Compose | None = None,
+                   key: str = "pred", orig_key: str = "image", to_onehot: int | None = None) -> Compose:
+    """The post-processing chain on a dict holding logits under ``key``.
+
+    softmax -> [Invertd onto ``orig_key``'s original grid, interpolating probabilities as the
+    bundle does] -> argmax -> [keep the largest connected component] -> [fill holes]
+    -> [one-hot with ``to_onehot`` channels, for DiceMetric in training's validation].
+    """
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        FillHolesd,
+        Invertd,
+        KeepLargestConnectedComponentd,
+    )
+
+    chain: list[Any] = [Activationsd(keys=key, softmax=True)]
+    if invert is not None:
+        chain.append(Invertd(keys=key, transform=invert, orig_keys=orig_key, nearest_interp=False, to_tensor=True))
+    chain.append(AsDiscreted(keys=key, argmax=True))
+    if largest_component:
+        chain.append(KeepLargestConnectedComponentd(keys=key, applied_labels=[1], independent=True))
+    if fill_holes:
+        chain.append(FillHolesd(keys=key, applied_labels=[1]))
+    if to_onehot:
+        chain.append(AsDiscreted(keys=key, to_onehot=to_onehot))
+    return Compose(chain)
+
+
+# --------------------------------------------------------------------------- metrics
+def _as_binary(mask: Any, name: str) -> np.ndarray:
+    """A 0/1 array (a leading channel of size 1 is dropped); other values are an error."""
+    array = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+    if array.ndim >= 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.dtype == bool:
+        return array
+    if not np.all(np.isin(array, (0, 1))):
+        values = np.unique(array)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
+        raise BadInputError(f"{name} must hold only the labels 0 and 1, found {shown}")
+    return array.astype(bool)
+
+
+def mask_metrics(pred: Any, ref: Any, spacing: Sequence[float]) -> dict[str, float | None]:
+    """Dice, HD95, Hausdorff, symmetric mean surface distance (mm) and volumes (mL) of two 0/1 masks.
+
+    ``spacing`` is the voxel size in mm along each array axis. Distances are ``None`` when one
+    mask is empty and the other is not (they are undefined there); two empty masks agree perfectly.
+    """
+    import torch
+    from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric, compute_dice
+
+    pred_mask, ref_mask = _as_binary(pred, "prediction"), _as_binary(ref, "reference")
+    if pred_mask.shape != ref_mask.shape:
+        raise BadInputError(f"prediction shape {pred_mask.shape} differs from reference shape {ref_mask.shape}")
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != pred_mask.ndim:
+        raise BadInputError(f"spacing {spacing} does not match a {pred_mask.ndim}-D mask")
+    voxel_ml = math.prod(spacing) / 1000.0
+    pred_ml, ref_ml = float(pred_mask.sum()) * voxel_ml, float(ref_mask.sum()) * voxel_ml
+    row: dict[str, float | None] = {
+        "pred_volume_ml": pred_ml,
+        "ref_volume_ml": ref_ml,
+        "volume_error_ml": pred_ml - ref_ml,
+        "volume_error_percent": 100.0 * (pred_ml - ref_ml) / ref_ml if ref_ml > 0 else None,
+    }
+    y_pred = torch.from_numpy(pred_mask)[None, None].float()
+    y = torch.from_numpy(ref_mask)[None, None].float()
+    row["dice"] = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
+    if pred_mask.any() and ref_mask.any():
+        with warnings.catch_warnings():  # MONAI's own use of an argument it deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+            hd95 = HausdorffDistanceMetric(include_background=True, percentile=95)(y_pred, y, spacing=spacing)
+            hd = HausdorffDistanceMetric(include_background=True)(y_pred, y, spacing=spacing)
+            assd = SurfaceDistanceMetric(include_background=True, symmetric=True)(y_pred, y, spacing=spacing)
+        row.update(hd95_mm=float(hd95[0, 0]), hd_mm=float(hd[0, 0]), assd_mm=float(assd[0, 0]))
+    elif not pred_mask.any() and not ref_mask.any():
+        row.update(hd95_mm=0.0, hd_mm=0.0, assd_mm=0.0)
+    else:
+        row.update(hd95_mm=None, hd_mm=None, assd_mm=None)
+    return {name: row[name] for name in METRICS}
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size along each array axis: the lengths of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
+
+
+def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage,
+              tolerance: float = GRID_TOLERANCE) -> bool:
+    """True when two images share a shape and their affines agree within ``tolerance``."""
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine, atol=tolerance, rtol=0)
+
+
+def read_binary_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """Read a 3D 0/1 mask file (integer or float 0.0/1.0); other labels are an error naming the file."""
+    from spleenkit.inference import read_nifti
+
+    image = read_nifti(path)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # noqa: BLE001 - any decoding failure is the file's fault
+        raise BadInputError(f"cannot read the voxel data ({error})", path) from error
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
+    try:
+        return _as_binary(data, "mask"), image
+    except BadInputError as error:
+        raise BadInputError(str(error), path) from None
+
+
+def compare_mask_files(pred_path: str | os.PathLike[str], ref_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Metrics between two mask files on the same grid (a different grid is an error, never resampled)."""
+    pred, pred_image = read_binary_mask(pred_path)
+    ref, ref_image = read_binary_mask(ref_path)
+    if tuple(pred_image.shape[:3]) != tuple(ref_image.shape[:3]):
+        raise BadInputError(f"grid differs from {ref_path}: shape {pred_image.shape[:3]} vs {ref_image.shape[:3]}",
+                            pred_path)
+    difference = float(np.abs(pred_image.affine - ref_image.affine).max())
+    if difference > GRID_TOLERANCE:
+        raise BadInputError(
+            f"grid differs from {ref_path}: the affines differ by up to {difference:.4g} mm "
+            f"(tolerance {GRID_TOLERANCE}); resample one onto the other first if that is what you mean", pred_path)
+    spacing = voxel_spacing(ref_image.affine)
+    return {"prediction": str(pred_path), "reference": str(ref_path), "shape": list(ref.shape),
+            "spacing_mm": list(spacing), **mask_metrics(pred, ref, spacing)}
+
+
+# --------------------------------------------------------------------------- summaries
+def summarise(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean, sd, median, min, max and the worst case of each metric, per space.
+
+    Rows are per-case dicts with ``case``, ``space`` (default "original") and the metrics; an
+    undefined value (None/NaN, e.g. HD95 of an empty prediction) is counted, not averaged.
+    """
+    by_space: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_space.setdefault(str(row.get("space", "original")), []).append(row)
+    summary: dict[str, Any] = {}
+    for space, space_rows in by_space.items():
+        stats: dict[str, Any] = {"cases": len(space_rows)}
+        for metric in METRICS:
+            pairs = [(str(r.get("case", i)), r.get(metric)) for i, r in enumerate(space_rows)]
+            defined = [(c, float(v)) for c, v in pairs if v is not None and not math.isnan(float(v))]
+            values = [v for _, v in defined]
+            entry: dict[str, Any] = {"n": len(values), "undefined": len(pairs) - len(values)}
+            if values:
+                entry.update(mean=statistics.fmean(values), sd=statistics.stdev(values) if len(values) > 1 else 0.0,
+                             median=statistics.median(values), min=min(values), max=max(values))
+                rule = BETTER[metric]
+                if rule != "none":
+                    key = {"max": lambda p: p[1], "min": lambda p: -p[1], "abs": lambda p: -abs(p[1])}[rule]
+                    worst_case, worst_value = min(defined, key=key)
+                    entry["worst"] = {"case": worst_case, "value": worst_value}
+            stats[metric] = entry
+        summary[space] = stats
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any], metrics: Sequence[str] = ("dice", "hd95_mm", "assd_mm",
+                                                                         "volume_error_ml")) -> str:
+    """The summary as a plain-text table (what ``spleenkit evaluate`` prints)."""
+    header = f"{'metric':<18}{'space':<11}{'mean ± sd':>20}{'median':>10}  worst case"
+    lines = [header, "-" * len(header)]
+    for metric in metrics:
+        for space, stats in summary.items():
+            entry = stats.get(metric, {})
+            if not entry.get("n"):
+                lines.append(f"{metric:<18}{space:<11}{'undefined':>20}")
+                continue
+            worst = entry.get("worst")
+            worst_text = f"{worst['value']:.3f} ({worst['case']})" if worst else ""
+            undefined = f"  [{entry['undefined']} undefined]" if entry.get("undefined") else ""
+            lines.append(f"{metric:<18}{space:<11}{entry['mean']:>11.3f} ± {entry['sd']:<6.3f}"
+                         f"{entry['median']:>10.3f}  {worst_text}{undefined}")
+    return "\n".join(lines)
+
+
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write per-case rows as CSV atomically (an undefined value is an empty cell)."""
+    path = Path(path)
+    columns = ["case", "space", *METRICS]
+    columns += sorted({key for row in rows for key in row} - set(columns))
+
+    def write(stream: Any) -> None:
+        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+
+    return _atomic_text(path, write)
+
+
+def read_rows_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a per-case CSV back into rows (numbers as floats, empty cells as None)."""
+    rows = []
+    with Path(path).open(newline="") as stream:
+        for raw in csv.DictReader(stream):
+            row: dict[str, Any] = {}
+            for key, value in raw.items():
+                if key in METRICS:
+                    row[key] = float(value) if value not in ("", None) else None
+                else:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+def _atomic_text(path: Path, write: Any) -> Path:
+    """Call ``write(stream)`` on a temporary file beside ``path``, then rename it into place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write JSON atomically; NaN and infinity become null so that any JSON reader accepts it."""
+    return _atomic_text(Path(path), lambda stream: stream.write(json.dumps(_json_safe(data), indent=2) + "\n"))
+
+
+# --------------------------------------------------------------------------- run evaluation
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate_run` produced: per-case rows, their summary and where they were written."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path
+    csv_path: Path
+    summary_path: Path
+    prediction_paths: dict[str, Path] = field(default_factory=dict)
+    figure_paths: list[Path] = field(default_factory=list)
+
+
+def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed") -> Preset:
+    """The preset a run was trained with, read from its manifest (``parameters.preset``), else ``fallback``."""
+    from spleenkit.manifest import read_manifest
+
+    try:
+        parameters = read_manifest(run_dir).get("parameters", {})
+    except (OSError, ValueError):
+        return get_preset(fallback)
+    stored = parameters.get("preset")
+    try:
+        if isinstance(stored, str):
+            return get_preset(stored)
+        if isinstance(stored, dict) and stored.get("name"):
+            from spleenkit.presets import _FIELDS
+
+            overrides = {k: v for k, v in stored.items() if k in _FIELDS and k not in ("name", "description", "extra")}
+            return get_preset(stored["name"]).replace(**overrides)
+    except BadInputError as error:
+        log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
+    return get_preset(fallback)
+
+
+def select_cases(data_dir: str | os.PathLike[str], preset: Preset, split: str = "validation") -> list[dict[str, str]]:
+    """The labelled cases to evaluate: the bundle's validation split (default), the training split, or all."""
+    from spleenkit.data.datalist import load_datalist, split_datalist
+
+    items = load_datalist(data_dir, "training")
+    items = [item for item in items if "label" in item]
+    if split == "all":
+        return items
+    if split not in ("validation", "training"):
+        raise BadInputError(f"unknown split {split!r}; use validation, training or all")
+    training, validation = split_datalist(items, preset.validation_cases)
+    return validation if split == "validation" else training
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """``case_007`` for ``.../case_007.nii.gz``."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def evaluate_case(network: torch.nn.Module, item: Mapping[str, str], preset: Preset, inferer: SlidingWindowInferer,
+                  device: torch.device, amp: bool, largest_component: bool = False, fill_holes: bool = False,
+                  preprocessing: Compose | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Score one labelled case in the resampled and the original space.
+
+    Returns the two metric rows and the prediction on the original grid (uint8, the image file's voxel order).
+    """
+    from spleenkit.transforms import validation_transforms
+
+    name = case_name(item["image"])
+    preprocessing = preprocessing or validation_transforms(preset)
+    reference, reference_image = read_binary_mask(item["label"])
+    from spleenkit.inference import read_nifti
+
+    if not same_grid(read_nifti(item["image"]), reference_image):
+        raise BadInputError(f"the label is not on the image's grid ({item['image']})", item["label"])
+    data = preprocessing({"image": item["image"], "label": item["label"]})
+    started = time.perf_counter()
+    logits = predict_logits(network, data["image"], inferer, device, amp)
+    seconds = time.perf_counter() - started
+
+    resampled = postprocessing(largest_component, fill_holes)({"pred": logits})["pred"]
+    resampled_spacing = [float(s) for s in data["image"].pixdim]
+    rows = [{"case": name, "space": "resampled",
+             **mask_metrics(resampled[0], data["label"][0] > 0.5, resampled_spacing)}]
+
+    original = postprocessing(largest_component, fill_holes, invert=preprocessing)(
+        {"pred": logits, "image": data["image"]})["pred"]
+    original_mask = np.asarray(original[0].cpu().numpy() > 0.5, dtype=np.uint8)
+    if original_mask.shape != reference.shape:
+        raise BadInputError(f"internal error: the inverted prediction has shape {original_mask.shape}, "
+                            f"the label {reference.shape}", item["label"])
+    rows.append({"case": name, "space": "original",
+                 **mask_metrics(original_mask, reference, voxel_spacing(reference_image.affine))})
+    for row in rows:
+        row["seconds"] = round(seconds, 2)
+    log.info("%s: Dice %.3f (resampled) / %.3f (original), HD95 %s mm (original), %.1f s", name,
+             rows[0]["dice"], rows[1]["dice"], _fmt(rows[1]["hd95_mm"]), seconds)
+    return rows, original_mask
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.1f}"
+
+
+def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str],
+                 out_dir: str | os.PathLike[str] | None = None, preset: Preset | str | None = None,
+                 split: str = "validation", device: str = "auto", amp: bool | None = None,
+                 overlap: float | None = None, sw_batch_size: int | None = None, blend: str = "constant",
+                 stitch_device: str = "cpu", largest_component: bool = False, fill_holes: bool = False,
+                 save_predictions: bool = True, figures: bool = True,
+                 max_cases: int | None = None) -> EvaluationResult:
+    """Evaluate ``model`` (a run's ``model.pt``) on a dataset split and write the results.
+
+    Writes ``per_case.csv``, ``summary.json``, ``manifest.json`` and a per-case figure into
+    ``out_dir`` (default ``RUN_DIR/evaluation``) and, with ``save_predictions``, each case's
+    original-space mask into ``RUN_DIR/predictions``. The preset defaults to the run's own.
+    """
+    from spleenkit.devices import pick_device
+    from spleenkit.inference import check_writable, write_mask
+    from spleenkit.manifest import build_manifest, now, write_manifest
+    from spleenkit.model import load_model
+    from spleenkit.transforms import validation_transforms
+
+    model = Path(model)
+    run_dir = model.parent
+    preset = run_preset(run_dir) if preset is None else get_preset(preset)
+    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    check_writable(out)
+    device_ = pick_device(device)
+    amp = preset.amp if amp is None else amp
+    network = load_model(model, preset, device_)
+    cases = select_cases(data_dir, preset, split)
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    if not cases:
+        raise BadInputError(f"no labelled cases in the {split} split", data_dir)
+    inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
+    preprocessing = validation_transforms(preset)
+    settings = {"model": str(model), "data_dir": str(data_dir), "preset": preset.name, "split": split,
+                "device": str(device_), "amp": amp, "roi_size": list(preset.validation_roi_size),
+                "overlap": inferer.overlap, "sw_batch_size": inferer.sw_batch_size, "blend": blend,
+                "stitch_device": stitch_device, "largest_component": largest_component, "fill_holes": fill_holes}
+    started = now()
+    log.info("evaluating %d %s case(s) with %s", len(cases), split, ", ".join(f"{k}={v}" for k, v in settings.items()
+                                                                             if k not in ("model", "data_dir")))
+    rows: list[dict[str, Any]] = []
+    predictions: dict[str, Path] = {}
+    for item in cases:
+        case_rows, mask = evaluate_case(network, item, preset, inferer, device_, amp, largest_component,
+                                        fill_holes, preprocessing)
+        rows.extend(case_rows)
+        if save_predictions:
+            name = case_rows[0]["case"]
+            predictions[name] = write_mask(mask, item["image"], run_dir / "predictions" / f"{name}.nii.gz")
+    summary = summarise(rows)
+    csv_path = write_rows_csv(rows, out / "per_case.csv")
+    summary_path = write_json({"settings": settings, **summary}, out / "summary.json")
+    figure_paths = []
+    if figures:
+        from spleenkit.visualization import per_case_metrics, save_figure
+
+        figure_paths.append(save_figure(per_case_metrics(rows), out / "per_case_metrics.png"))
+    write_manifest(out, build_manifest(settings, device=str(device_), started=started, finished=now(),
+                                       preset=preset.to_dict(), outputs=[csv_path.name, summary_path.name]))
+    return EvaluationResult(rows, summary, out, csv_path, summary_path, predictions, figure_paths)
+

@@ -1,0 +1,477 @@
+"""Figures for CT volumes, masks, metrics and training runs; and the optional 3D viewer behind one function.
+
+Every function returns a matplotlib ``Figure`` built without pyplot: no global figure state, no
+backend chosen on import, PNG rendering through Agg in scripts and CI, and an inline picture when
+a notebook shows the returned figure. Pass ``save=PATH`` (or call :func:`save_figure`) for a PNG.
+
+Slices are shown in the radiological convention, with the sides labelled: axial and coronal
+views show the patient's right on the screen's left, anterior (or superior) at the top. Give
+``affine`` (the image's) and the volume is turned to RAS first, so a flipped axis in the file is
+undone for display, exactly as a viewer such as 3D Slicer would do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+#: Colour-blind-safe colours (Okabe-Ito).
+COLOURS = {"mask": "#E69F00", "reference": "#56B4E9", "tp": "#009E73", "fp": "#D55E00", "fn": "#0072B2",
+           "resampled": "#999999", "original": "#0072B2"}
+CT_WINDOW = (-160.0, 240.0)  # soft tissue: level 40, width 400 HU
+PLANES = ("axial", "coronal", "sagittal")
+
+
+class KitFigure(Figure):
+    """A Figure that shows itself as a PNG in Jupyter without pyplot or a chosen backend."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def new_figure(width: float = 10.0, height: float = 4.0, **kwargs: Any) -> KitFigure:
+    """A fresh figure of ``width`` x ``height`` inches with constrained layout."""
+    return KitFigure(figsize=(width, height), layout="constrained", **kwargs)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Save ``figure`` as a PNG atomically (a temporary file renamed into place) and return the path."""
+    from spleenkit.errors import BadInputError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror or error})", path.parent) from error
+    try:
+        figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _rgb(colour: str) -> np.ndarray:
+    """``#RRGGBB`` as three floats in [0, 1]."""
+    return np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+
+
+def _finish(figure: Figure, save: str | os.PathLike[str] | None) -> Figure:
+    if save is not None:
+        save_figure(figure, save)
+    return figure
+
+
+# --------------------------------------------------------------------------- volumes in RAS
+def _array(volume: Any) -> np.ndarray:
+    """A 3D numpy array from a numpy array, a tensor (channel of size 1 dropped) or a nibabel image."""
+    if hasattr(volume, "dataobj"):
+        volume = np.asanyarray(volume.dataobj)
+    elif hasattr(volume, "detach"):
+        volume = volume.detach().cpu().numpy()
+    array = np.asarray(volume)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def to_ras(volume: Any, affine: np.ndarray | None = None,
+           spacing: Sequence[float] | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The volume with its axes turned to R, A, S (by the affine's nearest axes) and its voxel size.
+
+    Without an affine the volume is taken to be in RAS already, with ``spacing`` (default 1 mm).
+    """
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    array = _array(volume)
+    if affine is None:
+        return array, tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))  # type: ignore[return-value]
+    affine = np.asarray(affine, dtype=float)
+    orientation = io_orientation(affine)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    ras_spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(orientation):
+        ras_spacing[int(target)] = float(sizes[axis])
+    return apply_orientation(array, orientation), tuple(ras_spacing)  # type: ignore[return-value]
+
+
+def load_ras(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI file and return its voxels in RAS order with the voxel size in mm."""
+    from spleenkit.inference import read_nifti
+
+    image = read_nifti(path)
+    return to_ras(image, image.affine)
+
+
+def _plane(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """A 2D slice of a RAS volume, ready for ``imshow(origin="lower")`` in the radiological convention."""
+    if plane == "axial":
+        return volume[:, :, index].T[:, ::-1]      # rows: P->A (up), columns: R->L
+    if plane == "coronal":
+        return volume[:, index, :].T[:, ::-1]      # rows: I->S (up), columns: R->L
+    return volume[index, :, :].T[:, ::-1]          # sagittal: rows: I->S (up), columns: A->P
+
+
+_SIDES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
+_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+def _aspect(plane: str, spacing: Sequence[float]) -> float:
+    sx, sy, sz = spacing
+    return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[plane]
+
+
+def _label_sides(ax: Any, plane: str) -> None:
+    left, right, top, bottom = _SIDES[plane]
+    style = {"color": "white", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The voxel at the centroid of ``mask`` (the volume's centre when the mask is empty or missing)."""
+    if mask is not None and mask.any():
+        return tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0))  # type: ignore[return-value]
+    return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+
+
+def _outline(ax: Any, mask2d: np.ndarray, colour: str, style: str = "solid", width: float = 1.4) -> None:
+    if mask2d.any():
+        ax.contour(mask2d.astype(float), levels=[0.5], colors=[colour], linewidths=width, linestyles=style)
+
+
+def _show(ax: Any, slice2d: np.ndarray, plane: str, spacing: Sequence[float], window: Sequence[float]) -> None:
+    ax.imshow(slice2d, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
+              aspect=_aspect(plane, spacing), interpolation="nearest")
+    ax.set_facecolor("black")
+
+
+# --------------------------------------------------------------------------- figures of a volume
+def three_plane(image: Any, mask: Any | None = None, reference: Any | None = None, affine: np.ndarray | None = None,
+                spacing: Sequence[float] | None = None, centre: Sequence[int] | None = None,
+                window: Sequence[float] = CT_WINDOW, title: str | None = None,
+                save: str | os.PathLike[str] | None = None) -> Figure:
+    """Axial, coronal and sagittal slices through ``centre`` (default: the mask's centroid), mask outlined.
+
+    ``mask`` is drawn in orange, an optional ``reference`` in dashed blue. Arrays share one grid;
+    with ``affine`` they are turned to RAS first.
+    """
+    volume, voxel = to_ras(image, affine, spacing)
+    masks = [(to_ras(m, affine, spacing)[0] > 0.5) if m is not None else None for m in (mask, reference)]
+    centre = tuple(centre) if centre is not None else centre_of(masks[0] if masks[0] is not None else masks[1],
+                                                                 volume.shape)
+    figure = new_figure(12, 4.4)
+    axes = figure.subplots(1, 3)
+    for ax, plane in zip(axes, PLANES, strict=True):
+        index = int(np.clip(centre[_AXIS[plane]], 0, volume.shape[_AXIS[plane]] - 1))
+        _show(ax, _plane(volume, plane, index), plane, voxel, window)
+        if masks[1] is not None:
+            _outline(ax, _plane(masks[1], plane, index), COLOURS["reference"], "dashed")
+        if masks[0] is not None:
+            _outline(ax, _plane(masks[0], plane, index), COLOURS["mask"])
+        _label_sides(ax, plane)
+        ax.set_title(f"{plane} (slice {index})", fontsize=10)
+    if title:
+        figure.suptitle(title)
+    return _finish(figure, save)
+
+
+def error_map(image: Any, pred: Any, ref: Any, affine: np.ndarray | None = None,
+              spacing: Sequence[float] | None = None, window: Sequence[float] = CT_WINDOW,
+              title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
+    """Prediction against reference on the slices with the most errors: false positives in
+    vermilion, false negatives in blue, agreement in green."""
+    from matplotlib.patches import Patch
+
+    volume, voxel = to_ras(image, affine, spacing)
+    predicted = to_ras(pred, affine, spacing)[0] > 0.5
+    truth = to_ras(ref, affine, spacing)[0] > 0.5
+    false_positive, false_negative = predicted & ~truth, ~predicted & truth
+    errors = false_positive | false_negative
+    voxel_ml = float(np.prod(voxel)) / 1000
+    colours = {name: _rgb(COLOURS[name]) for name in ("tp", "fp", "fn")}
+    figure = new_figure(12, 4.8)
+    axes = figure.subplots(1, 3)
+    for ax, plane in zip(axes, PLANES, strict=True):
+        axis = _AXIS[plane]
+        others = tuple(a for a in range(3) if a != axis)
+        counts = errors.sum(axis=others) if errors.any() else (predicted | truth).sum(axis=others)
+        index = int(np.argmax(counts)) if counts.any() else volume.shape[axis] // 2
+        _show(ax, _plane(volume, plane, index), plane, voxel, window)
+        layer = np.zeros((*_plane(volume, plane, index).shape, 4))
+        for name, region, alpha in (("tp", predicted & truth, 0.35), ("fp", false_positive, 0.85),
+                                    ("fn", false_negative, 0.85)):
+            section = _plane(region, plane, index)
+            layer[section, :3] = colours[name]
+            layer[section, 3] = alpha
+        ax.imshow(layer, origin="lower", aspect=_aspect(plane, voxel), interpolation="nearest")
+        _label_sides(ax, plane)
+        ax.set_title(f"{plane} (slice {index})", fontsize=10)
+    fp_ml, fn_ml = false_positive.sum() * voxel_ml, false_negative.sum() * voxel_ml
+    figure.legend(handles=[Patch(color=COLOURS["tp"], label="agree (TP)"),
+                           Patch(color=COLOURS["fp"], label=f"false positive {fp_ml:.1f} mL"),
+                           Patch(color=COLOURS["fn"], label=f"false negative {fn_ml:.1f} mL")],
+                  loc="lower center", ncol=3, frameon=False)
+    figure.suptitle(title or "prediction vs reference")
+    return _finish(figure, save)
+
+
+def montage(image: Any, mask: Any | None = None, reference: Any | None = None, affine: np.ndarray | None = None,
+            spacing: Sequence[float] | None = None, slices: int = 12, columns: int = 6,
+            window: Sequence[float] = CT_WINDOW, title: str | None = None,
+            save: str | os.PathLike[str] | None = None) -> Figure:
+    """Axial slices evenly spaced through the spleen (the mask's, else the reference's, top-to-bottom extent)."""
+    volume, voxel = to_ras(image, affine, spacing)
+    masks = [(to_ras(m, affine, spacing)[0] > 0.5) if m is not None else None for m in (mask, reference)]
+    guide = next((m for m in masks if m is not None and m.any()), None)
+    if guide is not None:
+        levels = np.nonzero(guide.any(axis=(0, 1)))[0]
+        low, high = int(levels.min()), int(levels.max())
+    else:
+        low, high = 0, volume.shape[2] - 1
+    chosen = np.unique(np.linspace(high, low, num=max(1, slices)).round().astype(int))[::-1]
+    rows = int(np.ceil(len(chosen) / columns))
+    figure = new_figure(2.2 * min(columns, len(chosen)), 2.3 * rows + 0.4)
+    axes = np.atleast_1d(figure.subplots(rows, min(columns, len(chosen)), squeeze=False)).ravel()
+    for ax, index in zip(axes, chosen, strict=False):
+        _show(ax, _plane(volume, "axial", index), "axial", voxel, window)
+        if masks[1] is not None:
+            _outline(ax, _plane(masks[1], "axial", index), COLOURS["reference"], "dashed", 1.0)
+        if masks[0] is not None:
+            _outline(ax, _plane(masks[0], "axial", index), COLOURS["mask"], width=1.0)
+        ax.set_title(f"slice {index}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(chosen):]:
+        ax.set_axis_off()
+    figure.suptitle(title or "axial slices through the spleen (superior first; patient's right on the left)")
+    return _finish(figure, save)
+
+
+def maximum_intensity_projection(image: Any, mask: Any | None = None, affine: np.ndarray | None = None,
+                                 spacing: Sequence[float] | None = None, window: Sequence[float] = (-200.0, 800.0),
+                                 title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
+    """Coronal and sagittal maximum-intensity projections with the mask's silhouette outlined:
+    the static stand-in for a 3D view."""
+    volume, voxel = to_ras(image, affine, spacing)
+    outline = to_ras(mask, affine, spacing)[0] > 0.5 if mask is not None else None
+    figure = new_figure(9, 4.8)
+    axes = figure.subplots(1, 2)
+    for ax, plane in zip(axes, ("coronal", "sagittal"), strict=True):
+        axis = _AXIS[plane]
+        projection = np.expand_dims(volume.max(axis=axis), axis)
+        _show(ax, _plane(projection, plane, 0), plane, voxel, window)
+        if outline is not None:
+            _outline(ax, _plane(np.expand_dims(outline.any(axis=axis), axis), plane, 0), COLOURS["mask"])
+        _label_sides(ax, plane)
+        ax.set_title(f"{plane} maximum-intensity projection", fontsize=10)
+    figure.suptitle(title or "3D overview (static): bone and contrast are brightest; spleen outlined")
+    return _finish(figure, save)
+
+
+def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = None,
+            spacing: Sequence[float] | None = None, **kwargs: Any) -> Any:
+    """An interactive 3D view (itkwidgets) in a live Jupyter session, else a static projection figure.
+
+    itkwidgets is imported only when :func:`spleenkit.environment.is_interactive` is True, so
+    papermill, CI and scripts never start a widget that waits for a front end.
+    """
+    from spleenkit import environment
+
+    volume, voxel = to_ras(image, affine, spacing)
+    outline = None if mask is None else (to_ras(mask, affine, spacing)[0] > 0.5).astype(np.uint8)
+    if environment.is_interactive():
+        try:
+            from itkwidgets import view
+        except ImportError:
+            log.info("itkwidgets is not installed (pip install 'spleenkit[viewer]'); showing a static view")
+        else:
+            # itkwidgets reads numpy arrays in z, y, x order
+            options: dict[str, Any] = {"image": np.ascontiguousarray(volume.transpose(2, 1, 0).astype(np.float32))}
+            if outline is not None:
+                options["label_image"] = np.ascontiguousarray(outline.transpose(2, 1, 0))
+            return view(**options, **kwargs)
+    return maximum_intensity_projection(volume, outline, spacing=voxel)
+
+
+# --------------------------------------------------------------------------- figures of runs and metrics
+def read_metrics_jsonl(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The epochs of a run: ``metrics.jsonl`` given directly or inside a run folder."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    from spleenkit.errors import BadInputError
+
+    if not path.is_file():
+        raise BadInputError("no metrics.jsonl (has the run trained an epoch yet?)", path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise BadInputError(f"line {number} is not JSON ({error.msg})", path) from error
+    return records
+
+
+def training_curves(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]], title: str | None = None,
+                    save: str | os.PathLike[str] | None = None) -> Figure:
+    """Loss and validation Dice per epoch (and the learning rate when it changes) from ``metrics.jsonl``."""
+    records = read_metrics_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pairs = [(r.get("epoch", i + 1), r.get(key)) for i, r in enumerate(records)]
+        pairs = [(float(e), float(v)) for e, v in pairs if v is not None]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    learning_rates = series("lr")[1]
+    show_lr = len(set(learning_rates)) > 1
+    figure = new_figure(11 if show_lr else 8.5, 3.6)
+    axes = figure.subplots(1, 3 if show_lr else 2)
+    epochs, losses = series("loss")
+    axes[0].plot(epochs, losses, marker=".", color=COLOURS["fn"])
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
+    val_epochs, dice = series("val_dice")
+    axes[1].plot(val_epochs, dice, marker="o", color=COLOURS["tp"])
+    if dice:
+        best = int(np.argmax(dice))
+        axes[1].annotate(f"best {dice[best]:.3f}", (val_epochs[best], dice[best]), textcoords="offset points",
+                         xytext=(0, -14), ha="center", fontsize=8)
+    axes[1].set(xlabel="epoch", ylabel="validation Dice", title="validation Dice", ylim=(0, 1))
+    if show_lr:
+        lr_epochs, rates = series("lr")
+        axes[2].plot(lr_epochs, rates, color=COLOURS["mask"])
+        axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    return _finish(figure, save)
+
+
+_METRIC_LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "hd_mm": "Hausdorff (mm)", "assd_mm": "ASSD (mm)",
+                  "volume_error_ml": "volume error (mL)", "volume_error_percent": "volume error (%)",
+                  "pred_volume_ml": "predicted volume (mL)", "ref_volume_ml": "reference volume (mL)"}
+
+
+def per_case_metrics(rows: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+                     metrics: Sequence[str] = ("dice", "hd95_mm", "assd_mm", "volume_error_ml"),
+                     title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
+    """One panel per metric, one column per case (sorted by original-space Dice), one marker per space."""
+    if isinstance(rows, (str, os.PathLike)):
+        from spleenkit.evaluation import read_rows_csv
+
+        rows = read_rows_csv(rows)
+    rows = list(rows)
+    spaces = list(dict.fromkeys(str(r.get("space", "original")) for r in rows))
+    cases = list(dict.fromkeys(str(r["case"]) for r in rows))
+    lookup = {(str(r["case"]), str(r.get("space", "original"))): r for r in rows}
+    key_space = "original" if "original" in spaces else spaces[0]
+
+    def value(case: str, space: str, metric: str) -> float:
+        found = lookup.get((case, space), {}).get(metric)
+        return float("nan") if found is None else float(found)
+
+    cases.sort(key=lambda c: value(c, key_space, "dice"))
+    figure = new_figure(max(6.0, 2.6 * len(metrics)), 3.6)
+    axes = np.atleast_1d(figure.subplots(1, len(metrics)))
+    positions = np.arange(len(cases))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for offset, space in zip(np.linspace(-0.12, 0.12, len(spaces)), spaces, strict=True):
+            ax.plot(positions + offset, [value(c, space, metric) for c in cases], "o", label=space,
+                    color=COLOURS.get(space, None), markerfacecolor="white" if space == "resampled" else None)
+        ax.set_xticks(positions, cases, rotation=60, ha="right", fontsize=7)
+        ax.set_title(_METRIC_LABELS.get(metric, metric), fontsize=10)
+        if metric == "dice":
+            ax.set_ylim(min(0.0, np.nanmin([value(c, s, metric) for c in cases for s in spaces] or [0])), 1.0)
+        if metric.startswith("volume_error"):
+            ax.axhline(0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="space", title_fontsize=8)
+    figure.suptitle(title or f"per-case metrics ({len(cases)} cases, worst Dice on the left)")
+    return _finish(figure, save)
+
+
+def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0),
+                       title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
+    """Pictures of what Dice, HD95 and ASSD measure, on two 2D masks (a slice or a drawn example).
+
+    Left: overlap (Dice = 2·|A∩B| / (|A|+|B|)). Middle: every boundary point of each mask coloured
+    by its distance to the other mask's boundary. Right: the histogram of those distances with
+    their mean (ASSD) and the 95th percentile per direction (HD95 is the larger of the two).
+    """
+    from matplotlib.patches import Patch
+    from scipy import ndimage
+
+    from spleenkit.evaluation import mask_metrics
+
+    a, b = np.asarray(pred) > 0.5, np.asarray(ref) > 0.5
+    scores = mask_metrics(a, b, spacing)
+    spacing = [float(s) for s in spacing]
+
+    def boundary(mask: np.ndarray) -> np.ndarray:
+        return mask ^ ndimage.binary_erosion(mask)
+
+    edge_a, edge_b = boundary(a), boundary(b)
+    to_b = ndimage.distance_transform_edt(~edge_b, sampling=spacing)
+    to_a = ndimage.distance_transform_edt(~edge_a, sampling=spacing)
+    d_ab, d_ba = to_b[edge_a], to_a[edge_b]
+    figure = new_figure(13, 4.3)
+    axes = figure.subplots(1, 3)
+    overlap = np.zeros((*a.shape, 3)) + 1.0
+    for colour, region in ((COLOURS["tp"], a & b), (COLOURS["fp"], a & ~b), (COLOURS["fn"], ~a & b)):
+        overlap[region] = _rgb(colour)
+    aspect = spacing[0] / spacing[1]
+    axes[0].imshow(overlap.transpose(1, 0, 2), origin="lower", aspect=aspect, interpolation="nearest")
+    axes[0].set_title(f"Dice = 2·|A∩B| / (|A|+|B|) = {scores['dice']:.3f}", fontsize=10)
+    axes[0].legend(handles=[Patch(color=COLOURS["tp"], label="A∩B (both)"),
+                            Patch(color=COLOURS["fp"], label="only A (prediction)"),
+                            Patch(color=COLOURS["fn"], label="only B (reference)")], fontsize=7, loc="upper right")
+    axes[1].imshow(np.zeros(a.shape).T, cmap="gray_r", origin="lower", aspect=aspect)
+    points = [np.argwhere(edge_a), np.argwhere(edge_b)]
+    limit = max(float(d_ab.max(initial=0)), float(d_ba.max(initial=0)), 1e-6)
+    for coordinates, distances, marker in ((points[0], d_ab, "o"), (points[1], d_ba, "s")):
+        shown = axes[1].scatter(coordinates[:, 0], coordinates[:, 1], c=distances, cmap="viridis", vmin=0,
+                                vmax=limit, s=9, marker=marker)
+    figure.colorbar(shown, ax=axes[1], label="distance to the other boundary (mm)", shrink=0.8)
+    axes[1].set_title("boundary points: o = A, □ = B", fontsize=10)
+    everything = np.concatenate([d_ab, d_ba])
+    axes[2].hist([d_ab, d_ba], bins=25, stacked=True, color=[COLOURS["fp"], COLOURS["fn"]],
+                 label=["A → B", "B → A"])
+    axes[2].axvline(float(everything.mean()) if everything.size else 0, color="black",
+                    label=f"ASSD (mean of all) = {scores['assd_mm'] or 0:.2f} mm")
+    hd95 = max(np.percentile(d_ab, 95) if d_ab.size else 0, np.percentile(d_ba, 95) if d_ba.size else 0)
+    axes[2].axvline(float(hd95), color="black", linestyle="--",
+                    label=f"HD95 (larger 95th percentile) = {scores['hd95_mm'] or 0:.2f} mm")
+    axes[2].axvline(float(everything.max(initial=0)), color="grey", linestyle=":",
+                    label=f"Hausdorff (max) = {scores['hd_mm'] or 0:.2f} mm")
+    axes[2].set(xlabel="boundary distance (mm)", ylabel="boundary points")
+    axes[2].legend(fontsize=7)
+    for ax in axes[:2]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.suptitle(title or "what the metrics measure")
+    return _finish(figure, save)
