@@ -153,6 +153,89 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--force", action="store_true", help="replace a folder holding another dataset")
 
 
+# --------------------------------------------------------------------------- evaluation and inference
+def _window_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by evaluate and infer: preset, device, precision, sliding window, post-processing."""
+    parser.add_argument("--preset", help="recipe for preprocessing and the window (default: the run's own, else seed)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's)")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the preset's)")
+    parser.add_argument("--sw-batch", type=int, help="windows per forward pass (default: the preset's)")
+    parser.add_argument("--blend", choices=("constant", "gaussian"), default="constant",
+                        help="how overlapping windows are blended (default constant, as the bundle)")
+    parser.add_argument("--stitch-device", choices=("cpu", "auto"), default="cpu",
+                        help="where the stitched volume lives: cpu keeps GPU memory bounded (default cpu)")
+    parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    parser.add_argument("--fill-holes", action="store_true", help="fill holes inside the predicted spleen")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from spleenkit.evaluation import evaluate_run, format_summary
+
+    result = evaluate_run(args.model, args.data, out_dir=args.out, preset=args.preset, split=args.split,
+                          device=args.device, amp=args.amp, overlap=args.overlap, sw_batch_size=args.sw_batch,
+                          blend=args.blend, stitch_device=args.stitch_device,
+                          largest_component=args.largest_component, fill_holes=args.fill_holes,
+                          save_predictions=args.save_predictions, max_cases=args.max_cases)
+    print(format_summary(result.summary))
+    print(f"per-case metrics: {result.csv_path}")
+    print(f"summary: {result.summary_path}")
+    return 0
+
+
+def _evaluate_masks(args: argparse.Namespace) -> int:
+    import json
+
+    from spleenkit.evaluation import compare_mask_files
+
+    print(json.dumps(compare_mask_files(args.prediction, args.reference), indent=2))
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from spleenkit.inference import infer
+
+    result = infer(args.model, args.input, args.out, preset=args.preset, device=args.device, amp=args.amp,
+                   largest_component=args.largest_component, fill_holes=args.fill_holes, overlap=args.overlap,
+                   sw_batch_size=args.sw_batch, blend=args.blend, stitch_device=args.stitch_device,
+                   overlay=args.overlay)
+    for case in result.cases:
+        print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
+              + (f" - {len(case.warnings)} orientation warning(s), see above" if case.warnings else ""))
+    print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
+    return 0
+
+
+def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = _command(subparsers, "evaluate", _evaluate,
+                        "Evaluate a trained model on a dataset split: Dice, HD95, ASSD and volumes per case, in the "
+                        "resampled and the original image space; writes RUN_DIR/evaluation/.")
+    evaluate.add_argument("--model", required=True, help="the run's model.pt")
+    evaluate.add_argument("--data", required=True, help="dataset folder in the MSD layout")
+    evaluate.add_argument("--out", help="output folder (default RUN_DIR/evaluation)")
+    evaluate.add_argument("--split", choices=("validation", "training", "all"), default="validation",
+                          help="which labelled cases (default validation: the bundle's split)")
+    evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of the split")
+    evaluate.add_argument("--save-predictions", action=argparse.BooleanOptionalAction, default=True,
+                          help="write each original-space prediction to RUN_DIR/predictions (default yes)")
+    _window_options(evaluate)
+    masks = _command(subparsers, "evaluate-masks", _evaluate_masks,
+                     "Compare two 0/1 mask files on the same grid; print Dice, HD95, Hausdorff, ASSD (mm) and "
+                     "volumes (mL) as JSON. Different grids are an error, not resampled.")
+    masks.add_argument("prediction", help="mask file to score (NIfTI)")
+    masks.add_argument("reference", help="reference mask file on the same grid (NIfTI)")
+    infer = _command(subparsers, "infer", _infer,
+                     "Segment the spleen in a NIfTI file, a folder of them, or a folder with one DICOM series; "
+                     "writes NAME_spleen.nii.gz on the input's exact grid, an overlay PNG and a manifest.")
+    infer.add_argument("--model", required=True, help="model.pt (a run's, or the bundle's weights)")
+    infer.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM series folder")
+    infer.add_argument("--out", required=True, help="output folder")
+    infer.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                       help="write an overlay PNG per input (default yes)")
+    _window_options(infer)
+
+
 # --------------------------------------------------------------------------- command groups
 # Each concern adds its commands in a function of its own below; keep the heavy imports
 # inside the handlers.
@@ -172,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_general_commands, _add_notebook_commands, _add_data_commands]
+    _add_general_commands, _add_notebook_commands, _add_data_commands, _add_evaluation_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
