@@ -99,10 +99,20 @@ def test_rerun_is_a_no_op_and_other_content_is_refused(tmp_path: Path) -> None:
     stamp = (out / "dataset.json").stat().st_mtime_ns
     write_synthetic_dataset(out, cases=1, test_cases=0, matrix=32, slice_spacing=5.0)
     assert (out / "dataset.json").stat().st_mtime_ns == stamp
-    with pytest.raises(BadInputError, match="not empty"):
+    with pytest.raises(BadInputError, match="another synthetic dataset"):
         write_synthetic_dataset(out, cases=2, test_cases=0, matrix=32, slice_spacing=5.0)
     write_synthetic_dataset(out, cases=2, test_cases=0, matrix=32, slice_spacing=5.0, overwrite=True)
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_overwrite_never_deletes_foreign_files(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    with pytest.raises(BadInputError, match="refusing to replace"):
+        write_synthetic_dataset(folder, cases=1, test_cases=0, matrix=32, slice_spacing=5.0, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:

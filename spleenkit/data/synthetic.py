@@ -608,11 +608,23 @@ def msd_description(training: list[str], test: list[str], description: str) -> d
     }
 
 
+def _synthetic_description(manifest: Path) -> str | None:
+    """The description in ``manifest`` if it is a synthetic dataset written by this module, else None."""
+    try:
+        description = json.loads(manifest.read_text()).get("description")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return description if isinstance(description, str) and description.startswith(_PREFIX) else None
+
+
+_PREFIX = "Synthetic abdominal CT phantoms with spleen labels (spleenkit"
+
+
 def _description(cases: int, test_cases: int, seed: int, matrix: int, slice_spacing: float | None) -> str:
     from spleenkit import __version__
 
     slices = f"{slice_spacing:g} mm slices" if slice_spacing else "1.5-5 mm slices"
-    return (f"Synthetic abdominal CT phantoms with spleen labels (spleenkit {__version__}; seed {seed}, "
+    return (f"{_PREFIX} {__version__}; seed {seed}, "
             f"{cases} labelled + {test_cases} test cases, {matrix}x{matrix} matrix, {slices})")
 
 
@@ -624,9 +636,10 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
     Files are ``spleen_N.nii.gz`` (int16 images, uint8 labels) under imagesTr/, labelsTr/ and
     imagesTs/, with a dataset.json. The set is built in a temporary folder beside ``out_dir``
     and renamed into place at the end. If ``out_dir`` already holds the same set (same
-    description in dataset.json), nothing is done; another non-empty folder is an error
-    unless ``overwrite``. ``matrix`` sets the in-plane size (256 gives about 0.85-1.05 mm
-    voxels over the abdomen); ``slice_spacing`` fixes the slice spacing (else 1.5-5 mm, drawn).
+    description in dataset.json), nothing is done; another synthetic set there is replaced
+    only with ``overwrite``, and a folder holding anything else is never touched.
+    ``matrix`` sets the in-plane size (256 gives about 0.85-1.05 mm voxels over the abdomen);
+    ``slice_spacing`` fixes the slice spacing (else 1.5-5 mm, drawn per case).
     """
     if cases < 1 or test_cases < 0:
         raise BadInputError(f"need at least one labelled case and no negative test cases (got {cases}, {test_cases})")
@@ -638,17 +651,17 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
     if out.exists():
         if not out.is_dir():
             raise BadInputError("exists and is not a folder", out)
-        if manifest.is_file():
-            try:
-                same = json.loads(manifest.read_text()).get("description") == description
-            except (OSError, ValueError):
-                same = False
-            if same and not overwrite:
-                log.info("%s already holds this synthetic dataset; nothing to do", out)
-                return out
-        if any(out.iterdir()) and not overwrite:
-            raise BadInputError("exists and is not empty (it holds another dataset); choose another folder "
-                                "or replace it (overwrite=True; --force on the command line)", out)
+        existing = _synthetic_description(manifest)
+        if existing == description and not overwrite:
+            log.info("%s already holds this synthetic dataset; nothing to do", out)
+            return out
+        if any(out.iterdir()):
+            if existing is None:  # never delete what the kit did not make
+                raise BadInputError("exists and holds files that are not a synthetic dataset made by spleenkit; "
+                                    "refusing to replace them: choose a new or empty folder", out)
+            if not overwrite:
+                raise BadInputError("exists and holds another synthetic dataset; choose another folder or "
+                                    "replace it (overwrite=True; --force on the command line)", out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
