@@ -475,3 +475,31 @@ def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
         ax.set_yticks([])
     figure.suptitle(title or "what the metrics measure")
     return _finish(figure, save)
+
+
+# --------------------------------------------------------------------------- intensities (used by notebook 01)
+def intensity_histogram(image: Any, mask: Any, window: Sequence[float] | None = None, body_above: float = -500.0,
+                        hu_range: Sequence[float] = (-300.0, 700.0), bins: int = 100, title: str | None = None,
+                        save: str | os.PathLike[str] | None = None) -> Figure:
+    """HU histograms of the spleen and of the rest of the body (air below ``body_above`` left out), as densities.
+
+    With ``window`` (a preset's ``intensity_range``) the window is shaded: the voxels it keeps are
+    the ones the network sees with contrast; everything outside is clipped to 0 or 1.
+    """
+    volume = _array(image).astype(np.float32)
+    spleen = _array(mask) > 0.5
+    body = (volume > body_above) & ~spleen
+    figure = new_figure(8, 3.6)
+    ax = figure.subplots()
+    for values, colour, label in ((volume[body], "#555555", "rest of the body"),
+                                  (volume[spleen], COLOURS["mask"], "spleen")):
+        if values.size:
+            ax.hist(values, bins=bins, range=tuple(hu_range), density=True, histtype="stepfilled", alpha=0.45,
+                    color=colour, label=f"{label}: median {np.median(values):.0f} HU")
+    if window is not None:
+        ax.axvspan(float(window[0]), float(window[1]), color=COLOURS["reference"], alpha=0.15,
+                   label=f"intensity window {window[0]:g}..{window[1]:g} HU")
+    ax.set(xlabel="Hounsfield units (HU)", ylabel="fraction of voxels (density)", xlim=tuple(hu_range))
+    ax.legend(fontsize=8)
+    ax.set_title(title or "intensities: spleen against the rest of the body", fontsize=10)
+    return _finish(figure, save)
