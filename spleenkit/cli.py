@@ -133,6 +133,39 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_download(args: argparse.Namespace) -> int:
+    from spleenkit.data import download
+
+    progress = not args.quiet
+    if args.source == "msd":
+        dataset = download.download_msd(args.root, url=args.url or download.MSD_SPLEEN_URL,
+                                        md5=args.md5 or download.MSD_SPLEEN_MD5, keep_archive=not args.remove_archive,
+                                        progress=progress)
+        print(f"MSD Task09 Spleen: {dataset}")
+    else:
+        folder = download.download_example(args.root, local=args.local, progress=progress)
+        print(f"example CT and spleen masks: {folder}")
+        if args.as_dataset:
+            dataset = download.example_as_msd(folder, args.as_dataset)
+            print(f"example as an MSD-layout dataset: {dataset}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from spleenkit.data.checks import check_dataset
+
+    report = check_dataset(args.dataset)
+    if report.cases:
+        print(report.table())
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    bad = {p.path for p in report.problems}
+    print(f"{len(report.cases)} case(s) checked: {len(bad)} bad file(s), {len(report.warnings)} warning(s)")
+    return 0 if report.ok else 1
+
+
 def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("data", help="Make, download and check datasets in the MSD Task09 layout.",
                                   description="Make, download and check datasets in the MSD Task09 layout.")
@@ -150,7 +183,26 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--slice-spacing", type=float, default=None,
                        help="slice spacing in mm for every case (default: drawn from 1.5-5 mm like MSD)")
     synth.add_argument("--workers", type=int, default=1, help="threads writing cases in parallel (default 1)")
-    synth.add_argument("--force", action="store_true", help="replace a folder holding another dataset")
+    synth.add_argument("--force", action="store_true", help="replace a folder holding another synthetic dataset")
+
+    download = _command(commands, "download", _data_download,
+                        "Download MSD Task09 Spleen (md5-verified, resumable, safely extracted) or the real "
+                        "example CT with its two spleen masks (sha256-verified). Does nothing when already done.")
+    download.add_argument("source", choices=["msd", "example"], help="what to download")
+    download.add_argument("--root", required=True, help="folder to put it in (MSD: ROOT/Task09_Spleen)")
+    download.add_argument("--url", help="MSD: another address for Task09_Spleen.tar (a mirror)")
+    download.add_argument("--md5", help="MSD: the md5 to expect from --url")
+    download.add_argument("--remove-archive", action="store_true", help="MSD: delete the .tar after extraction")
+    download.add_argument("--local", help="example: use this folder's verified copy instead of downloading "
+                                          "(default $SPLEENKIT_EXAMPLE_DIR when set)")
+    download.add_argument("--as-dataset", metavar="DIR",
+                          help="example: also write an MSD-layout folder with the CT as one labelled case")
+    download.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    check = _command(commands, "check", _data_check,
+                     "Validate a dataset folder: print case, shape, spacing, orientation, HU range and spleen "
+                     "volume; exit 1 naming every bad file and why.")
+    check.add_argument("dataset", help="dataset folder holding dataset.json")
 
 
 # --------------------------------------------------------------------------- evaluation and inference
