@@ -12,6 +12,7 @@ download again when its result is already there and verifies does nothing.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -134,7 +135,7 @@ def download_file(url: str, destination: str | os.PathLike[str], *, md5: str | N
                         stream.write(block)
                         received += len(block)
                         bar.update(len(block))
-            except OSError as error:  # includes connection resets and timeouts
+            except (OSError, http.client.HTTPException) as error:  # connection resets, timeouts, short reads
                 raise SpleenkitError(f"{url}: download interrupted after {received} bytes ({error}); "
                                      f"run again to resume from {part}") from error
             if total is not None and received < total:
@@ -464,7 +465,9 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
                 _link_or_copy(example / mask, label_target)
         else:
             data = np.asanyarray(label_image.dataobj)
-            fixed = nib.Nifti1Image(np.rint(data).astype(np.uint8), label_image.affine, label_image.header)
+            header = label_image.header.copy()
+            header.set_data_dtype(np.uint8)
+            fixed = nib.Nifti1Image(np.rint(data).astype(np.uint8), label_image.affine, header)
             tmp = label_target.with_name(f".{name}.tmp.nii.gz")
             nib.save(fixed, tmp)
             os.replace(tmp, label_target)
