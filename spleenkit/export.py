@@ -1,0 +1,155 @@
+"""Exporting a trained UNet for deployment: TorchScript (always) and ONNX (when the exporter is installed).
+
+The TorchScript file is written with ``monai.data.save_net_with_metadata``, so it carries the
+bundle's metadata like the ``models/model.ts`` that ``python -m monai.bundle ckpt_export`` makes.
+:func:`parity` runs the eager and the exported model on the same input and returns the largest
+difference, which the tests (and ``spleenkit export``) hold under :data:`TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.presets import Preset
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# largest absolute difference of the logits allowed between the eager and the exported network
+# (float32 on the CPU; TorchScript runs the same kernels, ONNX Runtime its own)
+TOLERANCE = 1e-4
+# a patch the UNet accepts (each side divisible by 16, the product of its strides)
+SAMPLE_SHAPE = (1, 1, 64, 64, 64)
+
+
+def onnx_available() -> bool:
+    """True when ``torch.onnx.export`` can write a file here (it needs the onnx and onnxscript packages)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
+
+
+def _replace_atomically(path: Path, write: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_torchscript(network: torch.nn.Module, out: str | os.PathLike[str],
+                       metadata: dict[str, Any] | None = None) -> Path:
+    """Script ``network`` and save it with ``metadata`` (e.g. the bundle's metadata.json) inside the file."""
+    import torch
+    from monai.data import save_net_with_metadata
+
+    network = network.eval()
+    scripted = torch.jit.script(network)
+    return _replace_atomically(
+        Path(out), lambda path: save_net_with_metadata(scripted, path, include_config_vals=False,
+                                                       meta_values=metadata or {})
+    )
+
+
+def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
+                sample_shape: tuple[int, ...] = SAMPLE_SHAPE) -> Path:
+    """Export ``network`` to ONNX with any batch size and any spatial size divisible by 16."""
+    if not onnx_available():
+        raise SpleenkitError("ONNX export needs the onnx and onnxscript packages: pip install 'spleenkit[export]'")
+    import torch
+
+    network = network.eval()
+    sample = torch.zeros(sample_shape)
+    spatial = torch.export.Dim.AUTO
+    dynamic = {"x": {0: torch.export.Dim("batch", max=1024), 2: spatial, 3: spatial, 4: spatial}}
+
+    def write(path: str) -> None:
+        torch.onnx.export(network, (sample,), path, dynamo=True, input_names=["image"], output_names=["pred"],
+                          dynamic_shapes=dynamic, verbose=False)
+
+    return _replace_atomically(Path(out), write)
+
+
+def load_exported(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """A TorchScript file written by :func:`export_torchscript` or ``ckpt_export``, with its metadata."""
+    from monai.data import load_net_with_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError("exported model not found", path)
+    module, metadata, _ = load_net_with_metadata(str(path), map_location="cpu")
+    return module.eval(), metadata
+
+
+def run_exported(path: str | os.PathLike[str], image: torch.Tensor) -> np.ndarray:
+    """Run an exported ``.ts`` or ``.onnx`` model on ``image`` on the CPU and return the logits."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+    module, _ = load_exported(path)
+    with torch.no_grad():
+        return module(image).numpy()
+
+
+def parity(network: torch.nn.Module, exported: str | os.PathLike[str], sample_shape: tuple[int, ...] = SAMPLE_SHAPE,
+           seed: int = 0) -> float:
+    """Largest absolute difference between ``network`` and the exported model on one random input."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(sample_shape, generator=generator)
+    with torch.no_grad():
+        expected = network.eval()(image).numpy()
+    return float(np.abs(run_exported(exported, image) - expected).max())
+
+
+def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], preset: Preset | str = "seed",
+                 onnx: bool = False, metadata_file: str | os.PathLike[str] | None = None,
+                 check: bool = True) -> dict[str, Any]:
+    """Export the weights in ``model`` (a model.pt) to TorchScript at ``out`` (and ONNX beside it).
+
+    Loads strictly with ``weights_only=True``; with ``check`` the exported files are run against
+    the eager network and a difference above :data:`TOLERANCE` is an error. Returns a summary.
+    """
+    from spleenkit.model import load_model
+
+    network = load_model(model, preset)
+    metadata: dict[str, Any] = {}
+    if metadata_file:
+        try:
+            metadata = json.loads(Path(metadata_file).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise BadInputError(f"cannot read the metadata ({error})", metadata_file) from error
+    out = Path(out)
+    written = {"torchscript": export_torchscript(network, out, metadata)}
+    if onnx:
+        written["onnx"] = export_onnx(network, out.with_suffix(".onnx"))
+    summary: dict[str, Any] = {kind: str(path) for kind, path in written.items()}
+    if check:
+        for kind, path in written.items():
+            difference = parity(network, path)
+            summary[f"{kind}_max_abs_difference"] = difference
+            if difference > TOLERANCE:
+                raise SpleenkitError(f"{path}: the exported model differs from the eager one by {difference:.2e} "
+                                     f"(more than {TOLERANCE:.0e})")
+    summary["tolerance"] = TOLERANCE
+    return summary
