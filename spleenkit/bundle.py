@@ -72,8 +72,28 @@ def bundle_command(command: str, bundle_dir: str | os.PathLike[str] | None = Non
     args = launcher + ["-m", "monai.bundle", "run", run_id, "--meta_file", "configs/metadata.json",
                        "--config_file", config_file, "--logging_file", "configs/logging.conf"]
     for key, value in (overrides or {}).items():
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
     return args
+
+
+def format_command(args: Sequence[str]) -> str:
+    """A :func:`bundle_command` as one would type it (``python -m ...`` / ``torchrun ...``, README quoting)."""
+    import shlex
+
+    args = list(args)
+    if args[:3] == [sys.executable, "-m", "torch.distributed.run"]:
+        args = ["torchrun"] + args[3:]
+    elif args[:1] == [sys.executable]:
+        args = ["python"] + args[1:]
+    quoted = []
+    for arg in args:
+        if arg and all(c.isalnum() or c in "-_./=:#,@%+" for c in arg):
+            quoted.append(arg)
+        elif '"' not in arg and "$" not in arg and "`" not in arg and "\\" not in arg:
+            quoted.append(f'"{arg}"')
+        else:
+            quoted.append(shlex.quote(arg))
+    return " ".join(quoted)
 
 
 # --------------------------------------------------------------------------- pieces the configs build

@@ -288,6 +288,130 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     _window_options(infer)
 
 
+# --------------------------------------------------------------------------- bundle, official weights, export
+def _setting(item: str) -> tuple[str, object]:
+    import json
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        from spleenkit.errors import BadInputError
+
+        raise BadInputError(f"--set expects KEY=VALUE (a bundle config id and its value), got {item!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _bundle_path(args: argparse.Namespace) -> int:
+    from spleenkit.bundle import bundle_source
+
+    print(bundle_source())
+    return 0
+
+
+def _bundle_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    from spleenkit.bundle import bundle_command, bundle_source, format_command
+
+    folder = bundle_source()
+    command = bundle_command(args.name, overrides=dict(_setting(s) for s in args.set or []),
+                             processes=args.processes)
+    print(f"cd {shlex.quote(str(folder))} && {format_command(command)}")
+    return 0
+
+
+def _bundle_run(args: argparse.Namespace) -> int:
+    from spleenkit.bundle import run
+
+    run(args.name, bundle_dir=args.bundle_dir, **dict(_setting(s) for s in args.set or []))
+    return 0
+
+
+def _pretrained_fetch(args: argparse.Namespace) -> int:
+    from spleenkit.pretrained import SOURCES, fetch_pretrained
+
+    folder = fetch_pretrained(args.dir, version=args.version, sources=tuple(args.source or SOURCES), url=args.url)
+    print(f"official weights: {folder / 'models' / 'model.pt'}")
+    return 0
+
+
+def _pretrained_load(args: argparse.Namespace) -> int:
+    from spleenkit.pretrained import load_pretrained
+
+    _, info = load_pretrained(args.path, preset=args.preset)
+    print(f"{info.weights}: loaded into the kit's UNet with strict key matching "
+          f"({info.parameters:,} parameters in {info.tensors} tensors)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from spleenkit.export import export_model
+
+    summary = export_model(args.model, args.out, preset=args.preset, onnx=args.onnx, metadata_file=args.metadata,
+                           check=args.check)
+    for kind in ("torchscript", "onnx"):
+        if kind in summary:
+            difference = summary.get(f"{kind}_max_abs_difference")
+            checked = "" if difference is None else \
+                f" (largest difference from the eager model {difference:.1e}, tolerance {summary['tolerance']:.0e})"
+            print(f"{kind}: {summary[kind]}{checked}")
+    return 0
+
+
+def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
+    from spleenkit.bundle import COMMANDS  # light: no torch or MONAI at import
+
+    single_process = [name for name, (_, _, distributed) in COMMANDS.items() if not distributed]
+
+    group = subparsers.add_parser("bundle", help="The MONAI bundle (bundle/): where it is, its commands, run them.",
+                                  description="The kit as a MONAI bundle with spleen_ct_segmentation's keys.")
+    commands = group.add_subparsers(title="bundle commands", metavar="COMMAND")
+    group.set_defaults(handler=lambda _args: group.print_help())
+    _command(commands, "path", _bundle_path, "Print the bundle folder.")
+    command = _command(commands, "command", _bundle_command,
+                       "Print one of the bundle's commands (as its README gives them) with overrides.")
+    command.add_argument("name", choices=list(COMMANDS), help="which command")
+    command.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="config override such as dataset_dir=/data/Task09_Spleen or epochs=1 (repeatable)")
+    command.add_argument("--processes", type=int, default=2, help="processes for the multi-GPU commands (default 2)")
+    run = _command(commands, "run", _bundle_run,
+                   "Run a single-process bundle command here; overrides naming no config key are refused.")
+    run.add_argument("name", choices=single_process, help="which command")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="config override such as dataset_dir=/data/Task09_Spleen or epochs=1 (repeatable)")
+    run.add_argument("--bundle-dir", help="bundle folder (default: the kit's bundle/)")
+
+    pretrained = subparsers.add_parser("pretrained", help="Fetch and load MONAI's released spleen_ct_segmentation "
+                                                          "weights.",
+                                       description="MONAI's released spleen_ct_segmentation weights.")
+    weights = pretrained.add_subparsers(title="pretrained commands", metavar="COMMAND")
+    pretrained.set_defaults(handler=lambda _args: pretrained.print_help())
+    fetch = _command(weights, "fetch", _pretrained_fetch,
+                     "Download the released bundle with monai.bundle.download (offline: say how to get it by hand).")
+    fetch.add_argument("--dir", default="pretrained", help="folder to put the bundle in (default ./pretrained)")
+    fetch.add_argument("--version", default="0.5.9", help="bundle release (default 0.5.9)")
+    fetch.add_argument("--source", action="append", choices=("monaihosting", "github", "ngc", "huggingface_hub"),
+                       help="where to download from, tried in order (default monaihosting, github, ngc)")
+    fetch.add_argument("--url", help="download the bundle zip from this address instead (a mirror)")
+    load = _command(weights, "load", _pretrained_load,
+                    "Load a bundle's models/model.pt into the kit's UNet (weights only, strict keys); print its size.")
+    load.add_argument("path", help="model.pt, the bundle folder, or the folder holding it")
+    load.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+
+    export = _command(subparsers, "export", _export,
+                      "Export a model.pt to TorchScript (with the bundle metadata inside) and optionally ONNX; "
+                      "checks the exported model against the eager one.")
+    export.add_argument("--model", required=True, help="model.pt to export")
+    export.add_argument("--out", required=True, help="TorchScript file to write (model.ts); ONNX goes beside it")
+    export.add_argument("--onnx", action="store_true", help="also write an ONNX file (needs onnx and onnxscript)")
+    export.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+    export.add_argument("--metadata", help="metadata JSON to store in the TorchScript file (default: none)")
+    export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare the exported model with the eager one on a random patch (default yes)")
+
+
 # --------------------------------------------------------------------------- command groups
 # Each concern adds its commands in a function of its own below; keep the heavy imports
 # inside the handlers.
@@ -307,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_general_commands, _add_notebook_commands, _add_data_commands, _add_evaluation_commands]
+    _add_general_commands, _add_notebook_commands, _add_data_commands, _add_evaluation_commands,
+    _add_bundle_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
