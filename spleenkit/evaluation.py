@@ -190,7 +190,7 @@ def mask_metrics(pred: Any, ref: Any, spacing: Sequence[float]) -> dict[str, flo
         row.update(hd95_mm=0.0, hd_mm=0.0, assd_mm=0.0)
     else:
         row.update(hd95_mm=None, hd_mm=None, assd_mm=None)
-    return {name: row[name] for name in METRICS}
+    return {name: (None if row[name] is None else round(float(row[name]), 6)) for name in METRICS}
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:

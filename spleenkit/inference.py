@@ -196,6 +196,7 @@ def read_dicom_series(folder: str | os.PathLike[str]) -> nib.Nifti1Image:
     affine[:3, 2] = (last - origin) / (len(items) - 1)
     affine[:3, 3] = origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's LPS -> NIfTI's RAS
+    affine = affine.astype(np.float32).astype(np.float64)  # what a NIfTI header can hold, so the grid round-trips
     slices = []
     for path, _ in items:
         try:
