@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,7 @@ class Canvas:
     a: np.ndarray  # (ny,) anterior coordinate along axis 1
     s: np.ndarray  # (nz,) superior coordinate along axis 2
     blur: float  # partial-volume width (mm)
+    _current: tuple[slice, ...] = field(default=(), init=False, repr=False)  # window being painted
 
     def _range(self, coords: np.ndarray, low: float, high: float) -> slice | None:
         inside = np.nonzero((coords >= low) & (coords <= high))[0]
@@ -166,6 +167,19 @@ class Canvas:
         S = self.s[sl[2]][None, None, :]
         return sl, (L, A, S)
 
+    def sample(self, field: Field, box: Box | None = None, outside: float = 1e3) -> np.ndarray:
+        """``field`` evaluated once over the grid (``outside`` beyond ``box``), to reuse via :meth:`lookup`."""
+        values = np.full(self.image.shape, outside, dtype=np.float32)
+        win = self.window(box)
+        if win is not None:
+            sl, (L, A, S) = win
+            values[sl] = field(L, A, S)
+        return values
+
+    def lookup(self, values: np.ndarray) -> Field:
+        """A field that reads a sampled array over the window being painted (cheaper than recomputing)."""
+        return lambda L, A, S: values[self._current]
+
     def paint(self, field: Field, hu: float | Callable[..., np.ndarray], box: Box | None = None,
               mask: np.ndarray | None = None) -> np.ndarray | None:
         """Blend ``hu`` into the image where ``field`` < 0 with one voxel of partial volume.
@@ -177,6 +191,7 @@ class Canvas:
         if win is None:
             return None
         sl, (L, A, S) = win
+        self._current = sl
         f = np.broadcast_to(field(L, A, S), self.image[sl].shape)
         alpha = np.clip(0.5 - f / self.blur, 0.0, 1.0)
         value = hu(L, A, S) if callable(hu) else hu
@@ -308,15 +323,23 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
                  ((-table_w, table_w), (table_top - 40, table_top), (-1e9, 1e9)))
     canvas.paint(body, 20.0, everywhere)  # skin
     canvas.paint(offset(body, -2.0), -105.0 + rng.uniform(-8, 8), everywhere)  # subcutaneous fat
-    canvas.paint(offset(body, -fat), 48.0, everywhere)  # muscle wall
 
-    # the visceral cavity: inside the muscle, with the spine biting in from behind
-    spine_a = -half_d + fat + rng.uniform(32, 40)  # centre of the vertebral body
+    def under_fat(L, A, S):  # the fat is thicker in front than behind
+        return body(L, A, S) + fat * (1.0 + 0.3 * A / np.sqrt(L**2 + A**2 + 1.0))
+
+    canvas.paint(under_fat, 48.0, everywhere)  # muscle wall
+
+    # the visceral cavity: inside the muscle, with the spine and psoas bulging in from behind
+    spine_a = -half_d + 0.7 * fat + rng.uniform(46, 56)  # centre of the vertebral body
     cav_half_w = half_w - fat - muscle
-    cav_back = spine_a - 22
-    cav_front = half_d - fat - muscle
+    cav_back = spine_a - 24
+    cav_front = half_d - 1.3 * fat - muscle
     cav_centre = (cav_front + cav_back) / 2
-    cavity = cylinder_2d((0.0, cav_centre), (cav_half_w, (cav_front - cav_back) / 2), power=2.2)
+
+    def cavity(L, A, S):
+        back = cav_back + 20.0 * np.exp(-((L / 38.0) ** 2)) - A
+        return np.maximum(under_fat(L, A, S) + muscle, back + 0 * S)
+
     # diaphragm: two domes; below it is abdomen, above it the lung bases and heart
     dome_l = dome - rng.uniform(8, 20)
     k_dome = rng.uniform(0.006, 0.009)
@@ -355,29 +378,18 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         costal_margin = (-55 + 40 * np.cos(angle)) - S  # the rib cage ends lower at the sides
         return functools.reduce(np.maximum, [tube, sector, costal_margin])
 
-    canvas.paint(ribs, 700.0, everywhere)
-    canvas.paint(offset(ribs, -1.5), 240.0, everywhere)
-
-    # ---- spine, paraspinal muscles, psoas, aorta, inferior vena cava
+    # ---- spine, paraspinal muscles, psoas, aorta, inferior vena cava (painted after the organs)
     vb_r = rng.uniform(16, 19)
     disc_pitch = rng.uniform(30, 36)
     disc_phase = rng.uniform(0, disc_pitch)
-    vert_box = ((-90, 90), (-half_d, spine_a + 45), (-1e9, 1e9))
-    inner_wall = offset(body, -fat)
-    for side in (-1, 1):
-        canvas.paint(intersect(ellipsoid((side * 30.0, spine_a - 42, 0.0), (28, 24, 1e4)), inner_wall), 52.0,
-                     vert_box)
-        psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
-        canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
+    canal_a = spine_a - vb_r - 9
+    enhancement = rng.uniform(0.85, 1.15)  # contrast timing varies between patients
+    aorta_r = rng.uniform(10, 12.5)
+    aorta_c = (rng.uniform(4, 12), spine_a + vb_r + aorta_r + 1)
+    ivc_c = (-rng.uniform(20, 28), spine_a + vb_r + 13)
 
     def in_disc(S):
         return np.cos(2 * np.pi * (S + disc_phase) / disc_pitch) > 0.8
-
-    vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
-    canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0) + 0 * L + 0 * A, vert_box)
-    canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0) + 0 * L + 0 * A,
-                 vert_box)
-    canal_a = spine_a - vb_r - 9
 
     def posterior_elements(L, A, S):
         ring = np.abs(np.sqrt((L / 1.15) ** 2 + (A - canal_a) ** 2) - 10.5) - 3.0
@@ -389,16 +401,25 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
         return functools.reduce(np.minimum, [ring, spinous, transverse])
 
-    canvas.paint(posterior_elements, 520.0, vert_box)
-    canvas.paint(cylinder_2d((0.0, canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
-
-    enhancement = rng.uniform(0.85, 1.15)  # contrast timing varies between patients
-    aorta_r = rng.uniform(10, 12.5)
-    aorta_c = (rng.uniform(4, 12), spine_a + vb_r + aorta_r + 1)
-    canvas.paint(cylinder_2d(aorta_c, (aorta_r, aorta_r)), 165.0 * enhancement, vert_box)
-    ivc_c = (-rng.uniform(20, 28), spine_a + vb_r + 13)
-    canvas.paint(below_diaphragm(cylinder_2d(ivc_c, (13, 9))), 125.0 * enhancement,
-                 ((-60, 10), (spine_a, spine_a + 60), (-1e9, 1e9)))
+    def paint_skeleton_and_vessels() -> None:
+        vert_box = ((-90, 90), (-half_d, spine_a + 45), (-1e9, 1e9))
+        inner_wall = offset(body, -fat)
+        for side in (-1, 1):
+            canvas.paint(intersect(ellipsoid((side * 30.0, spine_a - 42, 0.0), (28, 24, 1e4)), inner_wall), 52.0,
+                         vert_box)
+            psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
+            canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
+        vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
+        canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0) + 0 * L + 0 * A, vert_box)
+        canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0) + 0 * L + 0 * A,
+                     vert_box)
+        canvas.paint(posterior_elements, 520.0, vert_box)
+        canvas.paint(cylinder_2d((0.0, canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
+        canvas.paint(cylinder_2d(aorta_c, (aorta_r, aorta_r)), 165.0 * enhancement, vert_box)
+        canvas.paint(below_diaphragm(cylinder_2d(ivc_c, (13, 9))), 125.0 * enhancement,
+                     ((-60, 10), (spine_a, spine_a + 60), (-1e9, 1e9)))
+        canvas.paint(ribs, 700.0, everywhere)
+        canvas.paint(offset(ribs, -1.5), 240.0, everywhere)
 
     # ---- the spleen's frame comes first: the other organs are placed around it
     # it lies against the posterolateral wall (ribs), thickness along the wall's inward normal
@@ -406,10 +427,12 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     ratios = np.array([rng.uniform(1.0, 1.25), rng.uniform(0.58, 0.7), rng.uniform(0.32, 0.40)])
     scale = (target_ml * 1000 / (4 / 3 * math.pi * ratios.prod())) ** (1 / 3)
     sp_axes = (scale * ratios).astype(np.float32)  # semi-axes: length, width along the wall, thickness
-    theta = math.radians(rng.uniform(105, 122))  # angle from anterior towards the patient's left
-    cav_half_d = (cav_front - cav_back) / 2
-    wall = np.array([cav_half_w * math.sin(theta), cav_centre + cav_half_d * math.cos(theta)])
-    normal = -np.array([math.sin(theta) / cav_half_w, math.cos(theta) / cav_half_d])
+    theta = math.radians(rng.uniform(108, 125))  # angle from anterior towards the patient's left
+    # the cavity wall there (a super-ellipse like the body) and its inward normal
+    cav_half_d = half_d - fat - muscle
+    sx, cy = math.sin(theta), math.cos(theta)
+    wall = np.array([cav_half_w * abs(sx) ** (2 / 2.4), -cav_half_d * abs(cy) ** (2 / 2.4)])
+    normal = -np.array([abs(wall[0] / cav_half_w) ** 1.4 / cav_half_w, -abs(wall[1] / cav_half_d) ** 1.4 / cav_half_d])
     normal /= np.linalg.norm(normal)  # inward
     tangent = np.array([normal[1], -normal[0]])  # along the wall, towards anterior
     if tangent[1] < 0:
@@ -442,13 +465,15 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
             f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
         return f
 
-    spleen = below_diaphragm(intersect(spleen_shape, offset(cavity, -0.5)))
     r_max = float(sp_axes.max()) * 1.3 + 10
     spleen_box = tuple((float(c - r_max), float(c + r_max)) for c in sp_centre)
     spleen_bottom = float(sp_centre[2] - sp_axes[0] * math.cos(tilt))
 
+    spleen_field = canvas.lookup(canvas.sample(spleen_shape, spleen_box))
+    spleen = below_diaphragm(intersect(spleen_field, offset(cavity, -0.5)))
+
     def outside_spleen(gap: float) -> Field:
-        return lambda L, A, S: gap - spleen_shape(L, A, S)
+        return lambda L, A, S: gap - spleen_field(L, A, S)
 
     hilum = sp_centre + np.array([*(normal * sp_axes[2] * 1.1), 0.0], dtype=np.float32)
 
@@ -497,7 +522,6 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
               ellipsoid((20.0, cav_front - 35, dome - 35), (rng.uniform(45, 60), 32, 40), (0, 0, -15))),
         offset(cavity, -1.0),
         outside_spleen(6.0),
-        lambda L, A, S: 25 - np.hypot(L - aorta_c[0], A - aorta_c[1]) + 0 * S,
     ))
     liver_box = ((-cav_half_w, 100), (cav_back, cav_front), (dome - 200, dome + 5))
     canvas.paint(liver, lambda L, A, S: liver_hu + liver_tex(L, A, S), liver_box)
@@ -545,6 +569,8 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         canvas.paint(kidney, 175.0 * enhancement, box)
         canvas.paint(ellipsoid(kc, k_axes * (0.6, 0.55, 0.8), angles), 115.0 * enhancement, box)
         canvas.paint(ellipsoid(kc - np.array([side * k_axes[0] * 0.55, -5, 0]), (9, 8, 22), angles), -80.0, box)
+
+    paint_skeleton_and_vessels()
 
     # ---- the spleen itself, last, so its voxels are exactly the label
     sp_hu = 120.0 * enhancement + rng.uniform(-8, 8)
