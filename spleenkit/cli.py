@@ -93,6 +93,17 @@ def _notebooks_strip(args: argparse.Namespace) -> int:
     return 1 if args.check and changed else 0
 
 
+def _notebooks_refresh(args: argparse.Namespace) -> int:
+    from spleenkit.notebooks import find_repo, list_notebooks, refresh_kept_outputs, select_notebooks
+
+    if not args.verbose:
+        logging.getLogger("papermill").setLevel(logging.WARNING)
+    for path in select_notebooks(list_notebooks(find_repo() / "notebooks"), args.notebooks):
+        cells = refresh_kept_outputs(path)
+        print(f"{path.name}: stored the outputs of cell(s) {', '.join(map(str, cells)) or 'none (no kept cells)'}")
+    return 0
+
+
 def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("notebooks", help="Run the numbered notebooks with papermill; strip outputs.",
                                   description="Run, list and strip the numbered notebooks.")
@@ -117,6 +128,10 @@ def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
                      "Remove outputs from notebooks, except cells tagged keep_output (before committing).")
     strip.add_argument("paths", nargs="*", help="notebook files (default: every numbered notebook)")
     strip.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook holds outputs")
+    refresh = _command(commands, "refresh", _notebooks_refresh,
+                       "Re-execute notebooks with their default parameters and store the new outputs of their "
+                       "keep_output cells (the ones nbval compares); everything else stays stripped.")
+    refresh.add_argument("notebooks", nargs="+", metavar="NN", help="notebooks to refresh (numbers or names)")
 
 
 # --------------------------------------------------------------------------- data
@@ -412,6 +427,60 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="compare the exported model with the eager one on a random patch (default yes)")
 
 
+# --------------------------------------------------------------------------- training
+def _train(args: argparse.Namespace) -> int:
+    from spleenkit.errors import BadInputError
+    from spleenkit.training import train
+
+    if not args.verbose:  # the epoch summary line says it all; the engines' own messages need -v
+        for name in ("spleenkit.training.trainer", "spleenkit.training.evaluator"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    overrides: dict[str, object] = {}
+    if args.patch is not None:
+        if len(args.patch) not in (1, 3):
+            raise BadInputError(f"--patch takes one size or three (got {len(args.patch)} values)")
+        overrides["patch_size"] = tuple(args.patch) * (3 if len(args.patch) == 1 else 1)
+    if args.val_interval is not None:
+        overrides["validation_interval"] = args.val_interval
+    if args.lr is not None:
+        overrides["learning_rate"] = args.lr
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
+                   resume=args.resume, seed=args.seed, num_workers=args.workers, cache_rate=args.cache_rate,
+                   progress=progress, **overrides)
+    dice = ("none (no validation ran)" if result.best_dice is None
+            else f"{result.best_dice:.4f} at epoch {result.best_epoch}")
+    print(f"trained {result.epochs} epoch(s) in {result.seconds / 60:.1f} min on {result.device}; "
+          f"best validation Dice {dice}")
+    print(f"model: {result.model_path}")
+    print(f"run folder: {result.run_dir} (metrics.jsonl, checkpoint_last.pt, manifest.json, tensorboard/)")
+    return 0
+
+
+def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
+    train = _command(subparsers, "train", _train,
+                     "Train the bundle's UNet on a dataset folder; writes model.pt (best validation Dice), "
+                     "checkpoint_last.pt, metrics.jsonl, manifest.json and tensorboard/ into the run folder.")
+    train.add_argument("--data", required=True, help="dataset folder in the MSD layout (dataset.json)")
+    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--preset", default="seed",
+                       help="recipe: seed, bundle-0.5.9, tutorial, fast, quick (default seed)")
+    train.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
+    train.add_argument("--patch", type=int, nargs="+", metavar="N",
+                       help="training patch (and validation window) size: N or X Y Z (default: the preset's)")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint_last.pt")
+    train.add_argument("--seed", type=int, help="random seed (default: the preset's, 123)")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    train.add_argument("--workers", type=int, help="threads filling the cache and loader workers (default: all cores)")
+    train.add_argument("--cache-rate", type=float, help="fraction of cases kept in memory (default: the preset's)")
+    train.add_argument("--val-interval", type=int, help="validate every N epochs (default: the preset's)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: on in a terminal)")
+
+
 # --------------------------------------------------------------------------- command groups
 # Each concern adds its commands in a function of its own below; keep the heavy imports
 # inside the handlers.
@@ -432,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_general_commands, _add_notebook_commands, _add_data_commands, _add_evaluation_commands,
-    _add_bundle_commands]
+    _add_bundle_commands, _add_training_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

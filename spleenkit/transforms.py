@@ -37,7 +37,8 @@ def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...
     chain: list[Transform] = [
         LoadImaged(keys=keys),
         EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes=preset.orientation),
+        # labels spelled out: MONAI 1.6 warns that its default will change to the image's own space
+        Orientationd(keys=keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=tuple(preset.spacing), mode=modes),
         ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]

@@ -1,0 +1,888 @@
+"""Training: MONAI engines on ignite, mixed precision on every device, checkpoints, resume and the run folder.
+
+The pieces are public and small so that the ``train`` function, a benchmark and a MONAI bundle
+config can assemble the same trainer: :func:`build_datasets` and :func:`build_loaders` (cached
+deterministic part, random crops after the cache), :func:`make_loss`, :func:`make_optimizer`,
+:func:`make_scheduler`, :func:`mixed_precision_step` / :class:`TrainingStep` (one iteration in
+float16 with a gradient scaler on CUDA, bfloat16 autocast on the CPU — ``monai.engines``' own
+``amp=True`` is CUDA-only), :func:`build_evaluator`, :func:`build_trainer` and :func:`train`.
+
+A run folder holds ``model.pt`` (best validation Dice, a plain state dict like the bundle's),
+``checkpoint_last.pt`` (everything needed to resume, rewritten atomically at every epoch end),
+``metrics.jsonl`` (one line per epoch), ``manifest.json`` and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist, split_datalist
+from spleenkit.distributed import mean_over_ranks, unwrap_model
+from spleenkit.errors import BadInputError
+from spleenkit.presets import Preset, get_preset
+
+if TYPE_CHECKING:
+    import torch
+    from monai.data import CacheDataset
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from torch.utils.data import DataLoader
+
+    from spleenkit.distributed import DistributedContext
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model.pt"
+CHECKPOINT_NAME = "checkpoint_last.pt"
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "iteration",
+                    "best_metric", "best_metric_epoch")
+
+
+# --------------------------------------------------------------------------- presets and machines
+def resolve_preset(preset: Preset | str = "seed", **overrides: Any) -> Preset:
+    """The preset with overrides (``None`` values ignored); a new ``patch_size`` also sets the
+    validation window when the preset had them equal (as the bundle does, 96^3 for both)."""
+    base = get_preset(preset)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    resolved = base.replace(**overrides) if overrides else base
+    if ("patch_size" in overrides and "validation_roi_size" not in overrides
+            and tuple(base.validation_roi_size) == tuple(base.patch_size)):
+        resolved = resolved.replace(validation_roi_size=resolved.patch_size)
+    if resolved.epochs < 1 or resolved.batch_size < 1 or resolved.validation_interval < 1:
+        raise BadInputError(f"epochs, batch size and validation interval must be at least 1 (got {resolved.epochs}, "
+                            f"{resolved.batch_size}, {resolved.validation_interval})")
+    if not 0.0 <= resolved.cache_rate <= 1.0:
+        raise BadInputError(f"cache rate must lie between 0 and 1 (got {resolved.cache_rate})")
+    if min(resolved.patch_size) < 16:
+        raise BadInputError(f"patch size {tuple(resolved.patch_size)} is too small for the UNet's four poolings "
+                            "(use at least 16 voxels per side, a multiple of 16)")
+    return resolved
+
+
+def default_num_workers() -> int:
+    """The number of CPU cores this process may use (the default for caching and data loading)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0, or the only process without torch.distributed)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------- cache memory estimate
+@dataclass
+class CacheEstimate:
+    """Memory the CacheDataset will take, estimated from the NIfTI headers before it is filled."""
+
+    cases: int
+    cached_cases: int
+    total_bytes: int
+    largest_shape: tuple[int, int, int]
+    available_bytes: int | None = None
+
+    @property
+    def gib(self) -> float:
+        """The estimate in GiB."""
+        return self.total_bytes / 2**30
+
+    @property
+    def fits(self) -> bool:
+        """False when the cache would take more than 80 % of the machine's memory."""
+        return self.available_bytes is None or self.total_bytes <= 0.8 * self.available_bytes
+
+    def describe(self) -> str:
+        """One line for logs and notebooks."""
+        memory = f" of {self.available_bytes / 2**30:.1f} GiB" if self.available_bytes else ""
+        return (f"caching {self.cached_cases}/{self.cases} cases needs about {self.gib:.2f} GiB{memory} "
+                f"(largest resampled volume {self.largest_shape})")
+
+
+def resampled_shape(path: str | os.PathLike[str], preset: Preset | str = "seed") -> tuple[int, int, int]:
+    """The shape a volume gets after Orientationd + Spacingd, read from its header only (no voxels)."""
+    import nibabel as nib
+    import numpy as np
+
+    preset = get_preset(preset)
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise BadInputError(f"cannot read the image header ({error})", path) from error
+    shape = np.asarray(image.shape[:3], dtype=float)
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    # axis i of the file becomes axis ornt[i, 0] after reorientation to RAS (the only orientation used)
+    ornt = nib.orientations.io_orientation(image.affine)
+    extent = np.zeros(3)
+    for axis, (target, _) in enumerate(ornt):
+        extent[int(target)] = shape[axis] * zooms[axis]
+    return tuple(max(1, int(round(e / s))) for e, s in zip(extent, preset.spacing, strict=True))  # type: ignore[return-value]
+
+
+def estimate_cache_memory(items: Datalist, preset: Preset | str = "seed", cache_rate: float | None = None,
+                          keys: Sequence[str] = ("image", "label")) -> CacheEstimate:
+    """Bytes the cached, resampled volumes take: voxels after resampling x 4 bytes (float32) x one
+    channel per key (image and label), padded to the patch when the preset pads."""
+    from spleenkit.environment import total_memory_gib
+
+    preset = get_preset(preset)
+    rate = preset.cache_rate if cache_rate is None else cache_rate
+    cached = min(len(items), int(len(items) * rate))
+    shapes = []
+    for record in items:
+        shape = resampled_shape(record["image"], preset)
+        if preset.pad_to_patch:
+            shape = tuple(max(s, p) for s, p in zip(shape, preset.patch_size, strict=True))
+        shapes.append(shape)
+    per_case = [math.prod(shape) * 4 * len(keys) for shape in shapes]
+    memory = total_memory_gib()
+    return CacheEstimate(
+        cases=len(items),
+        cached_cases=cached,
+        total_bytes=sum(per_case[:cached]),
+        largest_shape=max(shapes, key=math.prod) if shapes else (0, 0, 0),
+        available_bytes=int(memory * 2**30) if memory else None,
+    )
+
+
+def check_patch_fits(items: Datalist, preset: Preset | str) -> None:
+    """Without padding, every resampled image must hold a whole patch; say which one does not."""
+    preset = get_preset(preset)
+    if preset.pad_to_patch:
+        return
+    for record in items:
+        shape = resampled_shape(record["image"], preset)
+        if any(s < p for s, p in zip(shape, preset.patch_size, strict=True)):
+            raise BadInputError(
+                f"after resampling to {tuple(preset.spacing)} mm the image is {shape} voxels, smaller than the "
+                f"patch {tuple(preset.patch_size)}; use a smaller patch or pad_to_patch=True", record["image"])
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Datasets:
+    """The training and validation CacheDatasets and the memory estimate made before filling them."""
+
+    train: CacheDataset
+    validation: CacheDataset
+    estimate: CacheEstimate
+
+
+def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Preset | str = "seed", *,
+                   cache_rate: float | None = None, num_workers: int | None = None,
+                   progress: bool = False) -> Datasets:
+    """CacheDatasets of the deterministic chain (the random crops run after the cache, on every draw).
+
+    The RAM the cache will take is estimated from the headers and logged before filling starts;
+    a warning suggests a cache rate when it would not fit in memory.
+    """
+    from monai.data import CacheDataset
+
+    from spleenkit.transforms import training_transforms, validation_transforms
+
+    preset = get_preset(preset)
+    rate = preset.cache_rate if cache_rate is None else cache_rate
+    workers = default_num_workers() if num_workers is None else max(1, num_workers)
+    check_patch_fits(train_items, preset)
+    estimate = estimate_cache_memory(list(train_items) + list(validation_items), preset, rate)
+    log.info("%s", estimate.describe())
+    if not estimate.fits:
+        suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
+        log.warning("the cache may not fit in memory; lower the cache rate (e.g. cache_rate=%s / --cache-rate %s)",
+                    suggestion, suggestion)
+    # copy_cache=False: the random crops never modify the cached volume in place, so no deep copy per draw
+    train = CacheDataset(train_items, training_transforms(preset), cache_rate=rate, num_workers=workers,
+                         progress=progress, copy_cache=False)
+    validation = CacheDataset(validation_items, validation_transforms(preset), cache_rate=rate,
+                              num_workers=workers, progress=progress, copy_cache=False)
+    return Datasets(train=train, validation=validation, estimate=estimate)
+
+
+def make_train_sampler(dataset: Any, *, distributed: bool = False, seed: int = 0) -> Any:
+    """The sampler of the training loader: None (the loader shuffles) for a single process, a
+    DistributedSampler dealing each rank its share, reshuffled every epoch, under ``distributed``."""
+    if distributed:
+        from spleenkit.distributed import train_sampler
+
+        return train_sampler(dataset, seed=seed)
+    return None
+
+
+def build_loaders(datasets: Datasets, preset: Preset | str = "seed", *, num_workers: int | None = None,
+                  distributed: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders.
+
+    A fully cached training set is read by a ThreadDataLoader: the random crops run in a background
+    thread while the network trains, with no worker processes to start. Uncached items are loaded
+    from disk by ``num_workers`` processes.
+    """
+    from monai.data import DataLoader, ThreadDataLoader
+
+    preset = get_preset(preset)
+    train_ds = datasets.train
+    fully_cached = getattr(train_ds, "cache_num", 0) >= len(train_ds)
+    workers = 0 if fully_cached else (default_num_workers() if num_workers is None else num_workers)
+    sampler = make_train_sampler(train_ds, distributed=distributed, seed=preset.seed)
+    train_loader = ThreadDataLoader(train_ds, batch_size=preset.batch_size, shuffle=sampler is None,
+                                    sampler=sampler, num_workers=workers)
+    validation_loader = DataLoader(datasets.validation, batch_size=1, shuffle=False, num_workers=0)
+    return train_loader, validation_loader
+
+
+# --------------------------------------------------------------------------- loss, optimiser, scheduler
+def make_loss(preset: Preset | str = "seed") -> torch.nn.Module:
+    """DiceCELoss exactly as the bundle sets it, or the tutorial's DiceLoss."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    preset = get_preset(preset)
+    if preset.loss == "dice_ce":
+        return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True,
+                          batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
+    if preset.loss == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    raise BadInputError(f"unknown loss {preset.loss!r}; use dice_ce or dice")
+
+
+def make_optimizer(preset: Preset | str, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam (the seed) or MONAI's Novograd (bundle 0.5.9) at the preset's learning rate."""
+    import torch
+
+    preset = get_preset(preset)
+    if preset.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=preset.learning_rate)
+    if preset.optimizer == "novograd":
+        from monai.optimizers import Novograd
+
+        return Novograd(parameters, lr=preset.learning_rate)
+    raise BadInputError(f"unknown optimizer {preset.optimizer!r}; use adam or novograd")
+
+
+def make_scheduler(preset: Preset | str, optimizer: torch.optim.Optimizer,
+                   total_iterations: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The preset's learning-rate schedule, stepped once per iteration: none, StepLR (bundle 0.5.9)
+    or a cosine decay to zero over ``total_iterations``."""
+    import torch
+
+    preset = get_preset(preset)
+    if preset.scheduler is None:
+        return None
+    if preset.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=preset.scheduler_step_size,
+                                               gamma=preset.scheduler_gamma)
+    if preset.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_iterations))
+    raise BadInputError(f"unknown scheduler {preset.scheduler!r}; use none, step or cosine")
+
+
+# --------------------------------------------------------------------------- mixed precision
+def mixed_precision_step(network: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_function: Callable, optimizer: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, device: torch.device, amp: bool,
+                         set_to_none: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: forward under the device's autocast (float16 on CUDA, bfloat16 on CPU),
+    loss in float32, backward through the gradient scaler (active only for float16). Returns (pred, loss)."""
+    from spleenkit.devices import autocast
+
+    network.train()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    with autocast(device, amp):
+        pred = network(inputs)
+    loss = loss_function(pred.float(), targets).mean()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return pred, loss.detach()
+
+
+class TrainingStep:
+    """The ``iteration_update`` of a SupervisedTrainer: :func:`mixed_precision_step` on the batch.
+
+    Holds the gradient scaler so that checkpoints can save and restore it.
+    """
+
+    def __init__(self, device: torch.device, amp: bool = True) -> None:
+        from spleenkit.devices import amp_dtype, grad_scaler
+
+        self.device = device
+        self.amp = amp
+        self.dtype = amp_dtype(device, amp)
+        self.scaler = grad_scaler(device, amp)
+
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        from monai.engines.utils import IterationEvents
+        from monai.utils.enums import CommonKeys as Keys
+
+        if batchdata is None:
+            raise ValueError("the training loader gave no batch")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
+                                               **engine.to_kwargs)[:2]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        pred, loss = mixed_precision_step(engine.network, inputs, targets, engine.loss_function, engine.optimizer,
+                                          self.scaler, self.device, self.amp, set_to_none=True)
+        engine.state.output[Keys.PRED] = pred
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def make_iteration_update(device: torch.device, amp: bool = True) -> TrainingStep:
+    """The mixed-precision iteration for ``SupervisedTrainer(iteration_update=...)`` (bundle configs use this)."""
+    return TrainingStep(device, amp)
+
+
+def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> Any:
+    """Wrap a MONAI inferer so that the forward passes run under the device's autocast; returns float32."""
+    from monai.inferers import Inferer
+
+    from spleenkit.devices import autocast
+
+    class AutocastInferer(Inferer):
+        """``inferer`` under autocast (float16 on CUDA, bfloat16 on CPU), output cast back to float32."""
+
+        def __init__(self) -> None:
+            self.inferer, self.device, self.amp = inferer, device, amp
+
+        def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
+            with autocast(self.device, self.amp):
+                output = self.inferer(inputs, network, *args, **kwargs)
+            return output.float() if hasattr(output, "float") else output
+
+    return AutocastInferer()
+
+
+# --------------------------------------------------------------------------- engines
+def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, preset: Preset | str,
+                    device: torch.device, *, amp: bool = True, handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
+    """SupervisedEvaluator: sliding window (preset roi, window batch, overlap) under autocast,
+    softmax + argmax, MeanDice without background (the bundle's key metric ``val_mean_dice``)."""
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import MeanDice, StatsHandler, from_engine
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    preset = get_preset(preset)
+    window = SlidingWindowInferer(roi_size=tuple(preset.validation_roi_size),
+                                  sw_batch_size=preset.sliding_window_batch_size,
+                                  overlap=preset.sliding_window_overlap)
+    postprocessing = Compose([
+        Activationsd(keys="pred", softmax=True),
+        AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=2),
+    ])
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=validation_loader,
+        network=network,
+        inferer=autocast_inferer(window, device, amp),
+        postprocessing=postprocessing,
+        key_val_metric={"val_mean_dice": MeanDice(include_background=False,
+                                                  output_transform=from_engine(["pred", "label"]))},
+        val_handlers=list(handlers),
+        amp=False,  # autocast is applied by the inferer on every device
+    )
+    evaluator.logger = logging.getLogger(f"{__name__}.evaluator")
+    if evaluator.logger.isEnabledFor(logging.INFO):
+        StatsHandler(iteration_log=False, name=None).attach(evaluator)
+    return evaluator
+
+
+class ValidateAndKeepBest:
+    """At the end of every ``interval``-th epoch (and the last): run the evaluator, record the Dice in
+    ``trainer.state.val_dice`` and save the weights to ``model_path`` when it is the best so far."""
+
+    def __init__(self, evaluator: SupervisedEvaluator, interval: int, model_path: str | os.PathLike[str] | None,
+                 write: bool = True) -> None:
+        self.evaluator, self.interval, self.write = evaluator, interval, write
+        self.model_path = None if model_path is None else Path(model_path)
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.clear)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def clear(self, engine: SupervisedTrainer) -> None:
+        engine.state.val_dice = None
+
+    def due(self, engine: SupervisedTrainer) -> bool:
+        epoch = engine.state.epoch
+        return epoch % self.interval == 0 or epoch == engine.state.max_epochs
+
+    def __call__(self, engine: SupervisedTrainer) -> None:
+        from spleenkit.model import atomic_save
+
+        if not self.due(engine):
+            return
+        self.evaluator.run(engine.state.epoch)
+        dice = float(self.evaluator.state.metrics["val_mean_dice"])
+        engine.state.val_dice = dice
+        if engine.state.best_metric_epoch == -1 or dice > engine.state.best_metric:
+            engine.state.best_metric, engine.state.best_metric_epoch = dice, engine.state.epoch
+            if self.write and self.model_path is not None:
+                atomic_save(unwrap_model(engine.network).state_dict(), self.model_path)  # plain UNet keys, no DDP
+                log.debug("new best validation Dice %.4f at epoch %d: saved %s", dice, engine.state.epoch,
+                          self.model_path)
+
+
+class RunRecorder:
+    """Writes the run folder at every epoch end: a ``metrics.jsonl`` line, then ``checkpoint_last.pt``.
+
+    The metrics line is written first, so after a crash the checkpoint is never ahead of the log;
+    resuming drops log lines newer than the checkpoint.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], optimizer: torch.optim.Optimizer,
+                 scheduler: Any = None, step: TrainingStep | None = None, *, writer: Any = None,
+                 write: bool = True, extra: dict[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.optimizer, self.scheduler, self.step = optimizer, scheduler, step
+        self.writer, self.write, self.extra = writer, write, dict(extra or {})
+        self.losses: list[float] = []
+        self.epoch_start = time.perf_counter()
+        self.run_start = time.perf_counter()
+        self.elapsed_before = 0.0
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def started(self, engine: SupervisedTrainer) -> None:
+        self.run_start = time.perf_counter()
+
+    def epoch_started(self, engine: SupervisedTrainer) -> None:
+        self.losses = []
+        self.epoch_start = time.perf_counter()
+
+    def iteration_completed(self, engine: SupervisedTrainer) -> None:
+        from monai.utils.enums import CommonKeys as Keys
+
+        output = engine.state.output
+        if isinstance(output, list):  # decollated output repeats the loss in every item
+            output = output[0]
+        self.losses.append(float(output[Keys.LOSS]))
+
+    def epoch_completed(self, engine: SupervisedTrainer) -> None:
+        from spleenkit.model import atomic_save
+
+        epoch = engine.state.epoch
+        loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        loss = mean_over_ranks(loss)  # the global batch's loss under torchrun (itself on one process)
+        val_dice = getattr(engine.state, "val_dice", None)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        now = time.perf_counter()
+        record = {
+            "epoch": epoch,
+            "loss": loss,
+            "val_dice": val_dice,
+            "lr": lr,
+            "seconds": round(now - self.epoch_start, 3),
+            "elapsed": round(self.elapsed_before + now - self.run_start, 3),
+            "iteration": engine.state.iteration,
+        }
+        engine.state.last_record = record
+        best = engine.state.best_metric if engine.state.best_metric_epoch != -1 else None
+        log.info("epoch %d/%d  loss %.4f  val_dice %s  best %s  lr %.3g  %.1f s", epoch, engine.state.max_epochs,
+                 loss, "-" if val_dice is None else f"{val_dice:.4f}",
+                 "-" if best is None else f"{best:.4f} (epoch {engine.state.best_metric_epoch})", lr,
+                 record["seconds"])
+        if not self.write:
+            return
+        with (self.run_dir / METRICS_NAME).open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("epoch_loss", loss, epoch)
+            self.writer.add_scalar("lr", lr, epoch)
+            if val_dice is not None:
+                self.writer.add_scalar("val_dice", val_dice, epoch)
+        atomic_save(self.checkpoint(engine), self.run_dir / CHECKPOINT_NAME)
+
+    def checkpoint(self, engine: SupervisedTrainer) -> dict[str, Any]:
+        """Everything needed to resume after this epoch, as tensors and plain data only."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": unwrap_model(engine.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self.step is None else self.step.scaler.state_dict(),
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "max_epochs": engine.state.max_epochs,
+            "best_metric": float(engine.state.best_metric),
+            "best_metric_epoch": int(engine.state.best_metric_epoch),
+            "elapsed": float(engine.state.last_record["elapsed"]),
+            **self.extra,
+        }
+
+
+def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: SupervisedEvaluator,
+                  preset: Preset | str, device: torch.device, *, run_dir: str | os.PathLike[str] | None,
+                  loss_function: Callable | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  scheduler: Any = None, amp: bool = True, epochs: int | None = None, progress: bool = False,
+                  writer: Any = None, write: bool | None = None,
+                  extra_handlers: Sequence[Any] = ()) -> SupervisedTrainer:
+    """SupervisedTrainer with the kit's mixed-precision step and handlers: periodic validation keeping
+    the best ``model.pt``, per-iteration LR schedule, StatsHandler, TensorBoard, progress bar and
+    the run-folder recorder. Loss/optimizer default to the preset's; ``run_dir=None`` writes nothing."""
+    from monai.engines import SupervisedTrainer
+    from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler
+    from monai.utils.enums import CommonKeys as Keys
+
+    preset = get_preset(preset)
+    write = (run_dir is not None and is_main_process()) if write is None else write
+    loss_function = make_loss(preset) if loss_function is None else loss_function
+    optimizer = make_optimizer(preset, network.parameters()) if optimizer is None else optimizer
+    step = make_iteration_update(device, amp)
+
+    def loss_of(output: Any) -> float:
+        return float(output[Keys.LOSS])
+
+    handlers: list[Any] = [
+        ValidateAndKeepBest(evaluator, preset.validation_interval,
+                            None if run_dir is None else Path(run_dir) / MODEL_NAME, write=write),
+    ]
+    if scheduler is not None:
+        handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=False))
+    if writer is not None:
+        handlers.append(TensorBoardStatsHandler(summary_writer=writer, tag_name="train_loss",
+                                                output_transform=loss_of, epoch_log=False))
+    recorder = None
+    if run_dir is not None:
+        recorder = RunRecorder(run_dir, optimizer, scheduler, step, writer=writer, write=write,
+                               extra={"preset": preset.name})
+        handlers.append(recorder)
+    handlers.extend(extra_handlers)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=preset.epochs if epochs is None else epochs,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=loss_function,
+        iteration_update=step,
+        train_handlers=handlers,
+        amp=False,  # the kit's step handles mixed precision on every device
+        decollate=False,
+    )
+    trainer.logger = logging.getLogger(f"{__name__}.trainer")
+    if trainer.logger.isEnabledFor(logging.INFO):  # (StatsHandler warns when its logger is silenced)
+        StatsHandler(iteration_log=not progress, epoch_log=False, tag_name="train_loss", output_transform=loss_of,
+                     name=None).attach(trainer)
+    # kept on the trainer for checkpoints and resume
+    trainer.training_step = step
+    trainer.scheduler = scheduler
+    trainer.run_recorder = recorder
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda output: {"loss": loss_of(output)})
+    return trainer
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+def read_last_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``checkpoint_last.pt`` safely (weights_only) and check it is complete before anything is restored."""
+    from spleenkit.model import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise BadInputError("not a training checkpoint (expected a dict)", path)
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise BadInputError(f"incomplete training checkpoint: missing {', '.join(missing)}", path)
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise BadInputError(f"checkpoint format {checkpoint['format']} is not the supported {CHECKPOINT_FORMAT}",
+                            path)
+    return checkpoint
+
+
+def restore_checkpoint(trainer: SupervisedTrainer, checkpoint: dict[str, Any],
+                       path: str | os.PathLike[str] = CHECKPOINT_NAME) -> int:
+    """Restore model, optimizer, scheduler, scaler, epoch, iteration and best metric; return the epoch.
+
+    The network's keys and shapes are checked before any tensor is copied, so a mismatching
+    checkpoint leaves the trainer untouched.
+    """
+    network = unwrap_model(trainer.network)
+    own = network.state_dict()
+    state = checkpoint["model"]
+    if set(own) != set(state) or any(tuple(own[k].shape) != tuple(state[k].shape) for k in own):
+        raise BadInputError("checkpoint weights do not match this preset's network", path)
+    try:
+        network.load_state_dict(state, strict=True)
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler = getattr(trainer, "scheduler", None)
+        if scheduler is not None and checkpoint["scheduler"] is not None:
+            total = getattr(scheduler, "T_max", None)
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            if total is not None:  # a cosine schedule follows the (possibly new) number of epochs
+                scheduler.T_max = total
+        step = getattr(trainer, "training_step", None)
+        if step is not None and checkpoint["scaler"]:
+            step.scaler.load_state_dict(checkpoint["scaler"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise BadInputError(f"cannot restore the checkpoint ({str(error).splitlines()[0]})", path) from error
+    epoch = int(checkpoint["epoch"])
+    trainer.state.epoch = epoch
+    trainer.state.iteration = int(checkpoint["iteration"])
+    trainer.state.best_metric = float(checkpoint["best_metric"])
+    trainer.state.best_metric_epoch = int(checkpoint["best_metric_epoch"])
+    return epoch
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The epochs recorded in a run folder's ``metrics.jsonl`` (an unfinished last line is skipped)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Keep only metrics lines up to ``last_epoch`` (the checkpoint's), rewriting the file atomically."""
+    kept = [record for record in read_metrics(run_dir) if record.get("epoch", 0) <= last_epoch]
+    path = run_dir / METRICS_NAME
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------- run folder
+def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Path:
+    """Create the run folder and check it is writable; a fresh run removes the previous run's files."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInputError("the output folder is a file", run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise BadInputError(f"cannot write to the output folder ({error.strerror})", run_dir) from error
+    if not resume:
+        old = [run_dir / name for name in (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME) if (run_dir / name).exists()]
+        if old:
+            log.warning("%s holds an earlier run: starting afresh (pass resume=True / --resume to continue it)",
+                        run_dir)
+        for path in old:
+            path.unlink()
+        tensorboard = run_dir / TENSORBOARD_DIR
+        if tensorboard.is_dir():
+            for event_file in tensorboard.glob("events.out.tfevents.*"):
+                event_file.unlink()
+    return run_dir
+
+
+def _labelled_split(data_dir: str | os.PathLike[str], preset: Preset) -> tuple[Datalist, Datalist]:
+    items = load_datalist(data_dir, "training")
+    unlabelled = [record["image"] for record in items if "label" not in record]
+    if unlabelled:
+        raise BadInputError(f"{len(unlabelled)} training case(s) have no label, e.g. {unlabelled[0]}",
+                            Path(data_dir) / "dataset.json")
+    return split_datalist(items, preset.validation_cases)
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced and where."""
+
+    run_dir: Path
+    model_path: Path
+    checkpoint_path: Path
+    metrics_path: Path
+    best_dice: float | None
+    best_epoch: int | None
+    epochs: int
+    seconds: float
+    device: str
+    amp_dtype: str | None
+    preset: str
+    resumed_from_epoch: int = 0
+    cache_estimate: CacheEstimate | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The run's metrics.jsonl records."""
+        return read_metrics(self.run_dir)
+
+
+def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset | str = "seed", *,
+          epochs: int | None = None, device: str = "auto", amp: bool | None = None, resume: bool = False,
+          seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
+          progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
+          scale_lr: str = "none", **preset_overrides: Any) -> TrainingResult:
+    """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
+
+    Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
+    on its share through DDP (``sync_bn``: SyncBatchNorm on GPUs; ``scale_lr``: "none" or "linear"),
+    and only rank 0 writes the run folder.
+
+    ``preset_overrides`` are any :class:`~spleenkit.presets.Preset` settings (``patch_size=64``,
+    ``learning_rate=1e-3``, ``validation_interval=1`` ...). ``resume=True`` continues from
+    ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs).
+    """
+    from monai.utils import set_determinism
+
+    from spleenkit.devices import amp_dtype, describe_device, pick_device
+    from spleenkit.distributed import (
+        broadcast_object,
+        check_sync_bn,
+        describe_training,
+        gather_objects,
+        peak_memory_mib,
+        scale_learning_rate,
+        share_training_data,
+        training_handlers,
+        unwrap_model,
+        validation_handlers,
+        workers_per_process,
+        wrap_model,
+    )
+    from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
+    from spleenkit.model import build_unet
+
+    started_at, started = now(), time.perf_counter()
+    preset = resolve_preset(preset, epochs=epochs, amp=amp, seed=seed, cache_rate=cache_rate, **preset_overrides)
+    base_learning_rate = preset.learning_rate
+    preset = scale_learning_rate(preset, 1 if distributed is None else distributed.world_size, scale_lr)
+    torch_device = pick_device(device) if distributed is None else distributed.device
+    if sync_bn:
+        check_sync_bn(torch_device)
+    progress = progress and is_main_process()
+    workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
+    if workers < 0:
+        raise BadInputError(f"number of workers must be 0 or more (got {workers})")
+    train_items, validation_items = _labelled_split(data_dir, preset)
+    run_path = prepare_run_dir(run_dir, resume) if is_main_process() else Path(run_dir)
+    checkpoint_path = run_path / CHECKPOINT_NAME
+    checkpoint = None
+    if resume and is_main_process():
+        if checkpoint_path.exists():
+            checkpoint = read_last_checkpoint(checkpoint_path)
+            if checkpoint["epoch"] >= preset.epochs:
+                log.info("the checkpoint is at epoch %d of %d: nothing left to train", checkpoint["epoch"],
+                         preset.epochs)
+        else:
+            log.warning("no %s in %s: nothing to resume, starting afresh", CHECKPOINT_NAME, run_path)
+    checkpoint = broadcast_object(checkpoint)  # every rank resumes from what rank 0 read
+    start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
+
+    set_determinism(seed=preset.seed + start_epoch)
+    fingerprint = dataset_fingerprint(train_items + validation_items)
+    share = share_training_data(train_items, validation_items, distributed, preset.cache_rate, preset.seed)
+    datasets = build_datasets(share.train_items, share.validation_items, preset, cache_rate=preset.cache_rate,
+                              num_workers=max(1, workers), progress=progress)
+    train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
+                                                    distributed=distributed is not None and not share.partitioned)
+    network = wrap_model(build_unet(preset).to(torch_device), distributed, sync_bn)
+    optimizer = make_optimizer(preset, network.parameters())
+    scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
+    write = is_main_process()
+    writer = None
+    if write:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run_path / TENSORBOARD_DIR))
+    from monai.handlers import TensorBoardStatsHandler
+
+    evaluator_handlers: list[Any] = validation_handlers(network, distributed)
+    if writer is not None:
+        evaluator_handlers.append(TensorBoardStatsHandler(summary_writer=writer, iteration_log=False))
+    evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device, amp=preset.amp,
+                                handlers=evaluator_handlers)
+    trainer = build_trainer(network, train_loader, evaluator, preset, torch_device, run_dir=run_path,
+                            optimizer=optimizer, scheduler=scheduler, amp=preset.amp, progress=progress,
+                            writer=writer, write=write, extra_handlers=training_handlers(distributed))
+    if checkpoint is not None:
+        restore_checkpoint(trainer, checkpoint, checkpoint_path)
+        if write:
+            _truncate_metrics(run_path, start_epoch)
+        if trainer.run_recorder is not None:
+            trainer.run_recorder.elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
+
+    parameters = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "run_dir": str(run_path.resolve()),
+        "preset": preset.to_dict(),
+        "device": str(torch_device),
+        "amp": preset.amp,
+        "amp_dtype": str(amp_dtype(torch_device, preset.amp)),
+        "seed": preset.seed,
+        "num_workers": workers,
+        "cache_rate": preset.cache_rate,
+        "resume": resume,
+        "distributed": describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
+                                         base_learning_rate=base_learning_rate, share=share),
+    }
+    previous_runs: list[Any] = []
+    if checkpoint is not None and (run_path / "manifest.json").is_file():
+        try:
+            old = read_manifest(run_path)
+            previous_runs = old.get("previous_runs", []) + [{k: old.get(k) for k in ("started", "finished")}]
+        except (OSError, json.JSONDecodeError):
+            previous_runs = []
+    manifest = build_manifest(
+        parameters, device=str(torch_device), kind="training",
+        device_info=describe_device(torch_device),
+        dataset={"dir": str(Path(data_dir).resolve()), "fingerprint": fingerprint,
+                 "train_cases": [Path(r["image"]).name for r in train_items],
+                 "validation_cases": [Path(r["image"]).name for r in validation_items]},
+        cache_estimate_gib=round(datasets.estimate.gib, 3),
+        started=started_at, finished=None, resumed_from_epoch=start_epoch, previous_runs=previous_runs,
+    )
+    if write:
+        write_manifest(run_path, manifest)
+    try:
+        if start_epoch < preset.epochs:
+            trainer.run()
+    finally:
+        if writer is not None:
+            writer.close()
+    best_epoch = trainer.state.best_metric_epoch if trainer.state.best_metric_epoch != -1 else None
+    result = TrainingResult(
+        run_dir=run_path,
+        model_path=run_path / MODEL_NAME,
+        checkpoint_path=checkpoint_path,
+        metrics_path=run_path / METRICS_NAME,
+        best_dice=float(trainer.state.best_metric) if best_epoch is not None else None,
+        best_epoch=best_epoch,
+        epochs=int(trainer.state.epoch),
+        seconds=round(time.perf_counter() - started, 2),
+        device=str(torch_device),
+        amp_dtype=None if amp_dtype(torch_device, preset.amp) is None else str(amp_dtype(torch_device, preset.amp)),
+        preset=preset.name,
+        resumed_from_epoch=start_epoch,
+        cache_estimate=datasets.estimate,
+    )
+    if distributed is not None:  # every rank takes part; rank 0 receives the list
+        manifest["peak_memory_mib_per_rank"] = gather_objects(peak_memory_mib())
+    if write:
+        manifest.update(finished=now(), result={"best_dice": result.best_dice, "best_epoch": result.best_epoch,
+                                                "epochs": result.epochs, "seconds": result.seconds,
+                                                "model": MODEL_NAME})
+        write_manifest(run_path, manifest)
+    return result
+
