@@ -73,7 +73,8 @@ def describe_device(device: torch.device) -> dict[str, object]:
     """Facts about the device for manifests and the welcome notebook."""
     import torch
 
-    info: dict[str, object] = {"device": str(device), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    info: dict[str, object] = {"device": str(device), "cpu_threads": torch.get_num_threads(),
+                               "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),

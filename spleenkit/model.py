@@ -78,7 +78,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise BadInputError(
-            f"refusing to load: the checkpoint holds objects other than tensors and plain data ({error})".splitlines()[0],
+            "refusing to load: the checkpoint holds objects other than tensors and plain data "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
             path,
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:

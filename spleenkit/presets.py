@@ -169,5 +169,5 @@ def preset_table(names: list[str] | None = None) -> list[dict[str, Any]]:
     for key in sorted(_FIELDS - {"name", "description", "extra"}):
         values = [getattr(p, key) for p in chosen]
         if len({repr(v) for v in values}) > 1:
-            rows.append({"setting": key, **{p.name: v for p, v in zip(chosen, values)}})
+            rows.append({"setting": key, **{p.name: v for p, v in zip(chosen, values, strict=True)}})
     return rows
