@@ -23,7 +23,8 @@ def pyproject_requirements() -> dict[str, Requirement]:
     for extra in project.get("optional-dependencies", {}).values():
         lines += extra
     requirements = [Requirement(line) for line in lines]
-    return {canonicalize_name(r.name): r for r in requirements}
+    own = canonicalize_name(project["name"])  # an extra that pulls in another extra ("spleenkit[export]")
+    return {canonicalize_name(r.name): r for r in requirements if canonicalize_name(r.name) != own}
 
 
 def environment_requirements(relative: str) -> dict[str, Requirement]:
