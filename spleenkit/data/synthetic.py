@@ -332,12 +332,12 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     # the visceral cavity: inside the muscle, with the spine and psoas bulging in from behind
     spine_a = -half_d + 0.7 * fat + rng.uniform(46, 56)  # centre of the vertebral body
     cav_half_w = half_w - fat - muscle
-    cav_back = spine_a - 24
     cav_front = half_d - 1.3 * fat - muscle
-    cav_centre = (cav_front + cav_back) / 2
+    cav_centre = (cav_front + spine_a - 24) / 2
+    cav_back = spine_a - 50  # the deepest the cavity goes, beside the spine (for bounding boxes)
 
-    def cavity(L, A, S):
-        back = cav_back + 20.0 * np.exp(-((L / 38.0) ** 2)) - A
+    def cavity(L, A, S):  # behind, the spine and its muscles bulge in at the midline
+        back = spine_a - 8 - 42.0 * (1 - np.exp(-((L / 36.0) ** 2))) - A
         return np.maximum(under_fat(L, A, S) + muscle, back + 0 * S)
 
     # diaphragm: two domes; below it is abdomen, above it the lung bases and heart
@@ -383,6 +383,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     disc_pitch = rng.uniform(30, 36)
     disc_phase = rng.uniform(0, disc_pitch)
     canal_a = spine_a - vb_r - 9
+    spinous_tip = max(canal_a - 38, -half_d + 0.7 * fat + 12)  # under the skin of the back
     enhancement = rng.uniform(0.85, 1.15)  # contrast timing varies between patients
     aorta_r = rng.uniform(10, 12.5)
     aorta_c = (rng.uniform(4, 12), spine_a + vb_r + aorta_r + 1)
@@ -395,7 +396,8 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         ring = np.abs(np.sqrt((L / 1.15) ** 2 + (A - canal_a) ** 2) - 10.5) - 3.0
         ring = np.maximum(ring, A - canal_a - 10)  # pedicles and laminae
         dz = np.mod(S + disc_phase, disc_pitch) / disc_pitch  # 0..1 through one vertebra
-        spinous = np.maximum(np.abs(L) - 3.0 - 0 * A, np.abs(A - (canal_a - 26)) - 14)
+        half_length = (canal_a - spinous_tip) / 2
+        spinous = np.maximum(np.abs(L) - 3.0 - 0 * A, np.abs(A - (canal_a - half_length)) - half_length)
         spinous = np.maximum(spinous, (np.abs(dz - 0.55) - 0.3) * 40)
         transverse = np.maximum(np.abs(np.abs(L) - 22) - 12, np.abs(A - canal_a - 2) - 4)
         transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
@@ -504,7 +506,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         np.array([cav_half_w - colon_r - 6, spine_a + 20, spleen_bottom - 30]),
         np.array([cav_half_w - colon_r - 8, spine_a + 25, s_bottom - 20]),
     ]
-    stool = _texture(rng, 1.0, 8.0, 6)
+    stool = _texture(rng, 1.0, 8.0, 12)
     for p0, p1 in zip(colon_path[:-1], colon_path[1:], strict=True):
         tube = below_diaphragm(intersect(capsule(p0, p1, colon_r), offset(cavity, -3.0)))
         box = _box(np.minimum(p0, p1) - colon_r - 2, np.maximum(p0, p1) + colon_r + 2)
@@ -519,7 +521,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     liver = below_diaphragm(intersect(
         union(ellipsoid((-rng.uniform(35, 50), cav_centre - 5, dome - 75), (rng.uniform(80, 95), 90, 85),
                         (0, rng.uniform(-10, 10), rng.uniform(-10, 10)), _wobble(rng, 3.0, 80)),
-              ellipsoid((20.0, cav_front - 35, dome - 35), (rng.uniform(45, 60), 32, 40), (0, 0, -15))),
+              ellipsoid((10.0, cav_front - 30, dome - 35), (rng.uniform(35, 50), 28, 38), (0, 0, -15))),
         offset(cavity, -1.0),
         outside_spleen(6.0),
     ))
