@@ -234,7 +234,7 @@ def error_map(image: Any, pred: Any, ref: Any, affine: np.ndarray | None = None,
     figure.legend(handles=[Patch(color=COLOURS["tp"], label="agree (TP)"),
                            Patch(color=COLOURS["fp"], label=f"false positive {fp_ml:.1f} mL"),
                            Patch(color=COLOURS["fn"], label=f"false negative {fn_ml:.1f} mL")],
-                  loc="lower center", ncol=3, frameon=False)
+                  loc="outside lower center", ncol=3, frameon=False)
     figure.suptitle(title or "prediction vs reference")
     return _finish(figure, save)
 
@@ -431,6 +431,10 @@ def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     a, b = np.asarray(pred) > 0.5, np.asarray(ref) > 0.5
     scores = mask_metrics(a, b, spacing)
     spacing = [float(s) for s in spacing]
+    if (a | b).any():  # show the neighbourhood of the masks, not the whole slice
+        low = np.maximum(np.argwhere(a | b).min(axis=0) - 6, 0)
+        high = np.argwhere(a | b).max(axis=0) + 7
+        a, b = a[low[0]:high[0], low[1]:high[1]], b[low[0]:high[0], low[1]:high[1]]
 
     def boundary(mask: np.ndarray) -> np.ndarray:
         return mask ^ ndimage.binary_erosion(mask)
@@ -449,7 +453,8 @@ def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     axes[0].set_title(f"Dice = 2·|A∩B| / (|A|+|B|) = {scores['dice']:.3f}", fontsize=10)
     axes[0].legend(handles=[Patch(color=COLOURS["tp"], label="A∩B (both)"),
                             Patch(color=COLOURS["fp"], label="only A (prediction)"),
-                            Patch(color=COLOURS["fn"], label="only B (reference)")], fontsize=7, loc="upper right")
+                            Patch(color=COLOURS["fn"], label="only B (reference)")], fontsize=7,
+                   loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, frameon=False)
     axes[1].imshow(np.zeros(a.shape).T, cmap="gray_r", origin="lower", aspect=aspect)
     points = [np.argwhere(edge_a), np.argwhere(edge_b)]
     limit = max(float(d_ab.max(initial=0)), float(d_ba.max(initial=0)), 1e-6)
@@ -503,3 +508,14 @@ def intensity_histogram(image: Any, mask: Any, window: Sequence[float] | None = 
     ax.legend(fontsize=8)
     ax.set_title(title or "intensities: spleen against the rest of the body", fontsize=10)
     return _finish(figure, save)
+
+
+def example_masks_2d(size: int = 64, shift: int = 3, island: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Two drawn 2D masks for teaching: a reference ellipse and a prediction shifted by ``shift``
+    pixels, with a small false-positive ``island`` far away (Hausdorff jumps, HD95 and ASSD barely move)."""
+    y, x = np.mgrid[0:size, 0:size]
+    reference = ((x - size * 0.45) / (size * 0.28)) ** 2 + ((y - size * 0.5) / (size * 0.2)) ** 2 < 1
+    prediction = ((x - size * 0.45 - shift) / (size * 0.27)) ** 2 + ((y - size * 0.5 + 1) / (size * 0.21)) ** 2 < 1
+    if island:
+        prediction |= ((x - size * 0.88) ** 2 + (y - size * 0.82) ** 2) < (size * 0.02) ** 2
+    return prediction.T.copy(), reference.T.copy()
