@@ -8,6 +8,7 @@ A :class:`~spleenkit.errors.SpleenkitError` becomes one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -220,6 +221,38 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("dataset", help="dataset folder holding dataset.json")
 
 
+# --------------------------------------------------------------------------- several processes (torchrun)
+def _distributed_options(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """--distributed and its settings, for commands that torchrun can run as several processes."""
+    from spleenkit.distributed import DEFAULT_TIMEOUT_S  # (standard library only: cheap)
+
+    group = parser.add_argument_group(
+        "several processes", "Launch with `torchrun --nproc_per_node=N -m spleenkit ... --distributed` "
+        "(see docs/multi_node.md); rank 0 writes every file.")
+    group.add_argument("--distributed", action="store_true",
+                       help="run as one process of a torchrun job: NCCL between GPUs, gloo between CPU processes")
+    group.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                       help=f"a rank that stops answering fails the job after this many seconds "
+                            f"(default {DEFAULT_TIMEOUT_S})")
+    if training:
+        group.add_argument("--sync-bn", action="store_true",
+                           help="SyncBatchNorm: batch statistics over all GPUs (CUDA only)")
+        group.add_argument("--scale-lr", choices=("none", "linear"), default="none",
+                           help="learning rate for N processes: none keeps the preset's (as the bundle does), "
+                                "linear multiplies it by N (default none)")
+
+
+def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The torchrun process group for ``--distributed`` (destroyed on exit), else a context yielding None."""
+    if not getattr(args, "distributed", False):
+        if getattr(args, "sync_bn", False):
+            raise SpleenkitError("--sync-bn needs --distributed (several processes under torchrun)")
+        return contextlib.nullcontext()
+    from spleenkit.distributed import process_group
+
+    return process_group(device=args.device, timeout_s=args.timeout_s)
+
+
 # --------------------------------------------------------------------------- evaluation and inference
 def _window_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and infer: preset, device, precision, sliding window, post-processing."""
@@ -240,11 +273,14 @@ def _window_options(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from spleenkit.evaluation import evaluate_run, format_summary
 
-    result = evaluate_run(args.model, args.data, out_dir=args.out, preset=args.preset, split=args.split,
-                          device=args.device, amp=args.amp, overlap=args.overlap, sw_batch_size=args.sw_batch,
-                          blend=args.blend, stitch_device=args.stitch_device,
-                          largest_component=args.largest_component, fill_holes=args.fill_holes,
-                          save_predictions=args.save_predictions, max_cases=args.max_cases)
+    with _process_group(args) as context:
+        result = evaluate_run(args.model, args.data, out_dir=args.out, preset=args.preset, split=args.split,
+                              device=args.device, amp=args.amp, overlap=args.overlap, sw_batch_size=args.sw_batch,
+                              blend=args.blend, stitch_device=args.stitch_device,
+                              largest_component=args.largest_component, fill_holes=args.fill_holes,
+                              save_predictions=args.save_predictions, max_cases=args.max_cases, distributed=context)
+    if context is not None and not context.is_main:
+        return 0
     print(format_summary(result.summary))
     print(f"per-case metrics: {result.csv_path}")
     print(f"summary: {result.summary_path}")
@@ -287,6 +323,7 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--save-predictions", action=argparse.BooleanOptionalAction, default=True,
                           help="write each original-space prediction to RUN_DIR/predictions (default yes)")
     _window_options(evaluate)
+    _distributed_options(evaluate)
     masks = _command(subparsers, "evaluate-masks", _evaluate_masks,
                      "Compare two 0/1 mask files on the same grid; print Dice, HD95, Hausdorff, ASSD (mm) and "
                      "volumes (mL) as JSON. Different grids are an error, not resampled.")
@@ -445,9 +482,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
-                   resume=args.resume, seed=args.seed, num_workers=args.workers, cache_rate=args.cache_rate,
-                   progress=progress, **overrides)
+    with _process_group(args) as context:
+        result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
+                       resume=args.resume, seed=args.seed, num_workers=args.workers, cache_rate=args.cache_rate,
+                       progress=progress, distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
+                       **overrides)
+    if context is not None and not context.is_main:
+        return 0
     dice = ("none (no validation ran)" if result.best_dice is None
             else f"{result.best_dice:.4f} at epoch {result.best_epoch}")
     print(f"trained {result.epochs} epoch(s) in {result.seconds / 60:.1f} min on {result.device}; "
@@ -479,6 +520,7 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: on in a terminal)")
+    _distributed_options(train, training=True)
 
 
 # --------------------------------------------------------------------------- command groups

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from monai.inferers import SlidingWindowInferer
     from monai.transforms import Compose
 
+    from spleenkit.distributed import DistributedContext
+
 log = logging.getLogger(__name__)
 
 #: Metric columns of a per-case row, in the order of the CSV.
@@ -459,14 +461,16 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
                  overlap: float | None = None, sw_batch_size: int | None = None, blend: str = "constant",
                  stitch_device: str = "cpu", largest_component: bool = False, fill_holes: bool = False,
                  save_predictions: bool = True, figures: bool = True,
-                 max_cases: int | None = None) -> EvaluationResult:
+                 max_cases: int | None = None, distributed: DistributedContext | None = None) -> EvaluationResult:
     """Evaluate ``model`` (a run's ``model.pt``) on a dataset split and write the results.
 
     Writes ``per_case.csv``, ``summary.json``, ``manifest.json`` and a per-case figure into
     ``out_dir`` (default ``RUN_DIR/evaluation``) and, with ``save_predictions``, each case's
     original-space mask into ``RUN_DIR/predictions``. The preset defaults to the run's own.
+    Under torchrun (``distributed``), the cases are shared among the ranks and rank 0 writes everything.
     """
     from spleenkit.devices import pick_device
+    from spleenkit.distributed import distributed_map
     from spleenkit.inference import check_writable, write_mask
     from spleenkit.manifest import build_manifest, now, write_manifest
     from spleenkit.model import load_model
@@ -476,8 +480,9 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     run_dir = model.parent
     preset = run_preset(run_dir) if preset is None else get_preset(preset)
     out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
-    check_writable(out)
-    device_ = pick_device(device)
+    if distributed is None or distributed.is_main:
+        check_writable(out)
+    device_ = pick_device(device) if distributed is None else distributed.device
     amp = preset.amp if amp is None else amp
     network = load_model(model, preset, device_)
     cases = select_cases(data_dir, preset, split)
@@ -491,18 +496,26 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
                 "device": str(device_), "amp": amp, "roi_size": list(preset.validation_roi_size),
                 "overlap": inferer.overlap, "sw_batch_size": inferer.sw_batch_size, "blend": blend,
                 "stitch_device": stitch_device, "largest_component": largest_component, "fill_holes": fill_holes}
+    if distributed is not None:
+        settings["processes"] = distributed.world_size
     started = now()
     log.info("evaluating %d %s case(s) with %s", len(cases), split, ", ".join(f"{k}={v}" for k, v in settings.items()
                                                                              if k not in ("model", "data_dir")))
     rows: list[dict[str, Any]] = []
     predictions: dict[str, Path] = {}
-    for item in cases:
-        case_rows, mask = evaluate_case(network, item, preset, inferer, device_, amp, largest_component,
-                                        fill_holes, preprocessing)
+
+    def score(item: Mapping[str, str]) -> tuple[list[dict[str, Any]], np.ndarray]:
+        return evaluate_case(network, item, preset, inferer, device_, amp, largest_component, fill_holes,
+                             preprocessing)
+
+    # one process: every case in turn; under torchrun: rank r scores cases r, r+N ... and rank 0 gets all
+    for item, (case_rows, mask) in distributed_map(score, cases, distributed):
         rows.extend(case_rows)
         if save_predictions:
             name = case_rows[0]["case"]
             predictions[name] = write_mask(mask, item["image"], run_dir / "predictions" / f"{name}.nii.gz")
+    if distributed is not None and not distributed.is_main:  # rank 0 writes the results
+        return EvaluationResult([], {}, out, out / "per_case.csv", out / "summary.json")
     summary = summarise(rows)
     csv_path = write_rows_csv(rows, out / "per_case.csv")
     summary_path = write_json({"settings": settings, **summary}, out / "summary.json")
