@@ -430,7 +430,10 @@ _RUN_METADATA = ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime
 
 
 def strip_notebook(notebook: Any) -> bool:
-    """Remove outputs, execution counts and run metadata except from cells marked to keep; True if changed."""
+    """Remove outputs, execution counts and run metadata except from cells marked to keep; True if changed.
+
+    A kept cell keeps its execution count as well: nbval takes a cell without one for never run.
+    """
     before = repr(notebook)
     for key in ("papermill", "widgets", "toc"):
         notebook.metadata.pop(key, None)
@@ -441,11 +444,7 @@ def strip_notebook(notebook: Any) -> bool:
             cell.pop("outputs", None)
             cell.pop("execution_count", None)
             continue
-        if keeps_output(cell):
-            cell.execution_count = None
-            for output in cell.outputs:
-                if "execution_count" in output:
-                    output.execution_count = None
+        if keeps_output(cell):  # nbval compares only cells with an execution count: keep it too
             continue
         cell.outputs = []
         cell.execution_count = None
@@ -481,6 +480,41 @@ def notebooks_with_kept_outputs(notebook_dir: str | os.PathLike[str]) -> list[Pa
         if any(keeps_output(cell) and cell.get("outputs") for cell in notebook.cells):
             found.append(path)
     return found
+
+
+def refresh_kept_outputs(path: str | os.PathLike[str], kernel_name: str | None = None) -> list[int]:
+    """Execute a notebook with its default parameters (as nbval will) and store the new outputs of its kept cells.
+
+    Run it after changing what a kept cell shows (the synthetic generator, say); the other cells
+    stay stripped. Returns the indices of the cells whose outputs were stored.
+    """
+    import nbformat
+    import papermill
+
+    path = Path(path).resolve()
+    with tempfile.TemporaryDirectory(prefix="spleenkit-refresh-") as folder:
+        executed_path = Path(folder) / path.name
+        kernel = this_python_kernel() if kernel_name is None else _named_kernel(kernel_name)
+        with kernel as name, _environment(KERNEL_ENVIRONMENT):
+            try:
+                papermill.execute_notebook(str(path), str(executed_path), cwd=str(path.parent), kernel_name=name,
+                                           progress_bar=False)
+            except Exception as error:  # noqa: BLE001 - shown as the notebook's failure
+                raise NotebookRunError(describe_failure(path.name, error)) from error
+        executed = {cell.get("id"): cell for cell in nbformat.read(executed_path, as_version=4).cells}
+    notebook = nbformat.read(path, as_version=4)
+    stored = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "code" and keeps_output(cell):
+            twin = executed.get(cell.get("id"))
+            if twin is None or twin.source != cell.source:
+                raise BadInputError(f"cell {index} was not found in the executed copy", path)
+            cell.outputs = twin.outputs
+            cell.execution_count = twin.execution_count
+            stored.append(index)
+    strip_notebook(notebook)
+    nbformat.write(notebook, path)
+    return stored
 
 
 def notebook_title(path: str | os.PathLike[str]) -> str:
