@@ -154,12 +154,12 @@ def _data_download(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.source == "msd":
-        dataset = download.download_msd(args.root, url=args.url or download.MSD_SPLEEN_URL,
+        dataset = download.download_msd(args.root or "data", url=args.url or download.MSD_SPLEEN_URL,
                                         md5=args.md5 or download.MSD_SPLEEN_MD5, keep_archive=not args.remove_archive,
                                         progress=progress)
         print(f"MSD Task09 Spleen: {dataset}")
     else:
-        folder = download.download_example(args.root, local=args.local, progress=progress)
+        folder = download.download_example(args.root or "data/totalseg-example", local=args.local, progress=progress)
         print(f"example CT and spleen masks: {folder}")
         if args.as_dataset:
             dataset = download.example_as_msd(folder, args.as_dataset)
@@ -205,7 +205,8 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
                         "Download MSD Task09 Spleen (md5-verified, resumable, safely extracted) or the real "
                         "example CT with its two spleen masks (sha256-verified). Does nothing when already done.")
     download.add_argument("source", choices=["msd", "example"], help="what to download")
-    download.add_argument("--root", required=True, help="folder to put it in (MSD: ROOT/Task09_Spleen)")
+    download.add_argument("--root", help="folder to put it in (default: data for MSD, which makes "
+                                         "data/Task09_Spleen; data/totalseg-example for the example)")
     download.add_argument("--url", help="MSD: another address for Task09_Spleen.tar (a mirror)")
     download.add_argument("--md5", help="MSD: the md5 to expect from --url")
     download.add_argument("--remove-archive", action="store_true", help="MSD: delete the .tar after extraction")

@@ -268,13 +268,16 @@ def _multi_label_source(spleen_a: Path, folder: Path) -> bytes:
     return path.read_bytes()
 
 
-def _served_example_files(server: FileServer, example_ct_dir: Path, folder: Path) -> tuple:
+def _served_example_files(server: FileServer, example_ct_dir: Path, folder: Path,
+                          with_licence: bool = True) -> tuple:
     ct = server.add("example_ct.nii.gz", (example_ct_dir / "ct.nii.gz").read_bytes())
     seg = server.add("example_seg_fast_force_split.nii.gz",
                      _multi_label_source(example_ct_dir / "spleen_a.nii.gz", folder))
     spleen_b = server.add("spleen.nii.gz", (example_ct_dir / "spleen_b.nii.gz").read_bytes())
+    licence = server.add("LICENSE", (example_ct_dir / "LICENSE").read_bytes()) if with_licence else None
     missing = f"{server.url}/moved-away.nii.gz"
-    sources = {"ct.nii.gz": (missing, ct), "spleen_a.nii.gz": (seg,), "spleen_b.nii.gz": (spleen_b,)}
+    sources = {"ct.nii.gz": (missing, ct), "spleen_a.nii.gz": (seg,), "spleen_b.nii.gz": (spleen_b,),
+               "LICENSE": (licence or missing,)}
     return tuple(dataclasses.replace(f, urls=sources[f.name]) for f in EXAMPLE_FILES)
 
 
@@ -285,10 +288,20 @@ def test_example_download_makes_the_pinned_files(server: FileServer, example_ct_
     root = download_example(tmp_path / "example", files=files, progress=False)
     for item in EXAMPLE_FILES:
         assert hashlib.sha256((root / item.name).read_bytes()).hexdigest() == item.sha256
-    assert not [p for p in root.iterdir() if p.name.startswith(".") or p.name.endswith(".part")]
+    assert sorted(p.name for p in root.iterdir()) == ["LICENSE", "README.md", "ct.nii.gz", "spleen_a.nii.gz",
+                                                       "spleen_b.nii.gz"]
     asked = len(server.requests)
     download_example(root, files=files, progress=False)
     assert len(server.requests) == asked
+
+
+def test_example_download_skips_an_unavailable_optional_licence(server: FileServer, example_ct_dir: Path,
+                                                                tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SPLEENKIT_EXAMPLE_DIR", raising=False)
+    files = _served_example_files(server, example_ct_dir, tmp_path, with_licence=False)
+    root = download_example(tmp_path / "example", files=files, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["README.md", "ct.nii.gz", "spleen_a.nii.gz",
+                                                       "spleen_b.nii.gz"]
 
 
 def test_example_download_refuses_a_source_that_does_not_match(server: FileServer, example_ct_dir: Path,

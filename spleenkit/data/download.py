@@ -312,6 +312,7 @@ class ExampleFile:
     sha256: str
     make: Callable[[Path, Path], None] = field(default=_copy)
     description: str = ""
+    required: bool = True  # an optional file (the licence text) is fetched when it verifies, else skipped
 
 
 #: The example CT and two spleen masks, pinned by the sha256 of the files the kit writes.
@@ -340,6 +341,14 @@ EXAMPLE_FILES: tuple[ExampleFile, ...] = (
         _resave,
         "a TotalSegmentator v1 prediction, float64 0/1 as stored",
     ),
+    ExampleFile(
+        "LICENSE",
+        (f"{_TOTALSEG}/0effae9d718aab0c118ce1f8982dcd16b9e32a50/LICENSE", f"{_TOTALSEG}/master/LICENSE"),
+        "c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4",
+        _copy,
+        "the Apache-2.0 licence of the TotalSegmentator repository",
+        required=False,
+    ),
 )
 
 _EXAMPLE_README = """# The example CT
@@ -357,6 +366,8 @@ def example_problems(folder: str | os.PathLike[str], files: Iterable[ExampleFile
     problems = []
     for item in files:
         path = Path(folder) / item.name
+        if not item.required and not path.is_file():
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
@@ -394,13 +405,21 @@ def download_example(root: str | os.PathLike[str], *, local: str | os.PathLike[s
             if problems:
                 raise ChecksumError("the local example copy does not verify: " + "; ".join(problems), source)
             for item in files:
-                _copy(source / item.name, staging / item.name)
+                if (source / item.name).is_file():
+                    _copy(source / item.name, staging / item.name)
         else:
             for item in files:
-                _fetch_example_file(item, staging, progress, timeout)
+                try:
+                    _fetch_example_file(item, staging, progress, timeout)
+                except SpleenkitError as error:
+                    if item.required:
+                        raise
+                    log.warning("skipping the optional %s: %s", item.name, error)
         for item in files:
-            os.replace(staging / item.name, root / item.name)
-        rows = "\n".join(f"- {f.name}: {f.description} (from {f.urls[0]}, sha256 {f.sha256})" for f in files)
+            if (staging / item.name).is_file():
+                os.replace(staging / item.name, root / item.name)
+        rows = "\n".join(f"- {f.name}: {f.description} (from {f.urls[0]}, sha256 {f.sha256})" for f in files
+                         if (root / f.name).is_file())
         readme = root / "README.md"
         if not readme.exists():
             readme.write_text(_EXAMPLE_README.format(rows=rows))
