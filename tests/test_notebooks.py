@@ -225,6 +225,19 @@ def test_strip_removes_outputs_but_keeps_marked_cells(tmp_path: Path) -> None:
     assert main(["notebooks", "strip", "--check", str(path)]) == 0
 
 
+def test_data_notebook_reads_the_real_example_ct(example_ct_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLEENKIT_EXAMPLE_DIR", str(example_ct_dir))  # copied from there after its sha256 check
+    summary = run_notebooks("quick", only=["01"], out_dir=tmp_path / "out", repo=REPO,
+                            overrides={"source": "example", "data_dir": str(tmp_path / "example_dataset"),
+                                       "example_dir": str(tmp_path / "example")})
+    require_ok(summary)
+    text = "\n".join(output.get("text", "") for cell in code_cells(read(tmp_path / "out" / "01_data.ipynb"))
+                     for output in cell.outputs)
+    assert "dataset (example)" in text and "(122, 101, 112) voxels of (3.0, 3.0, 3.0) mm" in text
+    assert "too few to split" in text
+
+
 # --------------------------------------------------------------------------- the whole set
 @pytest.mark.slow
 @pytest.mark.notebooks
