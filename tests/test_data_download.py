@@ -336,3 +336,15 @@ def test_example_as_an_msd_dataset(example_ct_dir: Path, tmp_path: Path, mask: s
     assert report.cases[0].shape == (122, 101, 112) and 250 < report.cases[0].spleen_ml < 300
     label = nib.load(load_datalist(dataset)[0]["label"])
     assert label.get_data_dtype() == np.uint8
+
+
+def test_cli_example_from_a_local_copy_as_a_dataset(example_ct_dir: Path, tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    monkeypatch.delenv("SPLEENKIT_EXAMPLE_DIR", raising=False)
+    args = ["data", "download", "example", "--root", str(tmp_path / "ex"), "--local", str(example_ct_dir), "-q",
+            "--as-dataset", str(tmp_path / "ex-msd")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "ex-msd") in out
+    assert check_dataset(tmp_path / "ex-msd").ok
+    assert main(["data", "check", str(tmp_path / "ex-msd")]) == 0
