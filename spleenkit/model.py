@@ -8,7 +8,7 @@ written atomically (a temporary file renamed into place), so a crash never leave
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +47,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     import torch
 
     path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # O_EXCL: a fresh file of our own; mode 0o666 minus the umask, like a plain open() (mkstemp gives 0600)
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
         raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
     try:

@@ -37,8 +37,8 @@ def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...
     chain: list[Transform] = [
         LoadImaged(keys=keys),
         EnsureChannelFirstd(keys=keys),
-        # labels spelled out: MONAI 1.6 warns that its default will change to the image's own space
-        Orientationd(keys=keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        # labels=None (MONAI 1.6's default: axis names from the image's space), stated to silence its warning
+        Orientationd(keys=keys, axcodes=preset.orientation, labels=None),
         Spacingd(keys=keys, pixdim=tuple(preset.spacing), mode=modes),
         ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]

@@ -1,0 +1,154 @@
+"""The transform chains: parity with the spleen_ct_segmentation bundle, and what they do to a case."""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spleenkit.presets import get_preset
+from spleenkit.transforms import (
+    deterministic_transforms,
+    inference_transforms,
+    random_transforms,
+    training_transforms,
+    validation_transforms,
+)
+
+# The bundle's train.json (Project-MONAI/model-zoo, models/spleen_ct_segmentation/configs/train.json),
+# sections train#deterministic_transforms and train#random_transforms, value for value.
+BUNDLE_TRAIN = {
+    "deterministic_transforms": [
+        {"_target_": "LoadImaged", "keys": ["image", "label"]},
+        {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"]},
+        {"_target_": "Orientationd", "keys": ["image", "label"], "axcodes": "RAS"},
+        {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 2.0],
+         "mode": ["bilinear", "nearest"]},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1,
+         "clip": True},
+        {"_target_": "EnsureTyped", "keys": ["image", "label"]},
+    ],
+    "random_transforms": [
+        {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
+         "spatial_size": [96, 96, 96], "pos": 1, "neg": 1, "num_samples": 4, "image_key": "image",
+         "image_threshold": 0},
+    ],
+}
+
+
+def describe(obj: object, depth: int = 0) -> object:
+    """Every attribute of a transform, recursively, as plain comparable data (random states left out)."""
+    if depth > 8:
+        return "..."
+    if isinstance(obj, float) and math.isnan(obj):
+        return "nan"
+    if isinstance(obj, (bool, int, float, str, type(None))):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [describe(item, depth + 1) for item in obj]
+    if isinstance(obj, dict):
+        return {str(key): describe(value, depth + 1) for key, value in obj.items()}
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
+        return describe(np.asarray(obj).tolist(), depth + 1)
+    if isinstance(obj, np.random.RandomState):
+        return "RandomState"
+    if isinstance(obj, type):
+        return obj.__qualname__
+    if hasattr(obj, "__dict__"):
+        return {"type": type(obj).__qualname__, **{k: describe(v, depth + 1) for k, v in vars(obj).items()}}
+    return getattr(obj, "__qualname__", repr(obj))
+
+
+@pytest.fixture(scope="module")
+def bundle_chain() -> list:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(BUNDLE_TRAIN)
+    return parser.get_parsed_content("deterministic_transforms") + parser.get_parsed_content("random_transforms")
+
+
+def test_seed_chain_matches_the_bundle_parameter_for_parameter(bundle_chain: list) -> None:
+    ours = deterministic_transforms("seed") + random_transforms(get_preset("seed", pad_to_patch=False))
+    assert [type(t).__name__ for t in ours] == [type(t).__name__ for t in bundle_chain]
+    for mine, theirs in zip(ours, bundle_chain, strict=True):
+        assert describe(mine) == describe(theirs), type(mine).__name__
+
+
+def test_seed_chain_numbers_spelled_out() -> None:
+    chain = deterministic_transforms("seed") + random_transforms(get_preset("seed", pad_to_patch=False))
+    orientation, spacing, window, crop = chain[2], chain[3], chain[4], chain[6]
+    assert orientation.ornt_transform.axcodes == "RAS"
+    assert tuple(spacing.spacing_transform.pixdim) == (1.5, 1.5, 2.0)
+    assert [str(m) for m in spacing.mode] == ["bilinear", "nearest"]
+    scaler = window.scaler
+    assert (scaler.a_min, scaler.a_max, scaler.b_min, scaler.b_max, scaler.clip) == (-57, 164, 0, 1, True)
+    assert window.keys == ("image",)
+    assert tuple(crop.cropper.spatial_size) == (96, 96, 96)
+    assert (crop.cropper.pos_ratio, crop.cropper.num_samples, crop.cropper.image_threshold) == (0.5, 4, 0)
+    assert (crop.label_key, crop.image_key) == ("label", "image")
+
+
+def test_padding_is_the_only_step_added_to_the_bundle(bundle_chain: list) -> None:
+    from monai.transforms import SpatialPadd
+
+    chain = deterministic_transforms("seed") + random_transforms("seed")
+    assert [type(t).__name__ for t in chain] == (
+        [type(t).__name__ for t in bundle_chain[:6]] + ["SpatialPadd", "RandCropByPosNegLabeld"])
+    pad = chain[6]
+    assert isinstance(pad, SpatialPadd) and tuple(pad.padder.spatial_size) == (96, 96, 96)
+    assert describe(chain[7]) == describe(bundle_chain[6])
+
+
+def test_presets_change_only_their_own_numbers() -> None:
+    quick = deterministic_transforms("quick")
+    assert tuple(quick[3].spacing_transform.pixdim) == tuple(get_preset("quick").spacing)
+    tutorial = [type(t).__name__ for t in deterministic_transforms("tutorial")]
+    assert tutorial[-2:] == ["CropForegroundd", "EnsureTyped"]
+    inference = inference_transforms("seed").transforms
+    assert [type(t).__name__ for t in inference] == [type(t).__name__ for t in deterministic_transforms("seed")]
+    assert all(t.keys == ("image",) for t in inference)
+
+
+def test_validation_chain_on_a_case(synthetic_dataset) -> None:
+    from spleenkit.data.datalist import load_datalist
+
+    case = load_datalist(synthetic_dataset)[0]
+    out = validation_transforms("quick")(case)
+    image, label = out["image"], out["label"]
+    assert image.shape[0] == 1 and image.shape == label.shape
+    spacing = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
+    np.testing.assert_allclose(spacing, get_preset("quick").spacing, rtol=1e-5)
+    assert np.all(np.diag(np.asarray(image.affine))[:3] > 0)  # RAS: every axis increases to R, A, S
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert set(torch.unique(label).tolist()) <= {0.0, 1.0} and float(label.sum()) > 0
+
+
+def test_training_chain_gives_the_patches(synthetic_dataset) -> None:
+    from spleenkit.data.datalist import load_datalist
+
+    preset = get_preset("quick", patch_size=32, num_samples=4)
+    case = load_datalist(synthetic_dataset)[0]
+    chain = training_transforms(preset)
+    chain.set_random_state(seed=0)
+    samples = chain(case)
+    assert len(samples) == 4
+    for sample in samples:
+        assert tuple(sample["image"].shape) == (1, 32, 32, 32) == tuple(sample["label"].shape)
+    # positive crops are centred on spleen voxels, so at least one patch holds spleen
+    assert any(float(s["label"].sum()) > 0 for s in samples)
+
+
+def test_small_images_are_padded_to_the_patch(synthetic_dataset) -> None:
+    from spleenkit.data.datalist import load_datalist
+
+    preset = get_preset("quick", spacing=(8.0, 8.0, 8.0), patch_size=48, num_samples=1)
+    case = load_datalist(synthetic_dataset)[0]
+    resampled = validation_transforms(preset)(case)["image"]
+    assert min(resampled.shape[1:]) < 48
+    sample = training_transforms(preset)(case)[0]
+    assert tuple(sample["image"].shape) == (1, 48, 48, 48)
