@@ -45,7 +45,7 @@ Box = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
 
 
 # --------------------------------------------------------------------------- geometry helpers
-def _rotation(rng: np.random.Generator | None = None, angles: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def _rotation(angles: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
     """A rotation matrix from three angles in degrees (about l, a, s, applied in that order)."""
     ax, ay, az = np.deg2rad(angles)
     rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
@@ -61,7 +61,7 @@ def ellipsoid(center: Sequence[float], axes: Sequence[float], angles: Sequence[f
     ``wobble`` holds (amplitude_mm, kl, ka, ks, phase) sine terms added to the distance.
     """
     c = np.asarray(center, dtype=np.float32)
-    rot = _rotation(angles=angles).T.astype(np.float32)  # world -> local
+    rot = _rotation(angles).T.astype(np.float32)  # world -> local
     inv = 1.0 / np.asarray(axes, dtype=np.float32)
 
     def field(L: np.ndarray, A: np.ndarray, S: np.ndarray) -> np.ndarray:
@@ -107,7 +107,7 @@ def cylinder_2d(center: Sequence[float], axes: Sequence[float], power: float = 2
             q = (x**power + y**power) ** (1.0 / power)
             qp = np.maximum(q, 1e-6) ** (1.0 - power)
             g = qp * np.sqrt((x ** (power - 1) / al) ** 2 + (y ** (power - 1) / aa) ** 2)
-        return ((q - 1.0) / (g + 1e-6)) + 0.0 * S
+        return (q - 1.0) / (g + 1e-6)
 
     return field
 
@@ -118,6 +118,8 @@ def _box(low: Sequence[float], high: Sequence[float]) -> Box:
 
 
 def union(*fields: Field) -> Field:
+    """The shape covered by any of ``fields``."""
+
     def field(L, A, S):
         return functools.reduce(np.minimum, [f(L, A, S) for f in fields])
 
@@ -125,6 +127,8 @@ def union(*fields: Field) -> Field:
 
 
 def intersect(*fields: Field) -> Field:
+    """The shape common to all ``fields`` (also: one shape clipped by another)."""
+
     def field(L, A, S):
         return functools.reduce(np.maximum, [f(L, A, S) for f in fields])
 
@@ -181,15 +185,15 @@ class Canvas:
         return lambda L, A, S: values[self._current]
 
     def paint(self, field: Field, hu: float | Callable[..., np.ndarray], box: Box | None = None,
-              mask: np.ndarray | None = None) -> np.ndarray | None:
-        """Blend ``hu`` into the image where ``field`` < 0 with one voxel of partial volume.
+              mask: np.ndarray | None = None) -> None:
+        """Blend ``hu`` into the image where ``field`` < 0, with one voxel of partial volume.
 
-        Returns the boolean inside (``field`` < 0) over the whole grid when ``mask`` is given
-        (it is filled in place), else None.
+        Only the voxels inside ``box`` are computed (a speed-up: the shape must lie within it).
+        With ``mask``, the voxels inside the shape (``field`` < 0) are also set in that array.
         """
         win = self.window(box)
         if win is None:
-            return None
+            return
         sl, (L, A, S) = win
         self._current = sl
         f = np.broadcast_to(field(L, A, S), self.image[sl].shape)
@@ -199,7 +203,6 @@ class Canvas:
         region += alpha * (value - region)
         if mask is not None:
             mask[sl] |= f < 0
-        return None
 
 
 # --------------------------------------------------------------------------- one case
@@ -220,8 +223,10 @@ def _grid(rng: np.random.Generator, matrix: int, slice_spacing: float | None, or
     dz = slice_spacing if slice_spacing else float(rng.choice(SLICE_SPACINGS, p=SLICE_WEIGHTS))
     nz = max(8, int(round((s_top - s_bottom) / dz)))
     shape = (matrix, matrix, nz)
-    # world (RAS) centre of the volume: the table is not always centred on the patient
-    centre = np.array([rng.uniform(-8, 8), rng.uniform(-5, 15), (s_top + s_bottom) / 2 + 400.0])
+    # world (RAS) centre of the volume, in scanner coordinates, and where the patient's midline lies:
+    # patients are rarely exactly in the middle of the field of view
+    centre = np.array([rng.uniform(-20, 20), rng.uniform(-200, -150), (s_top + s_bottom) / 2 + 400.0])
+    patient = centre + np.array([rng.uniform(-6, 6), rng.uniform(-4, 8), 0.0])
     # nibabel's axis codes name where increasing index points: "RAS" has +x towards the right
     ras_sign = [1.0 if orientation[0] == "R" else -1.0,
                 1.0 if orientation[1] == "A" else -1.0,
@@ -236,8 +241,8 @@ def _grid(rng: np.random.Generator, matrix: int, slice_spacing: float | None, or
     idx = [np.arange(n, dtype=np.float64) for n in shape]
     world = [affine[axis, axis] * idx[axis] + affine[axis, 3] for axis in range(3)]
     # patient frame: l = -x (RAS x points to the patient's right), a = y, s = z - 400
-    l_coords = (-(world[0] - centre[0])).astype(np.float32)
-    a_coords = (world[1] - centre[1]).astype(np.float32)
+    l_coords = (-(world[0] - patient[0])).astype(np.float32)
+    a_coords = (world[1] - patient[1]).astype(np.float32)
     s_coords = (world[2] - 400.0).astype(np.float32)
     geometry = CaseGeometry(shape, (round(inplane, 6), round(inplane, 6), dz), orientation, affine)
     return geometry, l_coords, a_coords, s_coords
@@ -314,11 +319,11 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     table_w = min(fov / 2 - 4, half_w + 30)
     for top, thickness in ((table_top, 3.0), (table_top - 28.0, 4.0)):
         bend = 0.0025 if top == table_top else 0.002
-        plate = (lambda t, th, b: lambda L, A, S: np.abs(A - (t - th / 2) - b * L**2) - th / 2 + 0.0 * S)(
+        plate = (lambda t, th, b: lambda L, A, S: np.abs(A - (t - th / 2) - b * L**2) - th / 2)(
             top, thickness, bend)
         canvas.paint(intersect(plate, cylinder_2d((0.0, top), (table_w, 60.0))), 120.0,
                      ((-table_w, table_w), (top - 70, top + 20), (-1e9, 1e9)))
-    canvas.paint(intersect(lambda L, A, S: np.abs(A - (table_top - 14) - 0.002 * L**2) - 10.0 + 0 * S,
+    canvas.paint(intersect(lambda L, A, S: np.abs(A - (table_top - 14) - 0.002 * L**2) - 10.0,
                            cylinder_2d((0.0, table_top), (table_w - 6, 60.0))), -880.0,
                  ((-table_w, table_w), (table_top - 40, table_top), (-1e9, 1e9)))
     canvas.paint(body, 20.0, everywhere)  # skin
@@ -338,7 +343,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
 
     def cavity(L, A, S):  # behind, the spine and its muscles bulge in at the midline
         back = spine_a - 8 - 42.0 * (1 - np.exp(-((L / 36.0) ** 2))) - A
-        return np.maximum(under_fat(L, A, S) + muscle, back + 0 * S)
+        return np.maximum(under_fat(L, A, S) + muscle, back)
 
     # diaphragm: two domes; below it is abdomen, above it the lung bases and heart
     dome_l = dome - rng.uniform(8, 20)
@@ -397,7 +402,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         ring = np.maximum(ring, A - canal_a - 10)  # pedicles and laminae
         dz = np.mod(S + disc_phase, disc_pitch) / disc_pitch  # 0..1 through one vertebra
         half_length = (canal_a - spinous_tip) / 2
-        spinous = np.maximum(np.abs(L) - 3.0 - 0 * A, np.abs(A - (canal_a - half_length)) - half_length)
+        spinous = np.maximum(np.abs(L) - 3.0, np.abs(A - (canal_a - half_length)) - half_length)
         spinous = np.maximum(spinous, (np.abs(dz - 0.55) - 0.3) * 40)
         transverse = np.maximum(np.abs(np.abs(L) - 22) - 12, np.abs(A - canal_a - 2) - 4)
         transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
@@ -412,8 +417,8 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
             psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
             canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
         vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
-        canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0) + 0 * L + 0 * A, vert_box)
-        canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0) + 0 * L + 0 * A,
+        canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0), vert_box)
+        canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0),
                      vert_box)
         canvas.paint(posterior_elements, 520.0, vert_box)
         canvas.paint(cylinder_2d((0.0, canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
@@ -494,7 +499,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         canvas.paint(offset(tube, -2.0), rng.uniform(5, 35), box)
         if rng.random() < 0.3:
             level = float(rng.uniform(c0[1], c0[1] + radius))
-            canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A + 0 * L + 0 * S),
+            canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A),
                          -1000.0, box)
     colon_r = rng.uniform(14, 19)
     flexure = np.array([sp_centre[0] - 15, sp_centre[1] + sp_axes[1] + colon_r, spleen_bottom + 15])
@@ -513,7 +518,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         canvas.paint(tube, 70.0, box)
         canvas.paint(offset(tube, -2.0), lambda L, A, S: np.clip(-300.0 + 450 * stool(L, A, S), -950, 60), box)
         level = float((p0[1] + p1[1]) / 2 + rng.uniform(-2, 10))
-        canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A + 0 * L + 0 * S), -1000.0, box)
+        canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A), -1000.0, box)
 
     # ---- liver (right upper quadrant, its left lobe reaching across), gallbladder, vessels
     liver_hu = 105.0 * enhancement + rng.uniform(-8, 8)
@@ -547,7 +552,7 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     canvas.paint(stomach, 85.0 * enhancement, st_box)
     canvas.paint(offset(stomach, -3.5), rng.uniform(5, 25), st_box)
     st_level = float(st_c[1] + rng.uniform(-5, 25))
-    canvas.paint(intersect(offset(stomach, -3.5), lambda L, A, S: st_level - A + 0 * L + 0 * S), -1000.0, st_box)
+    canvas.paint(intersect(offset(stomach, -3.5), lambda L, A, S: st_level - A), -1000.0, st_box)
 
     # ---- pancreas body and tail towards the splenic hilum, splenic vein behind it
     pan_path = [np.array([-25.0, aorta_c[1] + 28, -30.0]), np.array([15.0, aorta_c[1] + 24, -20.0]),
