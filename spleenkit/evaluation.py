@@ -140,6 +140,15 @@ def postprocessing(largest_component: bool = False, fill_holes: bool = False, in
     return Compose(chain)
 
 
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected spleen component of a 0/1 mask (MONAI's KeepLargestConnectedComponent)."""
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
+    kept = KeepLargestConnectedComponent(applied_labels=[1])(torch.as_tensor(np.asarray(mask, dtype=np.uint8)[None]))
+    return np.asarray(kept[0].cpu().numpy(), dtype=np.uint8)
+
+
 # --------------------------------------------------------------------------- metrics
 def _as_binary(mask: Any, name: str) -> np.ndarray:
     """A 0/1 array (a leading channel of size 1 is dropped); other values are an error."""
@@ -449,6 +458,24 @@ def evaluate_case(network: torch.nn.Module, item: Mapping[str, str], preset: Pre
     log.info("%s: Dice %.3f (resampled) / %.3f (original), HD95 %s mm (original), %.1f s", name,
              rows[0]["dice"], rows[1]["dice"], _fmt(rows[1]["hd95_mm"]), seconds)
     return rows, original_mask
+
+
+def label_round_trip(item: Mapping[str, str], preset: Preset | str = "seed",
+                     preprocessing: Compose | None = None) -> dict[str, float | None]:
+    """Metrics of a label against itself sent to the preset's grid and back (nearest neighbour).
+
+    This is the best original-space score a perfect prediction in the resampled space can reach:
+    resampling a label is lossy, which is why the two spaces give different numbers.
+    """
+    from monai.transforms import Invertd
+
+    from spleenkit.transforms import validation_transforms
+
+    preprocessing = preprocessing or validation_transforms(get_preset(preset))
+    data = preprocessing({"image": item["image"], "label": item["label"]})
+    back = Invertd(keys="label", transform=preprocessing, orig_keys="label", nearest_interp=True)(data)["label"]
+    reference, reference_image = read_binary_mask(item["label"])
+    return mask_metrics(np.asarray(back[0].cpu().numpy() > 0.5), reference, voxel_spacing(reference_image.affine))
 
 
 def _fmt(value: float | None) -> str:

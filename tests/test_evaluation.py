@@ -18,6 +18,8 @@ from spleenkit.evaluation import (
     compare_mask_files,
     evaluate_run,
     format_summary,
+    keep_largest_component,
+    label_round_trip,
     make_inferer,
     mask_metrics,
     postprocessing,
@@ -187,6 +189,22 @@ def test_postprocessing_keeps_largest_component_and_fills_holes() -> None:
     assert cleaned.sum() == 8**3
     onehot = postprocessing(to_onehot=2)({"pred": logits})["pred"]
     assert onehot.shape == (2, 16, 16, 16)
+
+
+def test_keep_largest_component_drops_islands() -> None:
+    mask = np.zeros((12, 12, 12), dtype=np.uint8)
+    mask[1:6, 1:6, 1:6] = 1
+    mask[9:11, 9:11, 9:11] = 1
+    kept = keep_largest_component(mask)
+    assert kept.dtype == np.uint8 and kept.sum() == 125 and kept[10, 10, 10] == 0
+
+
+def test_label_round_trip_shows_what_resampling_costs(example_ct_dir: Path) -> None:
+    item = {"image": str(example_ct_dir / "ct.nii.gz"), "label": str(example_ct_dir / "spleen_a.nii.gz")}
+    coarse = label_round_trip(item, get_preset("quick", spacing=(6.0, 6.0, 6.0)))  # 3 mm -> 6 mm -> 3 mm
+    assert 0.8 < coarse["dice"] < 0.99
+    assert coarse["ref_volume_ml"] == pytest.approx(compare_mask_files(item["label"], item["label"])["ref_volume_ml"])
+    assert label_round_trip(item, "quick")["dice"] == 1.0  # 3 mm to 3 mm loses nothing
 
 
 def test_make_inferer_takes_the_preset_and_checks_options() -> None:
