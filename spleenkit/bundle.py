@@ -286,12 +286,34 @@ def _lookup(config: Any, parts: Sequence[str]) -> tuple[bool, Any]:
     return True, config
 
 
+def _parameters(target: str) -> list[str] | None:
+    """Keyword names a ``_target_`` accepts, or None when it takes any (``**kwargs``) or cannot be found."""
+    import inspect
+    import pydoc
+
+    from monai.bundle.config_item import ComponentLocator
+
+    module = ComponentLocator().get_component_module_name(target) if "." not in target else None
+    if isinstance(module, list):
+        module = module[0] if module else None
+    component = pydoc.locate(f"{module}.{target}" if module else target)
+    if component is None:
+        return None
+    try:
+        signature = inspect.signature(component)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return [name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
 def override_problems(config: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
     """The overrides in ``keys`` that name nothing in ``config``, each with a suggestion.
 
-    A key is accepted when it exists, or when it adds an argument to a component (a dict with
-    ``_target_``), which is how bundle users pass extra arguments. Anything else would be
-    silently added by MONAI and ignored, so it is reported.
+    A key is accepted when it exists, or when it adds an argument that a component (a dict with
+    ``_target_``) accepts, which is how bundle users pass extra arguments. Anything else would be
+    silently added by MONAI and ignored (or fail later, far from the cause), so it is reported.
     """
     problems = []
     known = None
@@ -304,10 +326,17 @@ def override_problems(config: Mapping[str, Any], keys: Sequence[str]) -> list[st
         if found:
             continue
         parent_found, parent = _lookup(config, parts[:-1])
-        if parent_found and isinstance(parent, dict) and "_target_" in parent and len(parts) > 1:
-            continue
-        known = known if known is not None else _all_ids(config)
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        candidates: list[str] = []
+        if parent_found and len(parts) > 1 and isinstance(parent, dict) and isinstance(parent.get("_target_"), str):
+            accepted = _parameters(parent["_target_"])
+            if accepted is None or parts[-1] in accepted or parts[-1].startswith("_"):
+                continue
+            parent_id = "#".join(parts[:-1])
+            candidates = [f"{parent_id}#{name}" for name in accepted]
+        if not candidates:
+            known = known if known is not None else _all_ids(config)
+            candidates = known
+        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         problems.append(f"--{key} names no key of the bundle's configs{hint}")
     return problems
