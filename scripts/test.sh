@@ -16,7 +16,7 @@ mapfile -t nbval_notebooks <<< "$kept"
 [[ -n "$kept" ]] || nbval_notebooks=()
 echo "== pytest (nbval compares the kept outputs of: ${nbval_notebooks[*]:-no notebook})"
 status=0
-python -m pytest tests "${nbval_notebooks[@]}" --nbval-lax --nbval-current-env "$@" || status=$?
+python -m pytest tests "${nbval_notebooks[@]}" --nbval-lax --nbval-current-env --durations=15 "$@" || status=$?
 if [[ $status -eq 5 ]]; then
     echo "pytest collected no tests: treating that as a failure" >&2
     exit 1
