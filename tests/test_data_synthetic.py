@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from spleenkit.data.datalist import load_datalist
-from spleenkit.data.synthetic import render_case, write_synthetic_dataset
+from spleenkit.data.synthetic import SPLEEN_VOLUME_ML, render_case, write_synthetic_dataset
 from spleenkit.errors import BadInputError
 
 MSD_KEYS = {"name", "description", "reference", "licence", "release", "tensorImageSize", "modality", "labels",
@@ -77,13 +77,23 @@ def test_same_anatomy_whatever_the_voxel_order() -> None:
 
 
 def test_default_grid_is_msd_like() -> None:
-    """256 in-plane gives sub-millimetre to about 1 mm voxels; slices 1.5-5 mm; spleens 100-400 mL."""
+    """256 in-plane gives sub-millimetre to about 1 mm voxels, and the anatomy does not depend on the grid."""
+    _, fine, geometry = render_case(seed=0, case=1, matrix=256, slice_spacing=5.0)
+    assert 0.8 <= geometry.spacing[0] <= 1.06 and geometry.spacing[0] == geometry.spacing[1]
+    _, coarse, coarse_geometry = render_case(seed=0, case=1, matrix=96, slice_spacing=5.0)
+    fine_ml = fine.sum() * np.prod(geometry.spacing) / 1000
+    coarse_ml = coarse.sum() * np.prod(coarse_geometry.spacing) / 1000
+    assert abs(fine_ml - coarse_ml) < 0.1 * fine_ml
+
+
+def test_spleen_volumes_are_adult_sized() -> None:
+    low, high = SPLEEN_VOLUME_ML
     volumes = []
-    for case in range(1, 5):
-        _, label, geometry = render_case(seed=0, case=case, matrix=256, slice_spacing=5.0)
-        assert 0.8 <= geometry.spacing[0] <= 1.06 and geometry.spacing[0] == geometry.spacing[1]
+    for case in range(1, 9):
+        _, label, geometry = render_case(seed=1, case=case, matrix=64, slice_spacing=5.0)
         volumes.append(label.sum() * np.prod(geometry.spacing) / 1000)
-    assert all(100 <= v <= 400 for v in volumes), volumes
+    assert all(low <= v <= high for v in volumes), volumes
+    assert max(volumes) - min(volumes) > 50, "sizes should vary"
 
 
 def test_same_seed_gives_identical_files(tmp_path: Path) -> None:

@@ -35,8 +35,9 @@ SLICE_SPACINGS: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 SLICE_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.15, 0.15, 0.2, 0.3)
 #: Voxel orderings the cases cycle through: RAS+, LPS-like (x and y flipped), LAS (x flipped).
 ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS")
-#: Spleen volume (mL) the generator aims for, as in adults.
+#: Adult spleen volumes (mL); the generator draws its targets from the narrower SPLEEN_TARGET_ML.
 SPLEEN_VOLUME_ML = (100.0, 400.0)
+SPLEEN_TARGET_ML = (120.0, 370.0)
 #: gzip level for the .nii.gz files (1 is nibabel's default: fast, a little larger).
 GZIP_LEVEL = 1
 
@@ -430,10 +431,8 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
 
     # ---- the spleen's frame comes first: the other organs are placed around it
     # it lies against the posterolateral wall (ribs), thickness along the wall's inward normal
-    target_ml = rng.uniform(110, 380)
+    target_ml = rng.uniform(*SPLEEN_TARGET_ML)
     ratios = np.array([rng.uniform(1.0, 1.25), rng.uniform(0.58, 0.7), rng.uniform(0.32, 0.40)])
-    scale = (target_ml * 1000 / (4 / 3 * math.pi * ratios.prod())) ** (1 / 3)
-    sp_axes = (scale * ratios).astype(np.float32)  # semi-axes: length, width along the wall, thickness
     theta = math.radians(rng.uniform(108, 125))  # angle from anterior towards the patient's left
     # the cavity wall there (a super-ellipse like the body) and its inward normal
     cav_half_d = half_d - fat - muscle
@@ -445,8 +444,6 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     if tangent[1] < 0:
         tangent = -tangent
     sp_centre_s = rng.uniform(-5, 15)
-    centre_2d = wall + normal * (sp_axes[2] * 0.75)
-    sp_centre = np.array([centre_2d[0], centre_2d[1], sp_centre_s], dtype=np.float32)
     tilt = math.radians(rng.uniform(12, 28))  # lower pole forwards
     e_thick = np.array([normal[0], normal[1], 0.0])
     e_width = np.array([tangent[0], tangent[1], 0.0])
@@ -457,21 +454,42 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     bend = rng.uniform(0.006, 0.010)  # follows the curve of the wall: a crescent
     notch = rng.uniform(0.25, 0.45)  # the hilum: a medial groove
     sp_wobble = _wobble(rng, rng.uniform(1.5, 3.0), 40.0, 4)
-    inv = (1.0 / sp_axes).astype(np.float32)
 
-    def spleen_shape(L, A, S):
-        d = (L - sp_centre[0], A - sp_centre[1], S - sp_centre[2])
-        u = [frame[i, 0] * d[0] + frame[i, 1] * d[1] + frame[i, 2] * d[2] for i in range(3)]
-        u[2] = u[2] - bend * (u[1] ** 2 + 0.5 * u[0] ** 2)
-        # thinner towards the tips, with a groove where the vessels enter
-        u[2] = u[2] * (1 + notch * np.exp(-(u[0] ** 2 + u[1] ** 2) / (0.2 * sp_axes[1] ** 2)) * (u[2] > 0))
-        q = np.sqrt(sum((u[i] * inv[i]) ** 2 for i in range(3)))
-        g = np.sqrt(sum((u[i] * inv[i] ** 2) ** 2 for i in range(3)))
-        f = q * (q - 1.0) / (g + 1e-6)
-        for amp, kl, ka, ks, ph in sp_wobble:
-            f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
-        return f
+    def spleen_at(scale: float) -> tuple[Field, np.ndarray, np.ndarray]:
+        """The spleen's shape, centre and semi-axes (length, width along the wall, thickness) at a size."""
+        axes = (scale * ratios).astype(np.float32)
+        inv = 1.0 / axes
+        centre = np.array([*(wall + normal * (axes[2] * 0.75)), sp_centre_s], dtype=np.float32)
 
+        def shape(L, A, S):
+            d = (L - centre[0], A - centre[1], S - centre[2])
+            u = [frame[i, 0] * d[0] + frame[i, 1] * d[1] + frame[i, 2] * d[2] for i in range(3)]
+            u[2] = u[2] - bend * (u[1] ** 2 + 0.5 * u[0] ** 2)
+            # thinner towards the tips, with a groove where the vessels enter
+            u[2] = u[2] * (1 + notch * np.exp(-(u[0] ** 2 + u[1] ** 2) / (0.2 * axes[1] ** 2)) * (u[2] > 0))
+            q = np.sqrt(sum((u[i] * inv[i]) ** 2 for i in range(3)))
+            g = np.sqrt(sum((u[i] * inv[i] ** 2) ** 2 for i in range(3)))
+            f = q * (q - 1.0) / (g + 1e-6)
+            for amp, kl, ka, ks, ph in sp_wobble:
+                f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
+            return f
+
+        return shape, centre, axes
+
+    def spleen_volume_ml(scale: float, step: float = 4.0) -> float:
+        """The spleen's volume once clipped by the wall and the diaphragm, on a coarse grid."""
+        shape, centre, axes = spleen_at(scale)
+        r = float(axes.max()) * 1.3 + 10
+        L, A, S = (np.arange(c - r, c + r, step, dtype=np.float32) for c in centre)
+        L, A, S = L[:, None, None], A[None, :, None], S[None, None, :]
+        clipped = np.maximum(np.maximum(shape(L, A, S), cavity(L, A, S) + 0.5), -diaphragm(L, A, S))
+        return float(np.count_nonzero(clipped < 0)) * step**3 / 1000
+
+    # size it so that the visible spleen (after clipping) has the target volume
+    scale = (target_ml * 1000 / (4 / 3 * math.pi * ratios.prod())) ** (1 / 3)
+    for _ in range(2):
+        scale *= (target_ml / max(spleen_volume_ml(scale), 1.0)) ** (1 / 3)
+    spleen_shape, sp_centre, sp_axes = spleen_at(scale)
     r_max = float(sp_axes.max()) * 1.3 + 10
     spleen_box = tuple((float(c - r_max), float(c + r_max)) for c in sp_centre)
     spleen_bottom = float(sp_centre[2] - sp_axes[0] * math.cos(tilt))
