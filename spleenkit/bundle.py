@@ -76,6 +76,34 @@ def bundle_command(command: str, bundle_dir: str | os.PathLike[str] | None = Non
     return args
 
 
+def run_command(command: str, overrides: Mapping[str, Any] | None = None,
+                bundle_dir: str | os.PathLike[str] | None = None, processes: int = 2,
+                timeout: float | None = None) -> str:
+    """Run one of the seed's commands in a new process from the bundle folder; return its output.
+
+    A failure raises :class:`~spleenkit.errors.SpleenkitError` with the command and the last lines
+    of its output (the notebooks and tests show the bundle working exactly as its users run it).
+    """
+    import subprocess
+
+    from spleenkit.errors import SpleenkitError
+
+    folder = Path(bundle_dir) if bundle_dir else bundle_source()
+    args = bundle_command(command, overrides=overrides, processes=processes)
+    environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    logger.info("running in %s: %s", folder, format_command(args))
+    try:
+        result = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired as error:
+        raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        tail = "\n".join(output.splitlines()[-40:])
+        raise SpleenkitError(f"the bundle command failed (exit status {result.returncode}):\n"
+                             f"{format_command(args)}\n...\n{tail}")
+    return output
+
+
 def format_command(args: Sequence[str]) -> str:
     """A :func:`bundle_command` as one would type it (``python -m ...`` / ``torchrun ...``, README quoting)."""
     import shlex
@@ -120,6 +148,23 @@ def recipe(preset: Preset | str = "seed", **overrides: Any) -> Preset:
     from spleenkit.training import resolve_preset
 
     return resolve_preset(preset, **{key: _plain(value) for key, value in overrides.items()})
+
+
+def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: str | os.PathLike[str],
+               device: torch.device | str | None = None) -> Path | None:
+    """Write ``manifest.json`` beside the bundle's model.pt (rank 0 only), with the recipe it trains.
+
+    That makes ``models/`` a kit run folder: ``spleenkit evaluate --model models/model.pt`` reads the
+    recipe from it, so the kit preprocesses exactly as the bundle did.
+    """
+    from spleenkit.manifest import build_manifest, now, write_manifest
+
+    if rank() != 0:
+        return None
+    parameters = {"preset": preset.to_dict(), "data_dir": str(Path(dataset_dir).resolve()),
+                  "device": None if device is None else str(device)}
+    return write_manifest(ckpt_dir, build_manifest(parameters, device=parameters["device"], kind="bundle training",
+                                                   started=now(), finished=None))
 
 
 def build_network(preset: Preset | str = "seed", **settings: Any) -> torch.nn.Module:

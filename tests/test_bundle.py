@@ -251,26 +251,30 @@ def trained(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slow
 def test_training_command_writes_the_best_model(trained: Path) -> None:
+    from spleenkit.evaluation import run_preset
     from spleenkit.model import load_model
 
     load_model(trained / "models" / "model.pt")  # a plain UNet state dict, strict keys, weights only
     assert list((trained / "eval").glob("events.out.tfevents.*"))
+    recipe = run_preset(trained / "models")  # models/ is a kit run folder: its manifest holds the recipe
+    assert recipe.patch_size == tuple(PATCH) and recipe.spacing == tuple(SPACING) and recipe.epochs == 1
 
 
 @pytest.mark.slow
-def test_evaluating_command_gives_the_kit_numbers(trained: Path, synthetic_dataset: Path) -> None:
-    from spleenkit.bundle import recipe
-    from spleenkit.evaluation import evaluate_run
-
+def test_evaluating_command_gives_the_kit_numbers(trained: Path, synthetic_dataset: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert_ok(run_bundle("evaluate", tiny(synthetic_dataset, trained)))
     with (trained / "eval" / "val_mean_dice_raw.csv").open() as stream:
         bundle_dice = {Path(row["filename"]).name.split(".")[0]: float(row["class0"])
                        for row in csv.DictReader(stream)}
     assert sorted(bundle_dice) == ["spleen_5", "spleen_6"]
-    preset = recipe("seed", patch_size=PATCH, spacing=SPACING, validation_cases=2)
-    kit = evaluate_run(trained / "models" / "model.pt", synthetic_dataset, out_dir=trained / "kit_evaluation",
-                       preset=preset, save_predictions=False, figures=False)
-    kit_dice = {row["case"]: row["dice"] for row in kit.rows if row["space"] == "original"}
+    # the kit's command on the same model.pt and data; it reads the recipe from models/manifest.json
+    out = trained / "kit_evaluation"
+    assert main(["evaluate", "--model", str(trained / "models" / "model.pt"), "--data", str(synthetic_dataset),
+                 "--out", str(out), "--no-save-predictions"]) == 0
+    capsys.readouterr()
+    with (out / "per_case.csv").open() as stream:
+        kit_dice = {row["case"]: float(row["dice"]) for row in csv.DictReader(stream) if row["space"] == "original"}
     assert kit_dice.keys() == bundle_dice.keys()
     for case, value in bundle_dice.items():
         assert value == pytest.approx(kit_dice[case], abs=1e-4)
