@@ -30,7 +30,7 @@ def example_ct_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic MSD-layout dataset: 6 labelled + 1 test phantom, 64x64 in-plane, 5 mm slices (~1 s).
+    """A small synthetic MSD-layout dataset: 6 labelled + 1 test phantom, 64x64 in-plane, 5 mm slices (seconds).
 
     Session-scoped and shared: treat it as read-only (copy it before changing anything).
     """
