@@ -493,7 +493,9 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         description = msd_description([name], [], "The TotalSegmentator example CT (not an MSD case) with a "
                                       f"predicted spleen mask ({mask}) as its label")
         description["name"] = "Spleen example"
-        (out / "dataset.json").write_text(json.dumps(description, indent=4))
+        tmp = out / ".dataset.json.tmp"
+        tmp.write_text(json.dumps(description, indent=4))
+        os.replace(tmp, out / "dataset.json")
     except OSError as error:
         raise BadInputError(f"cannot write the example dataset ({error.strerror or error})", out) from error
     return out
