@@ -79,8 +79,9 @@ def _notebooks_list(args: argparse.Namespace) -> int:
 
     folder = find_repo() / "notebooks"
     notebooks = notebooks_with_kept_outputs(folder) if args.kept else list_notebooks(folder)
+    width = max((len(path.name) for path in notebooks), default=0)
     for path in notebooks:
-        print(path if args.paths else f"{path.name:28s} {notebook_title(path)}")
+        print(path if args.paths else f"{path.name:{width}s}  {notebook_title(path)}")
     return 0
 
 
