@@ -545,6 +545,13 @@ def default_nproc() -> int:
     return 2
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -555,23 +562,25 @@ def free_port() -> int:
 def torchrun_command(args: Sequence[str], nproc: int | None = None, *, nnodes: int = 1,
                      node_rank: int | None = None, rdzv_endpoint: str | None = None,
                      rdzv_id: str = "spleenkit", rdzv_conf: str | None = None,
-                     local_addr: str | None = None, python: str | None = None) -> list[str]:
+                     local_addr: str | None = None, program: Sequence[str] = ("-m", "spleenkit")) -> list[str]:
     """The ``torchrun`` command line that runs ``spleenkit ARGS --distributed`` on this machine.
 
     One machine: ``--standalone`` (torchrun finds a free port itself). Several machines: the same
     command on each, with ``nnodes`` and a c10d rendezvous at ``rdzv_endpoint`` (HOST:PORT of one of
-    them); ``node_rank`` is optional with c10d (ranks are assigned as machines join).
+    them); ``node_rank`` is optional with c10d (ranks are assigned as machines join). ``program`` is
+    what each process runs (default the spleenkit CLI; a script path also works).
     """
     args = list(args)
-    if not args or args[0] not in ("train", "evaluate"):
-        raise BadInputError("launch_torchrun runs `spleenkit train ...` or `spleenkit evaluate ...`; "
-                            f"got {' '.join(args) or 'nothing'}")
-    if "--distributed" not in args:
-        args.append("--distributed")
+    if tuple(program) == ("-m", "spleenkit"):
+        if not args or args[0] not in ("train", "evaluate"):
+            raise BadInputError("launch_torchrun runs `spleenkit train ...` or `spleenkit evaluate ...`; "
+                                f"got {' '.join(args) or 'nothing'}")
+        if "--distributed" not in args:
+            args.append("--distributed")
     nproc = default_nproc() if nproc is None else int(nproc)
     if nproc < 1 or nnodes < 1:
         raise BadInputError(f"need at least one process and one machine (got nproc={nproc}, nnodes={nnodes})")
-    command = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nnodes == 1 and rdzv_endpoint is None:
         command += ["--standalone", "--nnodes=1"]
     else:
@@ -585,7 +594,7 @@ def torchrun_command(args: Sequence[str], nproc: int | None = None, *, nnodes: i
             command.append(f"--node-rank={node_rank}")
     if local_addr:
         command.append(f"--local-addr={local_addr}")
-    return command + ["-m", "spleenkit", *args]
+    return command + [*program, *args]
 
 
 _FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
@@ -607,7 +616,8 @@ def failure_summary(output: str) -> str:
 def launch_torchrun(args: Sequence[str], nproc: int | None = None, *, nnodes: int = 1,
                     node_rank: int | None = None, rdzv_endpoint: str | None = None, rdzv_id: str = "spleenkit",
                     rdzv_conf: str | None = None, local_addr: str | None = None,
-                    env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                    program: Sequence[str] = ("-m", "spleenkit"), env: dict[str, str] | None = None,
+                    cwd: str | os.PathLike[str] | None = None,
                     timeout_s: float | None = None, check: bool = True,
                     echo: bool | Callable[[str], Any] = True) -> subprocess.CompletedProcess[str]:
     """Run ``torchrun ... -m spleenkit ARGS --distributed`` and stream its output line by line.
@@ -619,12 +629,12 @@ def launch_torchrun(args: Sequence[str], nproc: int | None = None, *, nnodes: in
     rank that failed. An interrupt or ``timeout_s`` stops torchrun and all its workers.
     """
     command = torchrun_command(args, nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                               rdzv_id=rdzv_id, rdzv_conf=rdzv_conf, local_addr=local_addr)
+                               rdzv_id=rdzv_id, rdzv_conf=rdzv_conf, local_addr=local_addr, program=program)
     environment = dict(os.environ if env is None else env)
     environment.setdefault("PYTHONUNBUFFERED", "1")
     processes = default_nproc() if nproc is None else int(nproc)
     # torchrun would otherwise set 1 thread per process and print a banner about it
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // processes)))
     log.info("launching: %s", " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                env=environment, cwd=cwd, start_new_session=True)
