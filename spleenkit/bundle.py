@@ -276,8 +276,14 @@ def init_distributed(device: torch.device | str | None = None) -> str:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         use_nccl = torch.cuda.is_available() and dist.is_nccl_available() and \
             (device is None or torch.device(device).type == "cuda")
+        if use_nccl and torch.cuda.device_count() < local_processes:
+            # NCCL refuses two processes on one GPU; gloo lets them share it (slowly)
+            logger.warning("%d processes but %d GPU(s) on this machine: using gloo instead of NCCL",
+                           local_processes, torch.cuda.device_count())
+            use_nccl = False
         backend = "nccl" if use_nccl else "gloo"
         dist.init_process_group(backend=backend)
         logger.info("process group: rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(), backend)

@@ -8,11 +8,14 @@ difference, which the tests (and ``spleenkit export``) hold under :data:`TOLERAN
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +83,26 @@ def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
         torch.onnx.export(network, (sample,), path, dynamo=True, input_names=["image"], output_names=["pred"],
                           dynamic_shapes=dynamic, verbose=False)
 
-    return _replace_atomically(Path(out), write)
+    with _quiet_exporter():
+        return _replace_atomically(Path(out), write)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the ONNX exporter's progress lines and optimiser log (kept at warning level and above)."""
+    import warnings
+
+    names = ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def load_exported(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
