@@ -6,8 +6,9 @@ piece is built by the kit (``$spleenkit.transforms.deterministic_transforms(@pre
 ``spleenkit.bundle.build_network`` ...), so the pipeline is written once, in the package.
 
 Also here: checking command-line overrides (MONAI silently adds a mistyped key; the kit refuses
-it and suggests the right one), process-group set-up that falls back to gloo on a CPU, a
-checkpoint check with a clear message, the metadata schema check and ``verify_net_in_out``.
+it and suggests the right one), a checkpoint check with a clear message, the metadata schema check
+and ``verify_net_in_out``. The multi-GPU configs open the process group with
+``spleenkit.distributed.init_process_group`` (NCCL between GPUs, gloo between CPU processes).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: st
     That makes ``models/`` a kit run folder: ``spleenkit evaluate --model models/model.pt`` reads the
     recipe from it, so the kit preprocesses exactly as the bundle did.
     """
+    from spleenkit.distributed import rank
     from spleenkit.manifest import build_manifest, now, write_manifest
 
     if rank() != 0:
@@ -267,52 +269,12 @@ class OriginalLabeld:
 
 
 # --------------------------------------------------------------------------- distributed
-def init_distributed(device: torch.device | str | None = None) -> str:
-    """Join the torchrun process group (NCCL with CUDA, else gloo on the CPU); returns the backend.
-
-    Does nothing but report the backend when the group already exists.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        use_nccl = torch.cuda.is_available() and dist.is_nccl_available() and \
-            (device is None or torch.device(device).type == "cuda")
-        if use_nccl and torch.cuda.device_count() < local_processes:
-            # NCCL refuses two processes on one GPU; gloo lets them share it (slowly)
-            logger.warning("%d processes but %d GPU(s) on this machine: using gloo instead of NCCL",
-                           local_processes, torch.cuda.device_count())
-            use_nccl = False
-        backend = "nccl" if use_nccl else "gloo"
-        dist.init_process_group(backend=backend)
-        logger.info("process group: rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(), backend)
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-    return str(dist.get_backend())
-
-
 def device_ids(device: torch.device | str) -> list[torch.device] | None:
     """``device_ids`` for DistributedDataParallel: the GPU of this process, or None on the CPU."""
     import torch
 
     device = torch.device(device)
     return [device] if device.type == "cuda" else None
-
-
-def rank() -> int:
-    """This process's rank (0 without a process group)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def finalize_distributed() -> None:
-    """Leave the process group if there is one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- overrides
