@@ -332,22 +332,23 @@ def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], p
                  largest_component: bool = False, fill_holes: bool = False) -> np.ndarray:
     """Predict one NIfTI file; returns a uint8 0/1 mask in the file's own voxel order and shape.
 
-    Preprocess (RAS, preset spacing, window) -> sliding window -> softmax -> Invertd back onto
-    the file's grid (interpolating probabilities, as the bundle does) -> argmax -> options.
+    Preprocess (RAS, preset spacing, window) -> sliding window -> softmax -> back onto the file's
+    grid (``Invertd``, or slab-wise resampling for large images) -> argmax -> options.
     """
-    from spleenkit.evaluation import postprocessing, predict_logits
+    from spleenkit.evaluation import original_space_mask, predict_logits
     from spleenkit.transforms import inference_transforms
 
+    image = read_nifti(image_path)
     preprocessing = inference_transforms(get_preset(preset))
     try:
         data = preprocessing({"image": str(image_path)})
     except Exception as error:  # noqa: BLE001 - MONAI wraps reader failures in RuntimeError
         raise BadInputError(f"cannot preprocess ({str(error).splitlines()[0]})", image_path) from error
     logits = predict_logits(network, data["image"], inferer, device, amp)
-    original = postprocessing(largest_component, fill_holes, invert=preprocessing)(
-        {"pred": logits, "image": data["image"]})["pred"]
-    del logits, data
-    return np.asarray(original[0].cpu().numpy() > 0.5, dtype=np.uint8)
+    resampled = data.pop("image")
+    del data
+    return original_space_mask(logits, resampled, preprocessing, image.affine, image.shape, largest_component,
+                               fill_holes)
 
 
 def peak_memory_mib() -> float:

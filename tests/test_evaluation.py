@@ -79,6 +79,23 @@ def test_real_mask_pair_matches_simpleitk_and_scipy(example_ct_dir: Path) -> Non
     assert result["hd95_mm"] == pytest.approx(3.0, abs=1e-4)
 
 
+def test_distances_equal_monais_metric_classes(example_ct_dir: Path) -> None:
+    from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
+
+    a = np.asarray(nib.load(example_ct_dir / "spleen_a.nii.gz").dataobj) > 0
+    b = np.roll(np.asarray(nib.load(example_ct_dir / "spleen_b.nii.gz").dataobj) > 0, 2, axis=2)
+    spacing = (3.0, 2.0, 1.5)
+    ours = mask_metrics(a, b, spacing)
+    y_pred, y = torch.from_numpy(a)[None, None].float(), torch.from_numpy(b)[None, None].float()
+    expected = {
+        "hd95_mm": HausdorffDistanceMetric(include_background=True, percentile=95)(y_pred, y, spacing=spacing),
+        "hd_mm": HausdorffDistanceMetric(include_background=True)(y_pred, y, spacing=spacing),
+        "assd_mm": SurfaceDistanceMetric(include_background=True, symmetric=True)(y_pred, y, spacing=spacing),
+    }
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(float(value[0, 0]), abs=1e-4), name
+
+
 def test_anisotropic_spacing_is_applied_per_axis() -> None:
     grid = np.indices((40, 36, 24)).astype(float)
     spacing = (0.7, 0.9, 2.5)
@@ -197,6 +214,7 @@ def test_keep_largest_component_drops_islands() -> None:
     mask[9:11, 9:11, 9:11] = 1
     kept = keep_largest_component(mask)
     assert kept.dtype == np.uint8 and kept.sum() == 125 and kept[10, 10, 10] == 0
+    assert mask.sum() == 125 + 8  # the input is left as it was
 
 
 def test_label_round_trip_shows_what_resampling_costs(example_ct_dir: Path) -> None:
