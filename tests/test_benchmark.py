@@ -1,0 +1,126 @@
+"""The side-by-side benchmark: its quick mode runs end to end and writes well-formed results.
+
+Timings are for the report, never pass/fail: these tests check structure and the few numbers
+that do not depend on the machine (mask agreement, the alternation order, the goals' logic).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _module(name: str):
+    """Import a module from benchmarks/ (a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_mask_agreement_and_ratio() -> None:
+    report = _module("report")
+    a = np.zeros((4, 4, 4), dtype=np.uint8)
+    b = a.copy()
+    assert report.mask_agreement(a, b)["dice"] == 1.0  # two empty masks agree
+    a[:2] = 1
+    b[:1] = 1
+    agreement = report.mask_agreement(a, b)
+    assert agreement["dice"] == pytest.approx(2 * 16 / (32 + 16))
+    assert agreement["differing_voxels"] == 16
+    assert report.mask_agreement(a, b[:3])["dice"] is None
+    assert report.ratio(6.0, 3.0) == 2.0
+    assert report.ratio(None, 3.0) is None and report.ratio(1.0, 0.0) is None
+
+
+def test_sides_alternate() -> None:
+    run = _module("run_benchmark")
+    assert run.alternate(3) == [(0, "kit"), (0, "reference"), (1, "reference"), (1, "kit"), (2, "kit"),
+                                (2, "reference")]
+
+
+def test_goals_judge_the_measurements() -> None:
+    report = _module("report")
+    results = {"parts": {
+        "training": {"ratio": {"throughput": 2.5}},
+        "quality": {"target": 0.9, "runs": {"kit": {"seconds_to_target": 400.0}}},
+        "startup": {"spleenkit --help": {"median_seconds": 0.4}},
+        "inference": {"images": {"ct": {"ratio": {"speed": 1.5}, "agreement": {"dice": 0.9995}}}},
+    }}
+    met = {row["goal"]: row["met"] for row in report.goals(results)}
+    assert met["training throughput, kit / reference"] is True
+    assert met["inference speed on ct, kit / reference"] is False
+    assert met["mask agreement on ct (Dice)"] is True
+    assert met["kit reaches validation Dice 0.9"] is False  # 6.7 min > 5 min
+    assert met["`spleenkit --help`"] is True
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path: Path, synthetic_dataset: Path, example_ct_dir: Path) -> None:
+    out = tmp_path / "results"
+    environment = {**os.environ, "SPLEENKIT_EXAMPLE_DIR": str(example_ct_dir)}
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_benchmark.py"), "--quick", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--data", str(synthetic_dataset)],
+        capture_output=True, text=True, env=environment, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+    results = json.loads((out / "benchmark.json").read_text())
+
+    assert results["mode"] == "quick"
+    assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
+    parts = results["parts"]
+    assert set(parts) == {"training", "quality", "inference", "startup"}
+    # every side ran without error, in its own process, and reported its peak memory
+    training = parts["training"]
+    for side in ("kit", "reference"):
+        for run in training["runs"][side]:
+            assert "error" not in run, run
+            assert run["peak_rss_mib"] > 0 and run["steps_per_second"] > 0
+            assert len(run["step_seconds"]) == results["config"]["training"]["steps"]
+        assert training["median"][side]["cache_fill_seconds"] > 0
+    assert training["ratio"]["throughput"] > 0
+    assert training["runs"]["kit"][0]["precision"] == "bfloat16"
+    assert training["runs"]["reference"][0]["precision"] == "float32"  # amp=True does nothing on a CPU
+
+    quality = parts["quality"]
+    for side in ("kit", "reference"):
+        run = quality["runs"][side]
+        assert "error" not in run, run
+        assert run["reached"] == (run["seconds_to_target"] is not None)
+        assert run["seconds"] <= quality["cap_seconds"] + 120  # the cap stops a run (within an epoch)
+
+    inference = parts["inference"]
+    assert any(name.startswith("example CT") for name in inference["images"])
+    for entry in inference["images"].values():
+        for side in ("kit", "reference"):
+            assert all("error" not in run for run in entry["runs"][side]), entry["runs"][side]
+            assert entry["median"][side]["seconds"] > 0
+        agreement = entry["agreement"]
+        assert 0.0 <= agreement["dice"] <= 1.0
+        assert agreement["kit_voxels"] + agreement["reference_voxels"] >= agreement["differing_voxels"]
+
+    assert parts["startup"]["spleenkit --help"]["median_seconds"] > 0
+    goals = {row["goal"] for row in results["goals"]}
+    assert "`spleenkit --help`" in goals and "training throughput, kit / reference" in goals
+
+    table = (out / "benchmark.md").read_text()
+    assert "| measure | kit | reference | kit vs reference |" in table and "QUICK MODE" in table
+    png = (out / "benchmark.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > height > 100
