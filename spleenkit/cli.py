@@ -525,6 +525,72 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     _distributed_options(train, training=True)
 
 
+# --------------------------------------------------------------------------- course
+def _course_student(args: argparse.Namespace) -> int:
+    from spleenkit.course import build_student_copies
+
+    written = build_student_copies(args.out, only=args.only, force=args.force)
+    for path in written:
+        print(f"student copy: {path}")
+    print(f"{len(written)} notebook(s) without solutions or outputs in {args.out}")
+    return 0
+
+
+def _course_check(args: argparse.Namespace) -> int:
+    from spleenkit.course import check_course
+    from spleenkit.notebooks import format_table, text_table
+
+    if not args.verbose:
+        logging.getLogger("papermill").setLevel(logging.WARNING)
+    overrides = dict(_key_value(item) for item in args.set or [])
+    result = check_course(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides)
+    for failure in result.summary.failures:
+        print(f"\n{failure.error}\n", file=sys.stderr)
+    print(format_table(result.summary.results), end="\n\n")
+    print(text_table(result.rows, ["notebook", "exercise", "status", "title"]))
+    passed = sum(row["status"] == "correct" for row in result.rows)
+    print(f"\n{passed} of {len(result.rows)} exercise checks correct; executed copies in {result.summary.output_dir}")
+    return 0 if result.ok else 1
+
+
+def _course_list(args: argparse.Namespace) -> int:
+    import nbformat
+
+    from spleenkit.course import find_exercises
+    from spleenkit.exercises import EXERCISES
+    from spleenkit.notebooks import find_repo, list_notebooks
+
+    for path in list_notebooks(find_repo() / "notebooks"):
+        print(path.name)
+        for item in find_exercises(nbformat.read(path, as_version=4)):
+            known = EXERCISES.get(item.exercise_id or "")
+            print(f"    {item.exercise_id or '?':24s} {known.title if known else item.heading}")
+    return 0
+
+
+def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("course", help="Teach with the notebooks: student copies, exercise checks.",
+                                  description="Build student copies of the notebooks and check the instructor copies.")
+    commands = group.add_subparsers(title="course commands", metavar="COMMAND")
+    group.set_defaults(handler=lambda _args: group.print_help())
+    student = _command(commands, "student", _course_student,
+                       "Write student copies of the notebooks: every solution cell becomes a '# your code here' "
+                       "stub (answers set to None, which the checks answer with a hint), and no outputs.")
+    student.add_argument("--out", required=True,
+                         help="folder for the copies; they read ../data and ../runs, so name it .../notebooks")
+    student.add_argument("--only", nargs="+", metavar="NN", help="only these notebooks (numbers or names)")
+    student.add_argument("--force", action="store_true", help="overwrite copies that exist (a student's work!)")
+    check = _command(commands, "check", _course_check,
+                     "Run the instructor copies with papermill in strict mode and list every exercise check; "
+                     "exit 1 unless all notebooks ran and every check said correct.")
+    check.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU), or a YAML file")
+    check.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (numbers or names)")
+    check.add_argument("--out", help="folder for the executed copies (default runs/<profile>/notebooks)")
+    check.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="override a shared parameter such as data_dir (repeatable)")
+    _command(commands, "list", _course_list, "List the exercises of every notebook.")
+
+
 # --------------------------------------------------------------------------- command groups
 # Each concern adds its commands in a function of its own below; keep the heavy imports
 # inside the handlers.
@@ -545,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_general_commands, _add_notebook_commands, _add_data_commands, _add_evaluation_commands,
-    _add_bundle_commands, _add_training_commands]
+    _add_bundle_commands, _add_training_commands, _add_course_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,10 @@ declares them, and per-notebook values keyed by number or name, which a notebook
 
 The runner executes each notebook with its working directory set to ``notebooks/`` (so the
 notebooks' own relative defaults work), in a kernel that runs this very Python (so the kit it
-imports is the one installed here), with ``SPLEENKIT_NONINTERACTIVE=1`` (no 3D viewer).
+imports is the one installed here), with ``SPLEENKIT_NONINTERACTIVE=1`` (no 3D viewer) and
+``SPLEENKIT_STRICT_EXERCISES=1`` (an exercise check that is not answered correctly fails the
+notebook, see :mod:`spleenkit.exercises`); every check's verdict is recorded in ``exercises.jsonl``
+beside the executed copies.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,8 @@ KEEP_OUTPUT_TAG = "keep_output"
 NBVAL_CHECK_TAG = "nbval-check-output"
 PATH_SUFFIXES = ("_dir", "_path", "_file", "_folder")
 PROFILE_KEYS = {"description", "shared", "notebooks", "execution_timeout"}
-KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1"}
+KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1", STRICT_ENV: "1"}
+EXERCISE_RESULTS_FILE = "exercises.jsonl"  # the exercise checks' verdicts, beside the executed copies
 
 # Where the kit lives on GitHub: the Colab and Binder badges and the Colab install use it.
 # Change it here (then rebuild the notebooks' first cells; tests/test_notebooks.py checks them).
@@ -312,7 +317,9 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     started = time.perf_counter()
     failed = False
     kernel = this_python_kernel() if kernel_name is None else _named_kernel(kernel_name)
-    with kernel as name, _environment(KERNEL_ENVIRONMENT):
+    results_file = out / EXERCISE_RESULTS_FILE
+    results_file.unlink(missing_ok=True)
+    with kernel as name, _environment({**KERNEL_ENVIRONMENT, RESULTS_ENV: str(results_file)}):
         for notebook, parameters in plan:
             result = NotebookResult(notebook=notebook.name, status="not run", parameters=parameters)
             summary.results.append(result)

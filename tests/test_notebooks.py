@@ -232,8 +232,8 @@ def test_data_notebook_reads_the_real_example_ct(example_ct_dir: Path, tmp_path:
                             overrides={"source": "example", "data_dir": str(tmp_path / "example_dataset"),
                                        "example_dir": str(tmp_path / "example")})
     require_ok(summary)
-    text = "\n".join(output.get("text", "") for cell in code_cells(read(tmp_path / "out" / "01_data.ipynb"))
-                     for output in cell.outputs)
+    text = "\n".join(output.get("text", "") or output.get("data", {}).get("text/plain", "")  # printed or shown
+                     for cell in code_cells(read(tmp_path / "out" / "01_data.ipynb")) for output in cell.outputs)
     assert "dataset (example)" in text and "(122, 101, 112) voxels of (3.0, 3.0, 3.0) mm" in text
     assert "too few to split" in text
 

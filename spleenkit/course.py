@@ -1,0 +1,303 @@
+"""Teaching with the notebooks: find their exercises, build student copies, and check the instructor copies.
+
+The numbered notebooks in ``notebooks/`` are the **instructor copies**. Each exercise there is:
+
+1. a markdown cell with an ``## Exercise N · title`` heading: the task;
+2. a code cell tagged ``solution``: the working answer, which assigns the answer's name(s);
+3. a code cell tagged ``check``: ``check("NN-name", answer, ...)`` from :mod:`spleenkit.exercises`.
+
+A **student copy** (:func:`build_student_copies`, ``spleenkit course student --out DIR``) is the same
+notebook with every solution cell replaced by a stub that sets the names the check cell reads to
+``None`` (so the check says "not answered yet" instead of crashing, and the cells after it run),
+tagged ``answer`` instead of ``solution``, and with every output removed. Solutions are written
+once, in the instructor copy; nothing else needs to be kept in step.
+
+:func:`check_course` (``spleenkit course check``) runs the instructor copies with the papermill
+runner, which sets strict mode and records every verdict, and reports each exercise's status.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spleenkit.errors import BadInputError
+from spleenkit.exercises import EXERCISES, Verdict, read_results
+
+SOLUTION_TAG = "solution"
+CHECK_TAG = "check"
+ANSWER_TAG = "answer"
+STUB_COMMENT = "# your code here"
+EXERCISE_HEADING = re.compile(r"^#+\s*Exercise\b", re.MULTILINE)
+HEADING = re.compile(r"^#+\s", re.MULTILINE)
+CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](?P<id>[^"']+)["']""")
+MIN_EXERCISES, MAX_EXERCISES = 2, 4
+
+
+@dataclass
+class ExerciseCells:
+    """Where one exercise lives in a notebook: the indices of its task, solution and check cells."""
+
+    heading: str
+    task: int
+    solutions: list[int] = field(default_factory=list)
+    checks: list[int] = field(default_factory=list)
+    exercise_id: str | None = None
+    answer_names: list[str] = field(default_factory=list)
+
+
+def _tags(cell: Any) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _python(source: str) -> ast.Module:
+    """Parse a cell, IPython syntax (``%pip``, ``!ls``) included."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return ast.parse(TransformerManager().transform_cell(source))
+
+
+def assigned_names(source: str) -> list[str]:
+    """Names a cell binds at its top level by assignment (imports, functions and loops left out), in order."""
+    names: list[str] = []
+
+    def collect(target: ast.AST) -> None:
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for element in target.elts:
+                collect(element)
+        elif isinstance(target, ast.Starred):
+            collect(target.value)
+
+    for statement in _python(source).body:
+        if isinstance(statement, ast.Assign):
+            for target in statement.targets:
+                collect(target)
+        elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
+            collect(statement.target)
+    return list(dict.fromkeys(names))
+
+
+def read_names(source: str) -> set[str]:
+    """Every name a cell reads."""
+    return {node.id for node in ast.walk(_python(source)) if isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Load)}
+
+
+def find_exercises(notebook: Any) -> list[ExerciseCells]:
+    """The exercises of a notebook: each ``Exercise`` heading with the tagged cells up to the next heading."""
+    exercises: list[ExerciseCells] = []
+    current: ExerciseCells | None = None
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "markdown" and HEADING.search(cell.source):
+            match = EXERCISE_HEADING.search(cell.source)
+            current = None
+            if match:
+                line = cell.source[match.start():].splitlines()[0]
+                current = ExerciseCells(heading=line.lstrip("#").strip(), task=index)
+                exercises.append(current)
+            continue
+        if current is None or cell.cell_type != "code":
+            continue
+        tags = _tags(cell)
+        if SOLUTION_TAG in tags:
+            current.solutions.append(index)
+        if CHECK_TAG in tags:
+            current.checks.append(index)
+            found = CHECK_CALL.search(cell.source)
+            current.exercise_id = found.group("id") if found else current.exercise_id
+    for item in exercises:
+        if item.solutions and item.checks:
+            wanted = set().union(*(read_names(notebook.cells[i].source) for i in item.checks))
+            assigned = [name for i in item.solutions for name in assigned_names(notebook.cells[i].source)]
+            item.answer_names = [name for name in dict.fromkeys(assigned) if name in wanted]
+    return exercises
+
+
+def exercise_problems(path: str | os.PathLike[str], notebook: Any | None = None) -> list[str]:
+    """What is wrong with a notebook's exercises (empty when nothing): shape, tags, ids, names, leaks."""
+    import nbformat
+
+    from spleenkit.notebooks import notebook_number
+
+    path = Path(path)
+    notebook = notebook if notebook is not None else nbformat.read(path, as_version=4)
+    number = notebook_number(path)
+    exercises = find_exercises(notebook)
+    problems = []
+    if not MIN_EXERCISES <= len(exercises) <= MAX_EXERCISES:
+        problems.append(f"{len(exercises)} exercise(s); a lesson has {MIN_EXERCISES} to {MAX_EXERCISES}")
+    seen: set[str] = set()
+    for item in exercises:
+        where = f"{item.heading!r} (cell {item.task})"
+        if len(item.solutions) != 1:
+            problems.append(f"{where}: {len(item.solutions)} cells tagged {SOLUTION_TAG!r}; expected one")
+        if len(item.checks) != 1:
+            problems.append(f"{where}: {len(item.checks)} cells tagged {CHECK_TAG!r}; expected one")
+        if item.solutions and item.checks and max(item.solutions) > min(item.checks):
+            problems.append(f"{where}: the check cell comes before the solution cell")
+        if item.checks and item.exercise_id is None:
+            problems.append(f"{where}: the check cell does not call check(\"{number}-...\", answer, ...)")
+        if item.exercise_id is not None:
+            if not item.exercise_id.startswith(f"{number}-"):
+                problems.append(f"{where}: exercise id {item.exercise_id!r} does not start with {number}-")
+            if item.exercise_id not in EXERCISES:
+                problems.append(f"{where}: no checker registered for {item.exercise_id!r} in spleenkit.exercises")
+            if item.exercise_id in seen:
+                problems.append(f"{where}: exercise id {item.exercise_id!r} is used twice")
+            seen.add(item.exercise_id)
+        if item.solutions and item.checks and not item.answer_names:
+            problems.append(f"{where}: the check cell reads no name that the solution cell assigns")
+    tagged = {i for i, cell in enumerate(notebook.cells) if {SOLUTION_TAG, CHECK_TAG} & set(_tags(cell))}
+    inside = {i for item in exercises for i in (*item.solutions, *item.checks)}
+    for index in sorted(tagged - inside):
+        problems.append(f"cell {index} is tagged {SOLUTION_TAG!r} or {CHECK_TAG!r} outside an exercise")
+    problems += _later_uses(notebook, exercises)
+    return problems
+
+
+def _later_uses(notebook: Any, exercises: Sequence[ExerciseCells]) -> list[str]:
+    """Lesson cells that read a name only a solution defines: they would fail in a student copy."""
+    solution_cells = {i for item in exercises for i in item.solutions}
+    check_cells = {i for item in exercises for i in item.checks}
+    defined_elsewhere: set[str] = set()
+    only_in_solutions: dict[str, int] = {}
+    problems = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        if index in solution_cells:
+            for name in assigned_names(cell.source):
+                if name not in defined_elsewhere:
+                    only_in_solutions.setdefault(name, index)
+            continue
+        assigned = set(assigned_names(cell.source))
+        if index not in check_cells:
+            used = (read_names(cell.source) - assigned) & set(only_in_solutions)
+            for name in sorted(used):
+                problems.append(f"cell {index} reads {name!r}, which only the solution in cell "
+                                f"{only_in_solutions[name]} defines: a student copy would fail there")
+        defined_elsewhere.update(assigned)
+        for name in assigned:
+            only_in_solutions.pop(name, None)
+    return problems
+
+
+# --------------------------------------------------------------------------- student copies
+def stub_source(names: Sequence[str]) -> str:
+    """The student's cell: a comment to write code under, and each answer name set to None."""
+    return "\n".join([STUB_COMMENT, *(f"{name} = None" for name in names)])
+
+
+def student_notebook(notebook: Any) -> Any:
+    """A student copy of an instructor notebook: solution cells become stubs, and every output goes."""
+    student = copy.deepcopy(notebook)
+    for item in find_exercises(student):
+        for index in item.solutions:
+            cell = student.cells[index]
+            cell.source = stub_source(item.answer_names or assigned_names(cell.source))
+            cell.metadata["tags"] = [ANSWER_TAG if tag == SOLUTION_TAG else tag for tag in _tags(cell)]
+    for key in ("papermill", "widgets"):
+        student.metadata.pop(key, None)
+    for cell in student.cells:
+        for key in ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime", "keep_output"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    return student
+
+
+def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os.PathLike[str] | None = None,
+                         only: Iterable[str | int] | None = None, force: bool = False) -> list[Path]:
+    """Write student copies of the numbered notebooks into ``out_dir``; returns their paths.
+
+    The notebooks read ``../data`` and ``../runs``, so give a folder named like the repository's
+    ``notebooks/`` (``course/notebooks`` puts the data in ``course/data``). An existing copy is
+    not overwritten (it may hold a student's work) unless ``force``.
+    """
+    import nbformat
+
+    from spleenkit.notebooks import find_repo, list_notebooks, select_notebooks
+
+    source_dir = Path(notebook_dir) if notebook_dir else find_repo() / "notebooks"
+    out = Path(out_dir)
+    if out.resolve() == source_dir.resolve():
+        raise BadInputError(f"{out}: that is the instructor copies' folder; write the student copies elsewhere")
+    notebooks = select_notebooks(list_notebooks(source_dir), only)
+    if not notebooks:
+        raise BadInputError(f"{source_dir}: no numbered notebooks (NN_short_name.ipynb)")
+    existing = [out / path.name for path in notebooks if (out / path.name).exists()]
+    if existing and not force:
+        raise BadInputError(f"{existing[0]} exists (a student's work?); pass force=True / --force to overwrite "
+                            f"{len(existing)} file(s)")
+    for path in notebooks:
+        problems = exercise_problems(path)
+        if problems:
+            raise BadInputError(f"{path}: cannot make a student copy: {'; '.join(problems)}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in notebooks:
+        student = student_notebook(nbformat.read(path, as_version=4))
+        target = out / path.name
+        temporary = target.with_name(f".{target.name}.tmp")
+        nbformat.write(student, temporary)
+        os.replace(temporary, target)
+        written.append(target)
+    return written
+
+
+# --------------------------------------------------------------------------- checking the instructor copies
+def course_rows(notebooks: Sequence[Path], verdicts: Sequence[Verdict]) -> list[dict[str, str]]:
+    """One row per exercise of ``notebooks``: its notebook, id, title and the last recorded status ("not run")."""
+    import nbformat
+
+    last = {verdict.exercise: verdict for verdict in verdicts}
+    rows = []
+    for path in notebooks:
+        for item in find_exercises(nbformat.read(path, as_version=4)):
+            verdict = last.get(item.exercise_id or "")
+            title = EXERCISES[item.exercise_id].title if item.exercise_id in EXERCISES else item.heading
+            rows.append({"notebook": path.name, "exercise": item.exercise_id or "?", "title": title,
+                         "status": verdict.status if verdict else "not run",
+                         "message": verdict.message if verdict else ""})
+    return rows
+
+
+@dataclass
+class CourseCheck:
+    """The runner's summary of the instructor copies and one row per exercise."""
+
+    summary: Any
+    rows: list[dict[str, str]]
+
+    @property
+    def ok(self) -> bool:
+        """True when every notebook ran and every exercise's check said correct."""
+        return self.summary.ok and all(row["status"] == "correct" for row in self.rows)
+
+
+def check_course(profile: str = "quick", only: Iterable[str | int] | None = None,
+                 out_dir: str | os.PathLike[str] | None = None, repo: str | os.PathLike[str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> CourseCheck:
+    """Run the instructor copies under a profile (strict exercises) and report every exercise's status."""
+    from spleenkit.notebooks import (
+        EXERCISE_RESULTS_FILE,
+        find_repo,
+        list_notebooks,
+        run_notebooks,
+        select_notebooks,
+    )
+
+    repo_path = Path(repo).resolve() if repo else find_repo()
+    summary = run_notebooks(profile=profile, only=only, out_dir=out_dir, repo=repo_path, overrides=overrides)
+    notebooks = select_notebooks(list_notebooks(repo_path / "notebooks"), only)
+    verdicts = read_results(Path(summary.output_dir) / EXERCISE_RESULTS_FILE)
+    return CourseCheck(summary=summary, rows=course_rows(notebooks, verdicts))

@@ -1,0 +1,523 @@
+"""The notebooks' exercise checkers: each one says "correct" or gives a hint, and never crashes a lesson.
+
+A check cell calls ``check("01-volume", my_spleen_ml, mask=spleen, spacing=voxel_mm)``: the first
+argument names the exercise (two-digit notebook number, a dash, a short name), the second is the
+student's answer, the keywords are what the checker needs to work the right answer out itself (so
+the check cell shows no solution). ``check`` returns a :class:`Verdict`, which a notebook shows as
+one line and which is true only when the answer is correct.
+
+What happens to an answer:
+
+- ``None`` or ``...`` (the student copy's stub; also a tuple or list of them): "not answered yet"
+  with a hint, status ``unanswered``.
+- a wrong answer, or one the checker cannot read: a hint, status ``wrong``.
+- a right one: status ``correct`` and a sentence that says what it means.
+- an exercise that does not apply to the data at hand (the split of a one-case dataset): ``skipped``.
+
+Nothing raises in a student's notebook, except a check cell that names an unknown exercise or
+gives the wrong keywords (a mistake of the notebook's author). With ``SPLEENKIT_STRICT_EXERCISES=1``
+(set by the notebook runner, so in CI and ``spleenkit course check``) a ``wrong`` or ``unanswered``
+answer raises :class:`ExerciseFailed`, so an instructor copy whose solution no longer passes fails
+the run. With ``SPLEENKIT_EXERCISE_RESULTS=<file>`` every verdict is appended to that file as one
+JSON line (the runner writes ``exercises.jsonl`` beside the executed notebooks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spleenkit.errors import BadInputError, SpleenkitError
+
+STRICT_ENV = "SPLEENKIT_STRICT_EXERCISES"
+RESULTS_ENV = "SPLEENKIT_EXERCISE_RESULTS"
+STATUSES = ("correct", "wrong", "unanswered", "skipped")
+
+
+class Hint(Exception):  # noqa: N818 - a hint for the student, not an error of the program
+    """Raised by a checker for a wrong answer; the message is the hint the student sees."""
+
+
+class Skip(Exception):  # noqa: N818 - a verdict, not an error
+    """Raised by a checker when the exercise does not apply to the data at hand; the message says why."""
+
+
+class ExerciseFailed(SpleenkitError):
+    """Strict mode: an answer was wrong or missing (in an instructor copy, a solution that no longer works)."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: its id ("01-volume"), a short title, its checker and the hint for an empty answer."""
+
+    id: str
+    title: str
+    checker: Callable[..., str]
+    hint: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``check`` says about one answer; true only when the answer is correct."""
+
+    exercise: str
+    title: str
+    status: str
+    message: str
+
+    @property
+    def correct(self) -> bool:
+        """True when the answer is right."""
+        return self.status == "correct"
+
+    def __bool__(self) -> bool:
+        return self.correct
+
+    def __str__(self) -> str:
+        label = {"correct": "correct!", "wrong": "not quite.", "unanswered": "not answered yet.",
+                 "skipped": "skipped:"}[self.status]
+        return f"Exercise {self.exercise} ({self.title}): {label} {self.message}"
+
+    def __repr__(self) -> str:  # what a notebook shows for a check cell
+        return str(self)
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def exercise(exercise_id: str, title: str, hint: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    """Register a checker: ``checker(answer, **context)`` returns the success message or raises Hint/Skip."""
+
+    def register(checker: Callable[..., str]) -> Callable[..., str]:
+        if exercise_id in EXERCISES:
+            raise ValueError(f"exercise {exercise_id!r} is registered twice")
+        EXERCISES[exercise_id] = Exercise(exercise_id, title, checker, hint)
+        return checker
+
+    return register
+
+
+def strict_mode() -> bool:
+    """True when wrong or missing answers must raise (``SPLEENKIT_STRICT_EXERCISES`` set to 1/true/yes)."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def unanswered(answer: Any) -> bool:
+    """True for the stubs of a student copy: None, ``...``, or a tuple/list/dict holding only those."""
+    if answer is None or answer is Ellipsis:
+        return True
+    if isinstance(answer, (tuple, list)) and answer:
+        return all(unanswered(item) for item in answer)
+    if isinstance(answer, dict) and answer:
+        return all(unanswered(item) for item in answer.values())
+    return False
+
+
+def check(exercise_id: str, answer: Any, **context: Any) -> Verdict:
+    """Check a student's answer to one exercise; see the module's description for what it does."""
+    found = EXERCISES.get(exercise_id)
+    if found is None:
+        raise BadInputError(f"no exercise {exercise_id!r}; known: {', '.join(sorted(EXERCISES))}")
+    try:
+        inspect.signature(found.checker).bind(answer, **context)
+    except TypeError as error:
+        raise BadInputError(f"check({exercise_id!r}, ...): the check cell passes the wrong keywords ({error}); "
+                            f"the checker takes {inspect.signature(found.checker)}") from error
+    if unanswered(answer):
+        status, message = "unanswered", found.hint
+    else:
+        try:
+            status, message = "correct", found.checker(answer, **context)
+        except Hint as hint:
+            status, message = "wrong", str(hint)
+        except Skip as reason:
+            status, message = "skipped", str(reason)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
+            status, message = "wrong", f"could not read the answer {_short(answer)} ({error}). {found.hint}"
+    verdict = Verdict(exercise=exercise_id, title=found.title, status=status, message=message)
+    _record(verdict)
+    if strict_mode() and status in {"wrong", "unanswered"}:
+        raise ExerciseFailed(f"{verdict} (strict mode: {STRICT_ENV} is set)")
+    return verdict
+
+
+def _record(verdict: Verdict) -> None:
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as stream:  # one short line per write: appends do not interleave
+        stream.write(json.dumps(asdict(verdict)) + "\n")
+
+
+def read_results(path: str | os.PathLike[str]) -> list[Verdict]:
+    """The verdicts recorded in a results file (``SPLEENKIT_EXERCISE_RESULTS``), in order; none when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    verdicts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                verdicts.append(Verdict(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise BadInputError(f"{path}: line {number} is not a recorded verdict ({error})") from error
+    return verdicts
+
+
+# --------------------------------------------------------------------------- helpers for checkers
+def _short(answer: Any) -> str:
+    text = repr(answer)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(answer: Any, what: str = "a number") -> float:
+    try:
+        value = float(np.asarray(answer, dtype=float).reshape(()))
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected {what}, got {_short(answer)}") from error
+    if not math.isfinite(value):
+        raise Hint(f"expected {what}, got {value}")
+    return value
+
+
+def _close(value: float, expected: float, relative: float = 0.0, absolute: float = 0.0) -> bool:
+    return abs(value - expected) <= max(absolute, relative * abs(expected))
+
+
+def _mask(array: Any) -> np.ndarray:
+    return np.asarray(array) > 0
+
+
+def _spacing(spacing: Sequence[float]) -> np.ndarray:
+    return np.asarray([float(s) for s in spacing][:3], dtype=float)
+
+
+def _choice(answer: Any, options: Sequence[str]) -> str:
+    text = str(answer).strip().strip("'\"").lower()
+    if text not in options:
+        raise Hint(f"answer with one of {', '.join(repr(o) for o in options)}, not {_short(answer)}")
+    return text
+
+
+# --------------------------------------------------------------------------- 00 welcome
+@exercise("00-device", "where the kit computes", "Set my_device to the kit's device as a string, e.g. \"cpu\".")
+def _device(answer: Any, device: str) -> str:
+    if str(answer).strip().lower() != str(device).lower():
+        raise Hint(f"{_short(answer)} is not it. Look at the row 'device the kit computes on' in the table of "
+                   "section 1.")
+    return f"the kit computes on {device!r} here."
+
+
+@exercise("00-cpu-preset", "a recipe for a CPU", "Set cpu_preset to the name of a preset, e.g. \"seed\".")
+def _cpu_preset(answer: Any) -> str:
+    from spleenkit.presets import PRESETS
+
+    if answer not in PRESETS:
+        raise Hint(f"{_short(answer)} is not a preset; the table in section 2 lists them.")
+    preset = PRESETS[answer]
+    if answer != "quick":
+        raise Hint(f"{answer!r} trains at {preset.spacing} mm for {preset.epochs} epochs: "
+                   "look for the one whose description mentions a CPU.")
+    return f"'quick' trains at {preset.spacing[0]:g} mm voxels for {preset.epochs} epochs: minutes on a CPU."
+
+
+@exercise("00-best-weights", "the run folder", "Set best_weights_file to a file name such as \"weights.pt\".")
+def _best_weights(answer: Any) -> str:
+    name = Path(str(answer)).name
+    if name == "checkpoint_last.pt":
+        raise Hint("checkpoint_last.pt is the latest state, kept to resume a training; the best weights are "
+                   "another file.")
+    if name != "model.pt":
+        raise Hint(f"{_short(answer)} is not it. The flow picture in section 2 lists the run folder's files.")
+    return "model.pt holds the weights with the best validation Dice, as in MONAI's bundle."
+
+
+# --------------------------------------------------------------------------- 01 data
+@exercise("01-split", "the split",
+          "Set n_training and n_validation: the split keeps the last validation_cases names for validation.")
+def _split(answer: Any, cases: int, validation_cases: int) -> str:
+    if cases <= validation_cases:
+        raise Skip(f"this dataset has only {cases} labelled case(s), too few to split; use source 'synthetic'.")
+    try:
+        n_training, n_validation = (int(value) for value in answer)
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected two numbers (n_training, n_validation), got {_short(answer)}") from error
+    expected = (cases - validation_cases, validation_cases)
+    if (n_training, n_validation) == expected[::-1]:
+        raise Hint("the two numbers are swapped: validation_cases is the size of the validation set.")
+    if (n_training, n_validation) != expected:
+        raise Hint(f"({n_training}, {n_validation}): there are {cases} labelled cases; look at "
+                   "recipe.validation_cases.")
+    return f"{expected[0]} cases to train on, {expected[1]} to validate on (for MSD: 32 and 9)."
+
+
+@exercise("01-volume", "spleen volume",
+          "Set my_spleen_ml: count the spleen's voxels, multiply by one voxel's volume in mm³, divide by 1000.")
+def _spleen_volume(answer: Any, mask: Any, spacing: Sequence[float]) -> str:
+    value = _number(answer, "a volume in mL")
+    voxels = int(_mask(mask).sum())
+    expected = voxels * float(np.prod(_spacing(spacing))) / 1000
+    if _close(value, expected, relative=0.005):
+        return f"{expected:.1f} mL (a typical adult spleen holds 100-400 mL)."
+    if _close(value, expected * 1000, relative=0.005):
+        raise Hint(f"{value:.0f} is in mm³: 1 mL = 1000 mm³.")
+    if _close(value, voxels, relative=0.005):
+        raise Hint("that is the number of voxels; multiply by one voxel's volume (the product of the three sizes).")
+    raise Hint(f"{value:.1f} mL. Count the voxels, multiply by one voxel's volume in mm³ (the product of the three "
+               "sizes), then divide by 1000.")
+
+
+@exercise("01-window", "what the window keeps",
+          "Set inside_fraction: the share of the spleen's voxels within recipe.intensity_range (bounds included).")
+def _window_fraction(answer: Any, image: Any, mask: Any, window: Sequence[float]) -> str:
+    value = _number(answer, "a fraction between 0 and 1")
+    low, high = float(window[0]), float(window[1])
+    values = np.asarray(image)[_mask(mask)]
+    expected = float(np.mean((values >= low) & (values <= high)))
+    if _close(value, expected, absolute=0.01):
+        return (f"{expected:.1%} of the spleen lies inside {low:g}..{high:g} HU: the window keeps it, with full "
+                "contrast.")
+    if _close(value, 100 * expected, absolute=1):
+        raise Hint("that looks like a percentage; give a fraction between 0 and 1.")
+    if _close(value, 1 - expected, absolute=0.01):
+        raise Hint("that is the fraction outside the window.")
+    raise Hint(f"{value:.3f}. Select the spleen's voxels with ct[spleen], then test both bounds.")
+
+
+# --------------------------------------------------------------------------- 04 several GPUs
+@exercise("04-crops-per-step", "crops per step", "Set my_crops_per_step to a whole number.")
+def _crops_per_step(answer: Any, preset: Any, processes: int) -> str:
+    value = _number(answer)
+    expected = preset.batch_size * preset.num_samples * processes
+    if value == preset.batch_size * preset.num_samples:
+        raise Hint("that is one process's share; the step averages the gradients of every process.")
+    if value != expected:
+        raise Hint(f"{answer}. Each process takes batch_size cases x num_samples crops, and the step averages over "
+                   "every process.")
+    return f"{preset.batch_size} cases x {preset.num_samples} crops x {processes} processes = {expected}."
+
+
+@exercise("04-scaled-lr", "the learning rate with --scale-lr linear", "Set my_learning_rate to a number.")
+def _scaled_lr(answer: Any, preset: Any, processes: int) -> str:
+    from spleenkit.distributed import scale_learning_rate
+
+    value = _number(answer)
+    expected = scale_learning_rate(preset, processes, "linear").learning_rate
+    if not _close(value, expected, relative=1e-9):
+        raise Hint(f"{answer}. Linear scaling multiplies the rate by the number of processes "
+                   f"(the global batch is that many times larger).")
+    return f"{expected:g}: {preset.learning_rate:g} x {processes}."
+
+
+@exercise("04-sampler", "which cases each process scores",
+          "Set rank1_cases to the list of case names that rank 1 evaluates.")
+def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> str:
+    from monai.data import DistributedSampler
+
+    names = list(cases)
+    expected = [names[i] for i in DistributedSampler(names, num_replicas=processes, rank=rank, shuffle=False,
+                                                      even_divisible=False)]
+    given = [names[int(item)] if isinstance(item, (int, np.integer)) else str(item) for item in answer]
+    if given == expected:
+        return (f"rank {rank} scores {len(expected)} of {len(names)} cases: every {processes}th case from position "
+                f"{rank}, none twice (training pads the shares instead, so that every rank takes as many steps).")
+    padded = [names[i] for i in DistributedSampler(names, num_replicas=processes, rank=rank, shuffle=False,
+                                                    even_divisible=True)]
+    if given == padded:
+        raise Hint("that is the padded share training uses; validation does not repeat a case (even_divisible=False).")
+    half = math.ceil(len(names) / processes)
+    if given == names[rank * half:(rank + 1) * half]:
+        raise Hint("the sampler deals the cases out like cards (rank, rank + N, ...), not in consecutive blocks.")
+    raise Hint(f"{_short(given)}. Rank r takes the cases at positions r, r + N, r + 2N ... of the sorted list.")
+
+
+@exercise("04-cases-per-rank", "each process's share", "Set my_cases_per_rank to a whole number.")
+def _cases_per_rank(answer: Any, per_rank: int, total: int, processes: int) -> str:
+    value = _number(answer)
+    if value == total:
+        raise Hint(f"{total} is the whole training set; each process caches only its share.")
+    if value != per_rank:
+        raise Hint(f"{answer}. Look for train_items_per_rank in the distributed section of the manifest.")
+    return (f"{per_rank} of {total} training cases per process, about 1/{processes} (a short share repeats a case, "
+            "so that every process takes the same number of steps).")
+
+
+# --------------------------------------------------------------------------- 05 evaluation
+@exercise("05-dice", "Dice by hand", "Set my_dice: Dice = 2·|A∩B| / (|A| + |B|), from the two boolean arrays.")
+def _dice(answer: Any, prediction: Any, reference: Any) -> str:
+    import torch
+    from monai.metrics import compute_dice
+
+    value = _number(answer, "a Dice coefficient between 0 and 1")
+    pred, ref = _mask(prediction), _mask(reference)
+    monai_dice = float(compute_dice(torch.from_numpy(pred[None, None]).float(),
+                                    torch.from_numpy(ref[None, None]).float(), include_background=True)[0, 0])
+    if _close(value, monai_dice, absolute=1e-4):
+        return f"Dice = {monai_dice:.4f}, the same as MONAI's compute_dice (what DiceMetric averages)."
+    union = (pred | ref).sum()
+    if union and _close(value, (pred & ref).sum() / union, absolute=1e-4):
+        raise Hint("that is the Jaccard index (IoU): intersection over union. Dice divides twice the intersection "
+                   "by the sum of the two sizes.")
+    raise Hint(f"{value:.4f}. Count the voxels in both masks (&), double it, and divide by the sum of the two "
+               "masks' voxel counts.")
+
+
+@exercise("05-volume-error", "the volume error in millilitres",
+          "Set my_volume_error_ml: (prediction's voxels - reference's voxels) x one voxel's volume / 1000.")
+def _volume_error(answer: Any, prediction: Any, reference: Any, spacing: Sequence[float]) -> str:
+    value = _number(answer, "a volume difference in mL")
+    voxel_ml = float(np.prod(_spacing(spacing))) / 1000
+    expected = (int(_mask(prediction).sum()) - int(_mask(reference).sum())) * voxel_ml
+    if _close(value, expected, relative=1e-3, absolute=0.01):
+        return f"{expected:+.2f} mL ({'too much' if expected > 0 else 'too little'} spleen in the prediction)."
+    if _close(value, -expected, relative=1e-3, absolute=0.01):
+        raise Hint("the sign is reversed: prediction minus reference, so too much spleen is positive.")
+    raise Hint(f"{value:.2f} mL. Subtract the reference's voxel count from the prediction's, multiply by one "
+               "voxel's volume (the product of the three zooms), divide by 1000.")
+
+
+@exercise("05-report-space", "which number goes in the paper", "Set report_space to \"resampled\" or \"original\".")
+def _report_space(answer: Any, means: dict[str, float] | None = None) -> str:
+    if _choice(answer, ("resampled", "original")) != "original":
+        raise Hint("the resampled space compares against a label that was itself resampled; the original label "
+                   "file is the reference the dataset defines.")
+    if means:
+        return (f"mean Dice {means['resampled']:.4f} (resampled) vs {means['original']:.4f} (original): "
+                f"a difference of {means['original'] - means['resampled']:+.4f}.")
+    return "report the original-space numbers, against the label files the dataset defines."
+
+
+def sliding_window_count(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows ``monai.inferers.sliding_window_inference`` runs over an image (it is run, on zeros)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    calls = []
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return batch
+
+    with torch.no_grad():
+        sliding_window_inference(torch.zeros(1, 1, *[int(s) for s in image_shape]), [int(s) for s in roi_size],
+                                 sw_batch_size=1, predictor=predictor, overlap=overlap)
+    return sum(calls)
+
+
+@exercise("05-windows", "how many windows", "Set my_windows to the number of windows, a whole number.")
+def _windows(answer: Any, image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> str:
+    value = _number(answer)
+    expected = sliding_window_count(image_shape, roi_size, overlap)
+    if value != expected:
+        steps = [max(1, int(r * (1 - overlap))) for r in roi_size]
+        raise Hint(f"{answer}. Along each axis the window moves by roi x (1 - overlap) = {steps} voxels until it "
+                   f"reaches the end (the last window is shifted back to fit); multiply the three counts.")
+    without = sliding_window_count(image_shape, roi_size, 0.0)
+    return (f"{expected} windows at overlap {overlap:g} ({without} without overlap): each voxel is predicted about "
+            f"{expected / max(without, 1):.1f} times and the predictions are blended.")
+
+
+# --------------------------------------------------------------------------- 06 inference
+@exercise("06-centre-mm", "from voxels to millimetres",
+          "Set my_centre_mm to three numbers: affine @ [i, j, k, 1] for the mean voxel index of the spleen.")
+def _centre_mm(answer: Any, mask: Any, affine: Any) -> str:
+    try:
+        given = np.asarray(answer, dtype=float).reshape(-1)[:3]
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected three numbers (x, y, z in mm), got {_short(answer)}") from error
+    affine = np.asarray(affine, dtype=float)
+    index = np.argwhere(_mask(mask)).mean(axis=0)
+    expected = (affine @ [*index, 1])[:3]
+    if given.shape != (3,):
+        raise Hint(f"expected three numbers (x, y, z in mm), got {_short(answer)}")
+    if np.allclose(given, index, atol=0.5):
+        raise Hint("those are voxel indices; multiply [i, j, k, 1] by the affine to get millimetres.")
+    if not np.allclose(given, expected, atol=0.5):
+        raise Hint(f"{np.round(given, 1)}. Take np.argwhere(mask > 0).mean(axis=0), append 1, multiply by the "
+                   "affine.")
+    return (f"{np.round(expected, 1)} mm. In RAS a smaller x is further to the patient's left, where a spleen "
+            "belongs.")
+
+
+@exercise("06-header-lies", "spot the flip", "Set header_lies to True or False.")
+def _header_lies(answer: Any, image: Any, mask: Any) -> str:
+    from spleenkit.inference import orientation_warnings
+
+    if not isinstance(answer, (bool, np.bool_)):
+        raise Hint(f"answer True or False, not {_short(answer)}")
+    warnings = orientation_warnings(image, _mask(mask))
+    if bool(answer) != bool(warnings):
+        raise Hint("look again: orientation_warnings(mystery, ...) compares the header with the anatomy"
+                   + (" and finds nothing wrong." if not warnings else f" and says: {warnings[0]}"))
+    if warnings:
+        return "only the voxels changed; the header lies. A correct flip changes the affine too."
+    return "voxels and affine changed together: the header still tells the truth."
+
+
+@exercise("06-mask-volume", "the volume from the file alone", "Set my_volume_ml to a volume in mL.")
+def _mask_volume(answer: Any, mask_image: Any, reported_ml: float | None = None) -> str:
+    value = _number(answer, "a volume in mL")
+    data = np.asanyarray(mask_image.dataobj)
+    expected = int((data > 0).sum()) * float(np.prod(mask_image.header.get_zooms()[:3])) / 1000
+    if not _close(value, expected, relative=1e-4, absolute=0.01):
+        raise Hint(f"{value:.2f} mL. Count the 1s in np.asanyarray(mask.dataobj), multiply by "
+                   "np.prod(mask.header.get_zooms()), divide by 1000.")
+    same = "" if reported_ml is None else (
+        ", as infer reported" if _close(expected, reported_ml, relative=1e-3, absolute=0.01)
+        else f"; infer reported {reported_ml:.2f} mL")
+    return f"{expected:.2f} mL{same}."
+
+
+# --------------------------------------------------------------------------- 07 bundle
+@exercise("07-epochs-id", "find the config id", "Set epochs_id to a config id, a string like \"train#...\".")
+def _epochs_id(answer: Any, parser: Any) -> str:
+    key = str(answer).replace("::", "#")
+    if key not in parser:
+        raise Hint(f"{key!r} is not an id of train.json; the trainer is train#trainer: which of its arguments "
+                   "counts epochs?")
+    if not key.startswith("train#trainer#") or "epoch" not in key:
+        raise Hint(f"{key!r} exists but is not what the trainer reads; the trainer is train#trainer.")
+    return (f"{key} = {parser[key]!r}: the trainer follows the recipe, which takes --epochs, so the number is "
+            "written once.")
+
+
+@exercise("07-ignored-overrides", "overrides that would do nothing",
+          "Set ignored_keys to the list of the colleague's keys that name nothing in the configs.")
+def _ignored_overrides(answer: Any, config: Any, overrides: Sequence[str]) -> str:
+    from spleenkit.bundle import override_problems
+
+    problems = override_problems(config, list(overrides))
+    expected = sorted(key for key in overrides if any(p.startswith(f"--{key} ") for p in problems))
+    given = sorted(str(key) for key in answer) if not isinstance(answer, str) else [answer]
+    if given != expected:
+        raise Hint(f"{given}. Compare each key with the ids printed in section 1; an argument of a component "
+                   "(network_def#num_res_units) may be added, which is allowed.")
+    return "the bundle would stop with:\n" + "\n".join(problems)
+
+
+@exercise("07-export-difference", "check an export yourself",
+          "Set my_difference: run both models on patch under torch.no_grad(), subtract, take .abs().max().")
+def _export_difference(answer: Any, exported: str | os.PathLike[str], network: Any, patch: Any,
+                       tolerance: float = 1e-4) -> str:
+    import torch
+
+    value = _number(answer, "a float")
+    with torch.no_grad():
+        expected = float((torch.jit.load(str(exported))(patch) - network.eval()(patch)).abs().max())
+    if not _close(value, expected, absolute=1e-6):
+        raise Hint(f"{value:.2e}. Evaluate both under torch.no_grad(), subtract, take .abs().max().")
+    return f"{expected:.1e}, well under the tolerance {tolerance:.0e}."
+
+
+def exercise_ids(prefix: str = "") -> list[str]:
+    """The registered exercise ids (those starting with ``prefix``, e.g. "05-"), sorted."""
+    return sorted(key for key in EXERCISES if key.startswith(prefix))
