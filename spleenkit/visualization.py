@@ -519,3 +519,76 @@ def example_masks_2d(size: int = 64, shift: int = 3, island: bool = True) -> tup
     if island:
         prediction |= ((x - size * 0.88) ** 2 + (y - size * 0.82) ** 2) < (size * 0.02) ** 2
     return prediction.T.copy(), reference.T.copy()
+
+
+# --------------------------------------------------------------------------- several processes
+def data_parallel_diagram(processes: int = 2, save: str | os.PathLike[str] | None = None) -> Figure:
+    """How data-parallel training works: each process trains a copy of the UNet on its share of the
+    cases, DDP averages the gradients (all-reduce), every copy takes the same step, rank 0 writes."""
+    from matplotlib.patches import FancyBboxPatch
+
+    processes = max(1, int(processes))
+    shown = min(processes, 4)
+    rows = [1.25 * (shown - 1 - i) for i in range(shown)]  # centre heights, rank 0 at the top
+    low, high = -0.4, rows[0] + 0.4
+    middle = (low + high) / 2
+    figure = new_figure(10, 1.2 + 1.05 * shown)
+    ax = figure.subplots()
+    ax.set_axis_off()
+    ax.set(xlim=(-0.05, 9.35), ylim=(low - 0.1, high + 0.45))
+
+    def box(x: float, y: float, w: float, h: float, text: str, colour: str, size: int = 8) -> None:
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.04,rounding_size=0.08",
+                                    facecolor=(*_rgb(colour), 0.25), edgecolor=colour, linewidth=1.2))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
+
+    def arrow(x0: float, y0: float, x1: float, y1: float) -> None:
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "#444444", "lw": 1})
+
+    box(0.0, middle - 0.45, 1.3, 0.9, "training\ncases", "#999999")
+    box(6.4, low, 1.1, high - low, "all-reduce:\naverage the\ngradients", COLOURS["reference"])
+    for i, y in enumerate(rows):
+        rank = processes - 1 if i == shown - 1 else i  # with many processes, the last row is the last rank
+        label = f"rank {rank}" + ("\n(writes the run folder)" if rank == 0 else "")
+        box(1.75, y - 0.3, 1.25, 0.6, f"share {rank + 1} of {processes}\n(its own cases)", COLOURS["mask"])
+        box(3.3, y - 0.3, 1.35, 0.6, f"UNet copy\n{label}", COLOURS["tp"], 7)
+        box(4.95, y - 0.3, 1.15, 0.6, "loss and\ngradients", COLOURS["fn"])
+        box(7.85, y - 0.3, 1.35, 0.6, "the same update\non every copy", COLOURS["tp"])
+        arrow(1.3, middle, 1.75, y)
+        arrow(3.0, y, 3.3, y)
+        arrow(4.65, y, 4.95, y)
+        arrow(6.1, y, 6.4, y)
+        arrow(7.5, y, 7.85, y)
+    if shown < processes:
+        ax.text(3.97, (rows[-2] + rows[-1]) / 2, f"... {processes - shown} more ...", ha="center", va="center",
+                fontsize=8)
+    ax.text(4.6, high + 0.4, f"{processes} processes (one per GPU, or CPU processes): global batch = "
+            f"{processes} x the batch of one process", ha="center", va="top", fontsize=9)
+    return _finish(figure, save)
+
+
+def compare_runs(runs: Mapping[str, str | os.PathLike[str] | Iterable[Mapping[str, Any]]],
+                 save: str | os.PathLike[str] | None = None) -> Figure:
+    """Training loss and seconds per epoch of several runs side by side (e.g. 1 process against 2)."""
+    palette = [COLOURS["fn"], COLOURS["mask"], COLOURS["tp"], COLOURS["fp"], COLOURS["reference"]]
+    figure = new_figure(10, 3.6)
+    loss_ax, time_ax = figure.subplots(1, 2)
+    names = list(runs)
+    for index, name in enumerate(names):
+        source = runs[name]
+        records = read_metrics_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
+        epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(records)]
+        colour = palette[index % len(palette)]
+        loss_ax.plot(epochs, [float(r["loss"]) for r in records], marker=".", color=colour, label=name)
+        seconds = [float(r.get("seconds", float("nan"))) for r in records]
+        time_ax.bar(np.asarray(epochs) + (index - (len(names) - 1) / 2) * 0.8 / len(names), seconds,
+                    width=0.8 / len(names), color=colour, label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss per epoch")
+    time_ax.set(xlabel="epoch", ylabel="seconds", title="time per epoch (training + validation)")
+    for ax in (loss_ax, time_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _finish(figure, save)
