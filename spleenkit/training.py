@@ -14,6 +14,7 @@ A run folder holds ``model.pt`` (best validation Dice, a plain state dict like t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -106,6 +107,14 @@ class CacheEstimate:
         """False when the cache would take more than 80 % of the machine's memory."""
         return self.available_bytes is None or self.total_bytes <= 0.8 * self.available_bytes
 
+    def combined(self, other: CacheEstimate) -> CacheEstimate:
+        """The estimate for both caches together (training and validation)."""
+        return CacheEstimate(
+            cases=self.cases + other.cases, cached_cases=self.cached_cases + other.cached_cases,
+            total_bytes=self.total_bytes + other.total_bytes,
+            largest_shape=max(self.largest_shape, other.largest_shape, key=math.prod),
+            available_bytes=self.available_bytes)
+
     def describe(self) -> str:
         """One line for logs and notebooks."""
         memory = f" of {self.available_bytes / 2**30:.1f} GiB" if self.available_bytes else ""
@@ -134,9 +143,10 @@ def resampled_shape(path: str | os.PathLike[str], preset: Preset | str = "seed")
 
 
 def estimate_cache_memory(items: Datalist, preset: Preset | str = "seed", cache_rate: float | None = None,
-                          keys: Sequence[str] = ("image", "label")) -> CacheEstimate:
+                          keys: Sequence[str] = ("image", "label"), padded: bool | None = None) -> CacheEstimate:
     """Bytes the cached, resampled volumes take: voxels after resampling x 4 bytes (float32) x one
-    channel per key (image and label), padded to the patch when the preset pads."""
+    channel per key (image and label), padded to the patch when ``padded`` (default: when the preset
+    pads, as the training cache does; the validation cache is never padded)."""
     from spleenkit.environment import total_memory_gib
 
     preset = get_preset(preset)
@@ -145,7 +155,7 @@ def estimate_cache_memory(items: Datalist, preset: Preset | str = "seed", cache_
     shapes = []
     for record in items:
         shape = resampled_shape(record["image"], preset)
-        if preset.pad_to_patch:
+        if preset.pad_to_patch if padded is None else padded:
             shape = tuple(max(s, p) for s, p in zip(shape, preset.patch_size, strict=True))
         shapes.append(shape)
     per_case = [math.prod(shape) * 4 * len(keys) for shape in shapes]
@@ -198,7 +208,8 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
     rate = preset.cache_rate if cache_rate is None else cache_rate
     workers = default_num_workers() if num_workers is None else max(1, num_workers)
     check_patch_fits(train_items, preset)
-    estimate = estimate_cache_memory(list(train_items) + list(validation_items), preset, rate)
+    estimate = estimate_cache_memory(train_items, preset, rate).combined(
+        estimate_cache_memory(validation_items, preset, rate, padded=False))
     log.info("%s", estimate.describe())
     if not estimate.fits:
         suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
@@ -308,6 +319,55 @@ def mixed_precision_step(network: torch.nn.Module, inputs: torch.Tensor, targets
     return pred, loss.detach()
 
 
+@functools.cache
+def _bf16_weight_gradient_ok(shape: tuple[int, int, int]) -> bool:
+    """Whether this PyTorch computes a Conv3d weight gradient on a ``shape`` feature map correctly under
+    CPU bfloat16 autocast (compared with float32 on small random data; no global random state used)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand(2, 4, *shape, generator=generator)
+    weight0 = torch.rand(4, 4, 3, 3, 3, generator=generator) - 0.5
+    gradients = []
+    for dtype in (None, torch.bfloat16):
+        weight = weight0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            output = torch.nn.functional.conv3d(inputs, weight, padding=1)
+        output.float().pow(2).sum().backward()
+        gradients.append(weight.grad)
+    reference, mixed = gradients
+    error = float((mixed - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    return error < 0.05  # bfloat16 itself is good to about 1 %
+
+
+def cpu_bf16_training_ok(patch_size: Sequence[int], strides: Sequence[int] = (2, 2, 2, 2)) -> bool:
+    """Whether bfloat16 training on this CPU gives correct gradients for the UNet's feature maps.
+
+    PyTorch's oneDNN bfloat16 Conv3d weight gradient is wrong (errors of 50 % up to 1e36, not even
+    reproducible) when the first spatial size of a feature map is 2, e.g. the bottom of the UNet
+    for 32^3 patches; the kit checks the sizes it will use and trains in float32 where needed.
+    """
+    size = [int(d) for d in patch_size]
+    shapes = {tuple(size)}
+    for stride in strides:
+        size = [max(1, -(-d // stride)) for d in size]
+        shapes.add(tuple(size))
+    return all(_bf16_weight_gradient_ok(shape) for shape in sorted(shapes))  # type: ignore[arg-type]
+
+
+def training_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
+    """Mixed precision for training on ``device``: the preset's choice, unless the CPU's bfloat16
+    gradients would be wrong for its patch size (see :func:`cpu_bf16_training_ok`); then float32."""
+    preset = get_preset(preset)
+    wanted = preset.amp if amp is None else amp
+    if wanted and device.type == "cpu" and not cpu_bf16_training_ok(preset.patch_size, preset.strides):
+        log.warning("bfloat16 Conv3d gradients are wrong in this PyTorch on this CPU for patch %s (a feature map "
+                    "2 voxels deep): training in float32 instead; patches of 48 or 64 avoid it",
+                    tuple(preset.patch_size))
+        return False
+    return bool(wanted)
+
+
 class TrainingStep:
     """The ``iteration_update`` of a SupervisedTrainer: :func:`mixed_precision_step` on the batch.
 
@@ -362,6 +422,59 @@ def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> An
             return output.float() if hasattr(output, "float") else output
 
     return AutocastInferer()
+
+
+def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.device = "auto", *, steps: int = 3,
+                         warmup: int = 1, batch: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Seconds per training step in float32 and in mixed precision, measured alternately in one run
+    (so that other load on the machine hits both alike); the median of ``steps`` each.
+
+    Uses ``batch`` (a collated batch from the training loader) or a random one of the preset's size:
+    ``batch_size x num_samples`` patches.
+    """
+    import statistics
+
+    import torch
+
+    from spleenkit.devices import amp_dtype, grad_scaler, pick_device
+    from spleenkit.model import build_unet
+
+    preset = get_preset(preset)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    generator = torch.Generator().manual_seed(seed)
+    if batch is None:
+        shape = (preset.batch_size * preset.num_samples, 1, *preset.patch_size)
+        image = torch.rand(shape, generator=generator)
+        label = (torch.rand(shape, generator=generator) > 0.8).float()
+    else:
+        image, label = batch["image"], batch["label"]
+    image, label = image.to(torch_device), label.to(torch_device)
+    torch.manual_seed(seed)
+    network = build_unet(preset).to(torch_device)
+    optimizer = make_optimizer(preset, network.parameters())
+    loss_function = make_loss(preset)
+    scalers = {False: grad_scaler(torch_device, False), True: grad_scaler(torch_device, True)}
+
+    def one_step(amp: bool) -> float:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        start = time.perf_counter()
+        mixed_precision_step(network, image, label, loss_function, optimizer, scalers[amp], torch_device, amp)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        one_step(False), one_step(True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(steps):
+        for amp in (False, True):
+            times[amp].append(one_step(amp))
+    fp32, mixed = statistics.median(times[False]), statistics.median(times[True])
+    dtype = amp_dtype(torch_device, True)
+    return {"device": str(torch_device), "patches": int(image.shape[0]), "patch_size": tuple(image.shape[2:]),
+            "float32_seconds": fp32, "mixed_seconds": mixed, "mixed_dtype": str(dtype).removeprefix("torch."),
+            "speedup": fp32 / mixed if mixed > 0 else float("nan"), "steps": steps}
 
 
 # --------------------------------------------------------------------------- engines
@@ -548,7 +661,7 @@ def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: S
     write = (run_dir is not None and is_main_process()) if write is None else write
     loss_function = make_loss(preset) if loss_function is None else loss_function
     optimizer = make_optimizer(preset, network.parameters()) if optimizer is None else optimizer
-    step = make_iteration_update(device, amp)
+    step = make_iteration_update(device, training_amp(preset, device, amp))
 
     def loss_of(output: Any) -> float:
         return float(output[Keys.LOSS])
@@ -681,6 +794,8 @@ def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Pa
             pass
     except OSError as error:
         raise BadInputError(f"cannot write to the output folder ({error.strerror})", run_dir) from error
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
     if not resume:
         old = [run_dir / name for name in (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME) if (run_dir / name).exists()]
         if old:
@@ -770,6 +885,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     torch_device = pick_device(device) if distributed is None else distributed.device
     if sync_bn:
         check_sync_bn(torch_device)
+    train_amp = training_amp(preset, torch_device)  # float32 where this CPU's bfloat16 gradients are wrong
     progress = progress and is_main_process()
     workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
     if workers < 0:
@@ -813,7 +929,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device, amp=preset.amp,
                                 handlers=evaluator_handlers)
     trainer = build_trainer(network, train_loader, evaluator, preset, torch_device, run_dir=run_path,
-                            optimizer=optimizer, scheduler=scheduler, amp=preset.amp, progress=progress,
+                            optimizer=optimizer, scheduler=scheduler, amp=train_amp, progress=progress,
                             writer=writer, write=write, extra_handlers=training_handlers(distributed))
     if checkpoint is not None:
         restore_checkpoint(trainer, checkpoint, checkpoint_path)
@@ -829,7 +945,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         "preset": preset.to_dict(),
         "device": str(torch_device),
         "amp": preset.amp,
-        "amp_dtype": str(amp_dtype(torch_device, preset.amp)),
+        "amp_dtype": str(amp_dtype(torch_device, train_amp)),
+        "validation_amp_dtype": str(amp_dtype(torch_device, preset.amp)),
         "seed": preset.seed,
         "num_workers": workers,
         "cache_rate": preset.cache_rate,
@@ -872,7 +989,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         epochs=int(trainer.state.epoch),
         seconds=round(time.perf_counter() - started, 2),
         device=str(torch_device),
-        amp_dtype=None if amp_dtype(torch_device, preset.amp) is None else str(amp_dtype(torch_device, preset.amp)),
+        amp_dtype=None if amp_dtype(torch_device, train_amp) is None else str(amp_dtype(torch_device, train_amp)),
         preset=preset.name,
         resumed_from_epoch=start_epoch,
         cache_estimate=datasets.estimate,

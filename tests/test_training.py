@@ -1,0 +1,309 @@
+"""Training: the run folder, manifest, determinism, bf16 on the CPU, resume after SIGKILL, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spleenkit.errors import BadInputError
+from spleenkit.training import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    MODEL_NAME,
+    TrainingResult,
+    read_last_checkpoint,
+    read_metrics,
+    train,
+)
+
+# small enough for a few seconds per run on two cores: 6 mm voxels, 48^3 patches, 2 iterations per epoch
+# (48, not 32: PyTorch's CPU bfloat16 Conv3d gradient is wrong on the 2-voxel bottom of a 32^3 patch)
+TINY = {"spacing": (6.0, 6.0, 6.0), "patch_size": 48, "num_samples": 1, "batch_size": 2, "validation_cases": 2,
+        "sliding_window_overlap": 0.25, "sliding_window_batch_size": 4}
+
+
+def tiny_train(data: Path, run: Path, **kwargs: object) -> TrainingResult:
+    options = {"epochs": 3, "validation_interval": 2, "seed": 7, "progress": False, "num_workers": 1, **TINY}
+    options.update(kwargs)
+    return train(data, run, "quick", **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainingResult:
+    return tiny_train(synthetic_dataset, tmp_path_factory.mktemp("training") / "run")
+
+
+def test_run_folder_holds_model_checkpoint_metrics_and_tensorboard(tiny_run: TrainingResult) -> None:
+    from spleenkit.model import build_unet, load_checkpoint
+
+    run = tiny_run.run_dir
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"epoch", "loss", "val_dice", "lr", "seconds"} <= set(records[0])
+    assert records[0]["val_dice"] is None  # validation every 2 epochs, and at the last one
+    assert records[1]["val_dice"] is not None and records[2]["val_dice"] is not None
+    assert all(0.0 < r["loss"] < 2.0 and r["seconds"] > 0 for r in records)
+    assert records[0]["lr"] > records[1]["lr"] > records[2]["lr"] >= 0.0  # cosine decay, stepped per iteration
+    assert json.loads((run / METRICS_NAME).read_text().splitlines()[0])["val_dice"] is None  # null in the file
+
+    best = max(r["val_dice"] for r in records if r["val_dice"] is not None)
+    assert tiny_run.best_dice == pytest.approx(best)
+    assert tiny_run.best_epoch in (2, 3) and tiny_run.epochs == 3
+    assert tiny_run.amp_dtype == "torch.bfloat16" and tiny_run.device == "cpu"
+
+    weights = load_checkpoint(tiny_run.model_path)  # a plain state dict, as the bundle's model.pt
+    assert list(weights) == list(build_unet("seed").state_dict())
+    checkpoint = read_last_checkpoint(run / CHECKPOINT_NAME)
+    assert checkpoint["epoch"] == 3 and checkpoint["iteration"] == 6
+    assert checkpoint["best_metric"] == pytest.approx(best)
+    assert {"model", "optimizer", "scheduler", "scaler"} <= set(checkpoint)
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_manifest_records_versions_device_parameters_data_and_times(tiny_run: TrainingResult,
+                                                                    synthetic_dataset: Path) -> None:
+    from spleenkit.data.datalist import dataset_fingerprint, load_datalist
+    from spleenkit.manifest import read_manifest
+
+    manifest = read_manifest(tiny_run.run_dir)
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["monai"] and manifest["versions"]["spleenkit"]
+    assert "git_commit" in manifest and manifest["device"] == "cpu"
+    parameters = manifest["parameters"]
+    assert parameters["preset"]["name"] == "quick" and parameters["preset"]["patch_size"] == [48, 48, 48]
+    assert parameters["preset"]["validation_roi_size"] == [48, 48, 48]  # follows the patch
+    assert parameters["seed"] == 7 and parameters["amp_dtype"] == "torch.bfloat16"
+    assert manifest["dataset"]["fingerprint"] == dataset_fingerprint(load_datalist(synthetic_dataset))
+    assert len(manifest["dataset"]["validation_cases"]) == 2
+    assert manifest["started"] <= manifest["finished"]
+    assert manifest["result"]["best_dice"] == pytest.approx(tiny_run.best_dice)
+
+
+def test_same_seed_gives_identical_losses(tiny_run: TrainingResult, synthetic_dataset: Path, tmp_path: Path) -> None:
+    again = tiny_train(synthetic_dataset, tmp_path / "again")
+    first, second = read_metrics(tiny_run.run_dir), read_metrics(again.run_dir)
+    assert [r["loss"] for r in first] == [r["loss"] for r in second]
+    assert [r["val_dice"] for r in first] == [r["val_dice"] for r in second]
+    other = tiny_train(synthetic_dataset, tmp_path / "other", seed=8, epochs=1)
+    assert read_metrics(other.run_dir)[0]["loss"] != first[0]["loss"]
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_bfloat16_autocast_is_in_effect_on_the_cpu(synthetic_dataset: Path, amp: bool) -> None:
+    """monai.engines' amp=True does nothing on a CPU: the kit's step and inferer must use bfloat16 there."""
+    from spleenkit.data.datalist import load_datalist, split_datalist
+    from spleenkit.devices import pick_device
+    from spleenkit.model import build_unet
+    from spleenkit.training import build_datasets, build_evaluator, build_loaders, build_trainer, resolve_preset
+
+    preset = resolve_preset("quick", epochs=1, **TINY)
+    device = pick_device("cpu")
+    train_items, validation_items = split_datalist(load_datalist(synthetic_dataset), preset.validation_cases)
+    datasets = build_datasets(train_items, validation_items, preset, num_workers=1)
+    train_loader, validation_loader = build_loaders(datasets, preset)
+    network = build_unet(preset)
+    evaluator = build_evaluator(network, validation_loader, preset, device, amp=amp)
+    trainer = build_trainer(network, train_loader, evaluator, preset, device, run_dir=None, amp=amp)
+    seen: dict[str, set[torch.dtype]] = {"train": set(), "eval": set()}
+
+    def record(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        seen["train" if module.training else "eval"].add(output.dtype)
+
+    first_convolution = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    first_convolution.register_forward_hook(record)
+    trainer.run()
+    expected = torch.bfloat16 if amp else torch.float32
+    assert seen == {"train": {expected}, "eval": {expected}}
+    assert trainer.state.iteration == 2 and trainer.state.val_dice is not None
+    assert all(p.dtype == torch.float32 for p in network.parameters())  # weights stay float32
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_at_most_one_epoch(synthetic_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    options = {"epochs": 40, "validation_interval": 1, "seed": 3, "progress": False, "num_workers": 1, **TINY}
+    code = ("import sys; from spleenkit.training import train; "
+            f"train(sys.argv[1], sys.argv[2], 'quick', **{options!r})")
+    log = (tmp_path / "child.log").open("w")
+    child = subprocess.Popen([sys.executable, "-c", code, str(synthetic_dataset), str(run)], stdout=log,
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while len(read_metrics(run)) < 2:
+            assert child.poll() is None, (tmp_path / "child.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the child made no progress"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        log.close()
+    assert child.returncode == -signal.SIGKILL
+    logged = len(read_metrics(run))
+    saved = read_last_checkpoint(run / CHECKPOINT_NAME)["epoch"]
+    assert saved >= logged - 1 >= 1  # the checkpoint is at most one epoch behind what was logged
+
+    result = train(synthetic_dataset, run, "quick", resume=True, **{**options, "epochs": saved + 2})
+    assert result.resumed_from_epoch == saved and result.epochs == saved + 2
+    epochs = [r["epoch"] for r in read_metrics(run)]
+    assert epochs == list(range(1, saved + 3))  # continued, nothing logged twice
+    checkpoint = read_last_checkpoint(run / CHECKPOINT_NAME)
+    assert checkpoint["epoch"] == saved + 2 and checkpoint["iteration"] == 2 * (saved + 2)
+    assert not list(run.glob(".*.tmp"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["resumed_from_epoch"] == saved and manifest["parameters"]["resume"] is True
+
+
+def test_truncated_checkpoint_is_refused_before_anything_is_loaded(tiny_run: TrainingResult, synthetic_dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.run_dir, run)
+    checkpoint = run / CHECKPOINT_NAME
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100_000])
+    model_before = (run / MODEL_NAME).read_bytes()
+    metrics_before = (run / METRICS_NAME).read_text()
+    with pytest.raises(BadInputError, match="corrupt or truncated") as caught:
+        tiny_train(synthetic_dataset, run, resume=True)
+    assert str(checkpoint) in str(caught.value)
+    assert (run / MODEL_NAME).read_bytes() == model_before
+    assert (run / METRICS_NAME).read_text() == metrics_before
+
+
+def test_incomplete_checkpoint_is_named(tmp_path: Path) -> None:
+    from spleenkit.model import atomic_save
+
+    path = atomic_save({"model": {}, "epoch": 3}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(BadInputError, match="incomplete training checkpoint: missing format, optimizer"):
+        read_last_checkpoint(path)
+
+
+def test_bad_input_is_explained(synthetic_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="dataset folder not found"):
+        tiny_train(tmp_path / "nowhere", tmp_path / "run")
+    with pytest.raises(BadInputError, match="unknown preset 'sed'"):
+        train(synthetic_dataset, tmp_path / "run", "sed")
+    with pytest.raises(BadInputError, match="unknown preset setting"):
+        tiny_train(synthetic_dataset, tmp_path / "run", learning_rat=1e-3)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(BadInputError, match="output folder") as caught:
+        tiny_train(synthetic_dataset, blocker / "run")
+    assert str(blocker) in str(caught.value)
+    with pytest.raises(BadInputError, match="smaller than the patch") as caught:
+        tiny_train(synthetic_dataset, tmp_path / "run", patch_size=64, pad_to_patch=False)
+    assert "imagesTr" in str(caught.value)
+    with pytest.raises(BadInputError, match="cannot hold out"):
+        tiny_train(synthetic_dataset, tmp_path / "run", validation_cases=6)
+    assert not (tmp_path / "run" / METRICS_NAME).exists()
+
+
+def test_cache_estimate_from_headers_matches_the_filled_cache(synthetic_dataset: Path) -> None:
+    from spleenkit.data.datalist import load_datalist, split_datalist
+    from spleenkit.training import build_datasets, resolve_preset
+
+    preset = resolve_preset("quick", **TINY)
+    train_items, validation_items = split_datalist(load_datalist(synthetic_dataset), 2)
+    datasets = build_datasets(train_items, validation_items, preset, num_workers=1)
+    cached = 0
+    for dataset in (datasets.train, datasets.validation):
+        for item in dataset._cache:
+            cached += sum(item[key].numel() * item[key].element_size() for key in ("image", "label"))
+    assert datasets.estimate.cached_cases == 6
+    assert datasets.estimate.total_bytes == pytest.approx(cached, rel=0.1)
+    assert "GiB" in datasets.estimate.describe()
+
+
+def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
+    from monai.bundle import ConfigParser
+    from monai.losses import DiceLoss
+    from monai.optimizers import Novograd
+    from test_transforms import describe
+
+    from spleenkit.presets import get_preset
+    from spleenkit.training import make_loss, make_optimizer, make_scheduler
+
+    bundle_loss = ConfigParser({"loss": {
+        "_target_": "DiceCELoss", "include_background": False, "to_onehot_y": True, "softmax": True,
+        "squared_pred": True, "batch": True, "smooth_nr": 0.00001, "smooth_dr": 0.00001, "lambda_dice": 0.5,
+        "lambda_ce": 0.5}}).get_parsed_content("loss")
+    assert describe(make_loss("seed")) == describe(bundle_loss)
+    assert isinstance(make_loss("tutorial"), DiceLoss)
+
+    weights = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(make_optimizer("bundle-0.5.9", weights), Novograd)
+    adam = make_optimizer("seed", weights)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-4
+    assert make_scheduler("seed", adam, 100) is None
+    step = make_scheduler(get_preset("bundle-0.5.9", scheduler_step_size=3), make_optimizer("bundle-0.5.9", weights),
+                          100)
+    for _ in range(3):
+        step.optimizer.step()
+        step.step()
+    assert step.get_last_lr()[0] == pytest.approx(2e-3 * 0.1)
+    cosine = make_scheduler("fast", make_optimizer("fast", weights), 10)
+    for _ in range(10):
+        cosine.optimizer.step()
+        cosine.step()
+    assert cosine.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_timing_compares_float32_and_bfloat16() -> None:
+    from spleenkit.presets import get_preset
+    from spleenkit.training import measure_step_seconds
+
+    timing = measure_step_seconds(get_preset("quick", patch_size=16), "cpu", steps=1, warmup=0)
+    assert timing["mixed_dtype"] == "bfloat16" and timing["patches"] == 4 and timing["patch_size"] == (16, 16, 16)
+    assert timing["float32_seconds"] > 0 and timing["mixed_seconds"] > 0
+
+
+def test_cli_train_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spleenkit.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--patch", "32", "32"]) == 2
+    assert "--patch takes one size or three" in capsys.readouterr().err
+
+
+def test_cli_train_runs_and_prints_the_model(synthetic_dataset: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from spleenkit.cli import main
+
+    run = tmp_path / "cli-run"
+    code = main(["train", "--data", str(synthetic_dataset), "--out", str(run), "--preset", "quick", "--epochs", "1",
+                 "--patch", "32", "--workers", "1", "--no-progress", "--lr", "0.002", "--seed", "5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"model: {run / MODEL_NAME}" in out
+    parameters = json.loads((run / "manifest.json").read_text())["parameters"]
+    assert parameters["preset"]["learning_rate"] == 0.002 and parameters["seed"] == 5
+    assert os.path.getsize(run / MODEL_NAME) > 1_000_000
+
+
+def test_cpu_bfloat16_training_falls_back_where_its_gradients_are_wrong(monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from spleenkit import training
+    from spleenkit.presets import get_preset
+
+    cpu = torch.device("cpu")
+    assert training._bf16_weight_gradient_ok((4, 4, 4))  # the real check passes where bfloat16 is fine
+    assert training.training_amp(get_preset("quick"), cpu) is True
+    assert training.training_amp(get_preset("quick"), cpu, amp=False) is False
+    # where the check fails (PyTorch's oneDNN kernel on a map 2 voxels deep) training falls back to float32
+    monkeypatch.setattr(training, "_bf16_weight_gradient_ok", lambda shape: shape[0] != 2)
+    with caplog.at_level("WARNING", logger="spleenkit.training"):
+        assert training.training_amp(get_preset("quick", patch_size=32), cpu) is False
+    assert "training in float32" in caplog.text
+    assert training.training_amp(get_preset("quick", patch_size=48), cpu) is True
+    assert training.training_amp(get_preset("quick", patch_size=32), torch.device("meta")) is True  # not a CPU
