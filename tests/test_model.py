@@ -63,7 +63,9 @@ def test_bundle_weights_load_strictly_and_predict(tmp_path: Path, bundle_network
 
 
 def test_wrong_architecture_is_named(tmp_path: Path) -> None:
-    smaller = build_unet(__import__("spleenkit.presets").presets.get_preset("seed", channels=(8, 16, 32, 64, 128)))
+    from spleenkit.presets import get_preset
+
+    smaller = build_unet(get_preset("seed", channels=(8, 16, 32, 64, 128)))
     path = atomic_save(smaller.state_dict(), tmp_path / "small.pt")
     with pytest.raises(BadInputError, match="shape mismatch"):
         load_weights(build_unet("seed"), path)
