@@ -47,9 +47,13 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 
 # --------------------------------------------------------------------------- where the bundle is
 def bundle_source() -> Path:
-    """The bundle folder (``bundle/`` of the kit's checkout, or $SPLEENKIT_BUNDLE_DIR)."""
-    candidates = [os.environ.get("SPLEENKIT_BUNDLE_DIR"), Path(__file__).resolve().parents[1] / "bundle",
-                  Path(sys.prefix) / "share" / "spleenkit" / "bundle"]
+    """The bundle folder: $SPLEENKIT_BUNDLE_DIR, ``bundle/`` of the kit's checkout, or the installed copy."""
+    import site
+    import sysconfig
+
+    installed = [Path(base) / "share" / "spleenkit" / "bundle"
+                 for base in (sysconfig.get_path("data"), sys.prefix, site.USER_BASE) if base]
+    candidates = [os.environ.get("SPLEENKIT_BUNDLE_DIR"), Path(__file__).resolve().parents[1] / "bundle", *installed]
     for candidate in candidates:
         if candidate and (Path(candidate) / "configs" / "metadata.json").is_file():
             return Path(candidate)

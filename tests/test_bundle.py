@@ -118,6 +118,15 @@ def test_bundle_files_are_complete() -> None:
         assert "cuda:0" not in config.read_text(), f"{config.name} hard-codes a GPU"
 
 
+def test_bundle_folder_can_be_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(BUNDLE, tmp_path / "bundle"))
+    monkeypatch.setenv("SPLEENKIT_BUNDLE_DIR", str(copy))
+    assert bundle_source() == copy
+    assert main(["bundle", "path"]) == 0
+
+
 def test_metadata_follows_the_bundle_schema() -> None:
     validate_metadata(CONFIGS / "metadata.json", SCHEMA)
     metadata = json.loads((CONFIGS / "metadata.json").read_text())
