@@ -76,12 +76,20 @@ def assigned_names(source: str) -> list[str]:
         elif isinstance(target, ast.Starred):
             collect(target.value)
 
-    for statement in _python(source).body:
-        if isinstance(statement, ast.Assign):
-            for target in statement.targets:
-                collect(target)
-        elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
-            collect(statement.target)
+    def visit(statements: list[ast.stmt]) -> None:
+        for statement in statements:
+            if isinstance(statement, ast.Assign):
+                for target in statement.targets:
+                    collect(target)
+            elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
+                collect(statement.target)
+            elif isinstance(statement, (ast.With, ast.If, ast.Try, ast.For, ast.While)):  # still the cell's level
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(statement, block, []))
+                for handler in getattr(statement, "handlers", []):
+                    visit(handler.body)
+
+    visit(_python(source).body)
     return list(dict.fromkeys(names))
 
 
