@@ -217,6 +217,19 @@ def test_check_overrides_reads_the_monai_command_line(tmp_path: Path) -> None:
     check_overrides(["pytest", "--epoch", "1"])  # not a bundle run: nothing to check
 
 
+def test_network_and_recipe_overrides_reach_the_kit() -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(merged("train.json"))
+    parser.update({"network_def#num_res_units": 3, "patch_size": [64, 64, 64], "amp": "false", "epochs": 7})
+    parser.parse()
+    recipe = parser.get_parsed_content("recipe")
+    assert recipe.patch_size == (64, 64, 64) and recipe.validation_roi_size == (64, 64, 64)
+    assert recipe.amp is False and parser.get_parsed_content("train#trainer#max_epochs") == 7
+    network = parser.get_parsed_content("network_def")
+    assert len(network.model[0].conv) == 3  # three residual units where the preset has two
+
+
 @pytest.mark.parametrize("names", [("train.json",), ("inference.json",), ("train.json", "multi_gpu_train.json"),
                                    ("train.json", "evaluate.json", "multi_gpu_evaluate.json")])
 def test_every_run_checks_its_overrides_first(names: tuple[str, ...]) -> None:
