@@ -63,8 +63,12 @@ def _python(source: str) -> ast.Module:
     return ast.parse(TransformerManager().transform_cell(source))
 
 
-def assigned_names(source: str) -> list[str]:
-    """Names a cell binds at its top level by assignment (imports, functions and loops left out), in order."""
+def assigned_names(source: str, imports: bool = False) -> list[str]:
+    """Names a cell binds at its own level by assignment, in order; with ``imports``, also by import, def and class.
+
+    Loops and function bodies are left out: an answer is assigned at the cell's level (or in a
+    ``with``/``if``/``try`` block there).
+    """
     names: list[str] = []
 
     def collect(target: ast.AST) -> None:
@@ -84,10 +88,20 @@ def assigned_names(source: str) -> list[str]:
             elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
                 collect(statement.target)
             elif isinstance(statement, (ast.With, ast.If, ast.Try, ast.For, ast.While)):  # still the cell's level
+                if imports and isinstance(statement, ast.For):
+                    collect(statement.target)
+                if imports and isinstance(statement, ast.With):
+                    for item in statement.items:
+                        if item.optional_vars is not None:
+                            collect(item.optional_vars)
                 for block in ("body", "orelse", "finalbody"):
                     visit(getattr(statement, block, []))
                 for handler in getattr(statement, "handlers", []):
                     visit(handler.body)
+            elif imports and isinstance(statement, (ast.Import, ast.ImportFrom)):
+                names.extend(alias.asname or alias.name.split(".")[0] for alias in statement.names)
+            elif imports and isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(statement.name)
 
     visit(_python(source).body)
     return list(dict.fromkeys(names))
@@ -172,28 +186,29 @@ def exercise_problems(path: str | os.PathLike[str], notebook: Any | None = None)
 
 
 def _later_uses(notebook: Any, exercises: Sequence[ExerciseCells]) -> list[str]:
-    """Lesson cells that read a name only a solution defines: they would fail in a student copy."""
+    """Cells that read a name only a solution defines: they would fail in a student copy.
+
+    A check cell may read its answer names (the stub sets them to None), nothing else a solution
+    defines (an import, a helper variable); the lesson's cells may read nothing a solution defines.
+    """
     solution_cells = {i for item in exercises for i in item.solutions}
-    check_cells = {i for item in exercises for i in item.checks}
-    defined_elsewhere: set[str] = set()
+    stubbed = {i: set(item.answer_names) for item in exercises for i in item.checks}
     only_in_solutions: dict[str, int] = {}
     problems = []
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type != "code":
             continue
+        bound = set(assigned_names(cell.source, imports=True))
         if index in solution_cells:
-            for name in assigned_names(cell.source):
-                if name not in defined_elsewhere:
-                    only_in_solutions.setdefault(name, index)
+            for name in bound:
+                only_in_solutions.setdefault(name, index)
             continue
-        assigned = set(assigned_names(cell.source))
-        if index not in check_cells:
-            used = (read_names(cell.source) - assigned) & set(only_in_solutions)
-            for name in sorted(used):
-                problems.append(f"cell {index} reads {name!r}, which only the solution in cell "
-                                f"{only_in_solutions[name]} defines: a student copy would fail there")
-        defined_elsewhere.update(assigned)
-        for name in assigned:
+        used = (read_names(cell.source) - bound - stubbed.get(index, set())) & set(only_in_solutions)
+        for name in sorted(used):
+            kind = "check" if index in stubbed else "lesson"
+            problems.append(f"{kind} cell {index} reads {name!r}, which only the solution in cell "
+                            f"{only_in_solutions[name]} defines: a student copy would fail there")
+        for name in bound:
             only_in_solutions.pop(name, None)
     return problems
 
