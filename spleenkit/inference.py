@@ -311,12 +311,16 @@ def orientation_warnings(image: nib.spatialimages.SpatialImage, mask: np.ndarray
                 f"{name}: the spine lies on the side the header calls anterior (at {position:.0%} of the way from "
                 "posterior to anterior): the header's anterior-posterior axis looks flipped, as in MSD Task09 "
                 "images whose voxels are stored LPS while the header says RAS (MONAI model-zoo issue 766). "
-                "The mask is written on the image's own grid, but the model saw a mirrored body; check the image "
-                "in a viewer and fix its header before trusting the result.")
+                "The mask is written on the image's own grid, but the network saw the body turned front to back; "
+                "check the image in a viewer and fix its header before trusting the result.")
     if mask is not None and mask.any():
-        mask_xyz = world(np.argwhere(mask).astype(float), image.affine)
-        volume_ml = len(mask_xyz) * float(np.prod(spacing)) / 1000
-        side = (float(mask_xyz[:, 0].mean()) - centre_x) / max(half_width, 1.0)
+        # the centroid from per-axis voxel counts: no list of coordinates for a large mask
+        counts = [np.asarray(mask).sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+                  for axis in range(3)]
+        total = float(counts[0].sum())
+        centroid = np.array([(np.arange(len(c)) * c).sum() / total for c in counts])
+        volume_ml = total * float(np.prod(spacing)) / 1000
+        side = (float(world(centroid[None], image.affine)[0, 0]) - centre_x) / max(half_width, 1.0)
         log.debug("%s: spleen centroid at %.2f of the half-width from the midline (+ is right)", name, side)
         if volume_ml > 5 and side > 0.15:
             warnings_.append(
