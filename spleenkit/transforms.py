@@ -8,7 +8,7 @@ here and nowhere else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spleenkit.presets import Preset, get_preset
 
@@ -90,3 +90,33 @@ def inference_transforms(preset: Preset | str = "seed") -> Compose:
     from monai.transforms import Compose
 
     return Compose(deterministic_transforms(preset, keys=(IMAGE,)))
+
+
+def describe_volume(volume: Any) -> dict[str, Any]:
+    """Shape, voxel size (mm), orientation codes and value range of a loaded MetaTensor."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(getattr(volume, "affine", np.eye(4)), dtype=float)
+    spatial = tuple(int(s) for s in volume.shape[-3:])
+    return {
+        "shape": tuple(int(s) for s in volume.shape),
+        "spatial_shape": spatial,
+        "spacing": tuple(round(float(s), 3) for s in np.linalg.norm(affine[:3, :3], axis=0)),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "dtype": str(volume.dtype).removeprefix("torch."),
+        "min": float(volume.min()),
+        "max": float(volume.max()),
+    }
+
+
+def trace_transforms(record: dict[str, str], preset: Preset | str = "seed") -> list[dict[str, Any]]:
+    """Run the deterministic chain on one case a step at a time and return, per step, its name, the
+    image and label after it and their facts (:func:`describe_volume`): what each step does, visibly."""
+    data: dict[str, Any] = dict(record)
+    steps = []
+    for transform in deterministic_transforms(preset):
+        data = transform(data)
+        steps.append({"step": type(transform).__name__, "image": data[IMAGE], "label": data.get(LABEL),
+                      **describe_volume(data[IMAGE])})
+    return steps

@@ -658,3 +658,68 @@ def crop_samples(samples: Sequence[Mapping[str, Any]], columns: int = 4,
         ax.set_axis_off()
     figure.suptitle("training crops (+ marks the crop centre; spleen outlined)", fontsize=10)
     return _finish(figure, save)
+
+
+# --------------------------------------------------------------------------- preprocessing and crops (notebook 02)
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def transform_steps(steps: Sequence[Mapping[str, Any]], save: str | os.PathLike[str] | None = None) -> Figure:
+    """One axial slice through the spleen after each preprocessing step, drawn as the array is stored
+    (first axis to the right, second up) with each edge named by the orientation codes; titled with the
+    step, the shape, the voxel size and the orientation. ``steps`` as from ``transforms.trace_transforms``."""
+    figure = new_figure(2.5 * len(steps), 3.6)
+    axes = np.atleast_1d(figure.subplots(1, len(steps)))
+    for number, (ax, step) in enumerate(zip(axes, steps, strict=True), start=1):
+        image = _array(step["image"]).astype(np.float32)
+        label = _array(step["label"]) > 0.5 if step.get("label") is not None else None
+        index = centre_of(label, image.shape)[2]
+        scaled = float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        window = (0.0, 1.0) if scaled else CT_WINDOW
+        spacing = step.get("spacing", (1.0, 1.0, 1.0))
+        ax.imshow(image[:, :, index].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
+                  aspect=float(spacing[1]) / float(spacing[0]), interpolation="nearest")
+        if label is not None:
+            _outline(ax, label[:, :, index].T, COLOURS["mask"], width=1.0)
+        codes = str(step.get("orientation", "???"))
+        style = {"color": "white", "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
+        ax.text(0.98, 0.5, codes[0], ha="right", va="center", **style)
+        ax.text(0.02, 0.5, _OPPOSITE.get(codes[0], "?"), ha="left", va="center", **style)
+        ax.text(0.5, 0.98, codes[1], ha="center", va="top", **style)
+        ax.text(0.5, 0.02, _OPPOSITE.get(codes[1], "?"), ha="center", va="bottom", **style)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        shape = "x".join(str(s) for s in step.get("spatial_shape", image.shape))
+        size = "x".join(f"{float(s):g}" for s in spacing)
+        ax.set_title(f"{number}. {step.get('step', '')}\n{shape} voxels\n{size} mm, {codes}\n"
+                     f"values {float(image.min()):.4g}..{float(image.max()):.4g}", fontsize=8)
+    figure.suptitle("after each step: the slice through the spleen, as stored (window: HU until scaled, then 0..1)",
+                    fontsize=10)
+    return _finish(figure, save)
+
+
+def crop_samples(samples: Sequence[Mapping[str, Any]], columns: int = 4,
+                 save: str | os.PathLike[str] | None = None) -> Figure:
+    """The middle axial slice of each training crop with the spleen outlined and its share of the crop:
+    what RandCropByPosNegLabeld feeds the network. (A centre drawn near the border is moved inward so the
+    crop fits the image, so the marked centre is not always the voxel that was drawn.)"""
+    columns = max(1, min(columns, len(samples)))
+    rows = int(np.ceil(len(samples) / columns))
+    figure = new_figure(2.4 * columns, 2.5 * rows + 0.4)
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for ax, sample in zip(axes, samples, strict=False):
+        image = _array(sample["image"]).astype(np.float32)
+        label = _array(sample["label"]) > 0.5
+        middle = tuple(s // 2 for s in label.shape)
+        positive = bool(label[middle])
+        ax.imshow(image[:, :, middle[2]].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
+        _outline(ax, label[:, :, middle[2]].T, COLOURS["mask"], width=1.0)
+        ax.plot([middle[0]], [middle[1]], marker="+", color=COLOURS["tp"] if positive else COLOURS["fp"], ms=9)
+        share = 100.0 * float(label.mean())
+        ax.set_title(f"spleen {share:.1f}% of the crop" + (" (centre in it)" if positive else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(samples):]:
+        ax.set_axis_off()
+    figure.suptitle("training crops (+ marks the crop centre; spleen outlined)", fontsize=10)
+    return _finish(figure, save)

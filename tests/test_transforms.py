@@ -152,3 +152,19 @@ def test_small_images_are_padded_to_the_patch(synthetic_dataset) -> None:
     assert min(resampled.shape[1:]) < 48
     sample = training_transforms(preset)(case)[0]
     assert tuple(sample["image"].shape) == (1, 48, 48, 48)
+
+
+def test_trace_shows_each_step_and_the_figures_draw_it(synthetic_dataset) -> None:
+    from spleenkit.data.datalist import load_datalist
+    from spleenkit.transforms import trace_transforms
+    from spleenkit.visualization import crop_samples, transform_steps
+
+    case = load_datalist(synthetic_dataset)[0]
+    steps = trace_transforms(case, "quick")
+    assert [s["step"] for s in steps] == [type(t).__name__ for t in deterministic_transforms("quick")]
+    assert steps[2]["orientation"] == "RAS" and steps[3]["spacing"] == (3.0, 3.0, 3.0)
+    assert steps[3]["min"] < -500 and (steps[4]["min"], steps[4]["max"]) == (0.0, 1.0)
+    assert len(steps[0]["shape"]) == 3 and len(steps[1]["shape"]) == 4  # channel first
+    assert len(transform_steps(steps).axes) == len(steps)
+    chain = training_transforms(get_preset("quick", patch_size=32, num_samples=3))
+    assert len([ax for ax in crop_samples(chain(case), columns=2).axes if ax.has_data()]) == 3
