@@ -204,23 +204,6 @@ def process_group(device: str | torch.device | None = "auto", timeout_s: float =
         destroy_process_group()
 
 
-def current_context() -> DistributedContext | None:
-    """The context of the open process group, or None in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    import torch
-
-    env = torchrun_environment() if all(os.environ.get(v) for v in _TORCHRUN_VARIABLES) else {}
-    backend = str(dist.get_backend())
-    device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
-    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                              local_rank=env.get("local_rank", 0), local_world_size=env.get("local_world_size", 1),
-                              node_rank=env.get("node_rank", 0), backend=backend, device=device,
-                              master=env.get("master", ""))
-
-
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     import torch.distributed as dist
@@ -334,13 +317,6 @@ def train_sampler(dataset: Any, seed: int = 0) -> Any:
     from monai.data import DistributedSampler
 
     return DistributedSampler(dataset, even_divisible=True, shuffle=True, seed=seed)
-
-
-def evaluation_sampler(dataset: Any) -> Any:
-    """A DistributedSampler for validation: in order, no padding, so no case is scored twice."""
-    from monai.data import DistributedSampler
-
-    return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
 @dataclass

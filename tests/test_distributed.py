@@ -340,3 +340,20 @@ def test_a_crashing_rank_ends_the_job(synthetic_dataset: Path, tmp_path: Path) -
     assert crash, failure.value.output[-3000:]
     assert ended - crash[0] < 45, "the surviving rank should be stopped promptly, not wait for a timeout"
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_figures_of_the_multi_gpu_notebook() -> None:
+    from spleenkit.visualization import compare_runs, data_parallel_diagram
+
+    def texts(figure) -> str:
+        return " ".join(t.get_text() for ax in figure.axes for t in ax.texts)
+
+    two, eight = texts(data_parallel_diagram(2)), texts(data_parallel_diagram(8))
+    assert "share 2 of 2" in two and "rank 1" in two and "all-reduce" in two and "writes the run folder" in two
+    assert "rank 7" in eight and "4 more" in eight and "share 5 of 8" not in eight  # 4 rows drawn, the rest named
+    one = [{"epoch": 1, "loss": 0.9, "seconds": 10.0}, {"epoch": 2, "loss": 0.8, "seconds": 9.0}]
+    two_runs = [{"epoch": 1, "loss": 0.95, "seconds": 6.0}, {"epoch": 2, "loss": 0.85, "seconds": 5.0}]
+    figure = compare_runs({"one process": one, "2 processes": two_runs})
+    loss_ax, time_ax = figure.axes
+    assert [line.get_label() for line in loss_ax.lines] == ["one process", "2 processes"]
+    assert sorted(round(p.get_height(), 1) for p in time_ax.patches) == [5.0, 6.0, 9.0, 10.0]
