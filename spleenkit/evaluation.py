@@ -177,7 +177,7 @@ def original_space_mask(logits: torch.Tensor, image: torch.Tensor, preprocessing
     else:
         # argmax of two softmax channels is "foreground probability > 0.5"; interpolation is linear,
         # so interpolating that one channel gives the same answer (up to rounding at exact ties)
-        foreground = torch.softmax(logits.float(), dim=0)[1:2]
+        foreground = torch.softmax(logits.float(), dim=0)[1:2].cpu()  # the original grid is built on the CPU
         resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)
         mask = np.zeros(shape, dtype=np.uint8)
         step = max(1, SLAB_VOXELS // (shape[0] * shape[1]))

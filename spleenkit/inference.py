@@ -117,7 +117,7 @@ def find_inputs(path: str | os.PathLike[str]) -> list[InputVolume]:
             raise BadInputError("a single DICOM file; give the folder holding the whole series", path)
         raise BadInputError("not a NIfTI file (.nii or .nii.gz) or a DICOM folder", path)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    niftis = [p for p in files if is_nifti(p)]
+    niftis = [p for p in files if is_nifti(p) and not p.name.endswith(MASK_SUFFIX)]  # not our own masks
     if niftis:
         return [InputVolume(p, "nifti") for p in niftis]
     if any(_is_dicom_file(p) for p in files):

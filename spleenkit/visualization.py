@@ -310,10 +310,18 @@ def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = Non
         except ImportError:
             log.info("itkwidgets is not installed (pip install 'spleenkit[viewer]'); showing a static view")
         else:
-            # itkwidgets reads numpy arrays in z, y, x order
+            # itkwidgets reads arrays in z, y, x order; a spatial image also carries the voxel size
             options: dict[str, Any] = {"image": np.ascontiguousarray(volume.transpose(2, 1, 0).astype(np.float32))}
             if outline is not None:
                 options["label_image"] = np.ascontiguousarray(outline.transpose(2, 1, 0))
+            try:
+                from spatial_image import to_spatial_image
+            except ImportError:
+                pass
+            else:
+                scale = {"z": voxel[2], "y": voxel[1], "x": voxel[0]}
+                options = {key: to_spatial_image(value, dims=("z", "y", "x"), scale=scale)
+                           for key, value in options.items()}
             return view(**options, **kwargs)
     return maximum_intensity_projection(volume, outline, spacing=voxel)
 

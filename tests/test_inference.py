@@ -267,6 +267,10 @@ def test_empty_folder_and_2d_images_are_refused(tmp_path: Path, tiny_model: Path
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInputError, match="empty"):
         find_inputs(tmp_path / "empty")
+    (tmp_path / "mixed").mkdir()
+    for name in ("scan.nii.gz", "scan_spleen.nii.gz", "notes.txt"):
+        (tmp_path / "mixed" / name).write_bytes(b"")
+    assert [v.name for v in find_inputs(tmp_path / "mixed")] == ["scan"]  # our own masks are not inputs
     nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)).to_filename(tmp_path / "flat.nii.gz")
     with pytest.raises(BadInputError, match=r"flat\.nii\.gz: a 2D image"):
         read_nifti(tmp_path / "flat.nii.gz")
