@@ -28,9 +28,10 @@ if [[ -f "$_stamp" && "$(cat "$_stamp")" == "$_wanted" ]] && python -c "import s
     echo "== environment ready: $(python -c 'import sys; print(sys.prefix)') (delete $_stamp to reinstall)"
 else
     echo "== installing $TORCH_SPEC, then the kit with its dev tools (a few minutes the first time)"
-    python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet "$TORCH_SPEC"
-    python -m pip install --quiet -e "$REPO_ROOT[dev]"
+    # -qq: pip reports errors only, so that the log shows what matters
+    python -m pip install -qq --upgrade pip
+    python -m pip install -qq "$TORCH_SPEC"
+    python -m pip install -qq -e "$REPO_ROOT[dev]"
     echo "$_wanted" > "$_stamp"
 fi
 unset _stamp _wanted

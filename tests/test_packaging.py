@@ -92,8 +92,8 @@ def test_binder_uses_the_cpu_wheel_index_and_postbuild_installs_the_kit() -> Non
 
 def test_scripts_install_torch_before_the_kit() -> None:
     text = (REPO / "scripts/setup_env.sh").read_text()
-    torch_at = text.index('pip install --quiet "$TORCH_SPEC"')
-    kit_at = text.index('pip install --quiet -e "$REPO_ROOT[dev]"')
+    torch_at = text.index('pip install -qq "$TORCH_SPEC"')
+    kit_at = text.index('pip install -qq -e "$REPO_ROOT[dev]"')
     assert torch_at < kit_at
     for script in ("scripts/run_all.sh", "scripts/test.sh", ".ci/run"):
         assert os.access(REPO / script, os.X_OK), f"{script} must be executable"
