@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,3 +101,48 @@ def test_scripts_install_torch_before_the_kit() -> None:
     for script in ("scripts/run_all.sh", "scripts/test.sh", ".ci/run"):
         assert os.access(REPO / script, os.X_OK), f"{script} must be executable"
     assert "bash scripts/test.sh" in (REPO / ".ci/run").read_text()
+
+
+# --------------------------------------------------------------------------- Binder, as repo2docker reads it
+def test_repo2docker_builds_binder_environment_then_runs_post_build() -> None:
+    # repo2docker's own rules, offline: --no-build prints the Dockerfile it would build, building nothing
+    result = subprocess.run([sys.executable, "-m", "repo2docker", "--no-build", "--debug", "--user-id", "1000",
+                             "--user-name", "jovyan", str(REPO)], capture_output=True, text=True, timeout=120)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    python = yaml.safe_load((REPO / "binder/environment.yml").read_text())["dependencies"]
+    version = next(entry for entry in python if isinstance(entry, str) and entry.startswith("python=")).split("=")[1]
+    assert f"Building conda environment for python={version}" in text, "repo2docker must take binder/environment.yml"
+    assert '--file "binder/environment.yml"' in text, "binder/ wins over the root's environment.yml"
+    assert "RUN ./binder/postBuild" in text
+    assert "requirements.txt" not in text and "apt.txt" not in text, "one description of the image: binder/"
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert SpecifierSet(requires).contains(f"{version}.0"), f"Binder's python {version} is outside {requires}"
+
+
+def test_binder_files_are_the_kinds_repo2docker_knows_and_post_build_is_executable_in_git() -> None:
+    known = {"environment.yml", "postBuild", "start", "apt.txt", "runtime.txt", "README.md"}
+    assert {path.name for path in (REPO / "binder").iterdir()} <= known, (
+        "binder/ holds a file repo2docker would act on unexpectedly (a Dockerfile replaces everything)")
+    listed = subprocess.run(["git", "ls-files", "-s", "binder/postBuild"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout
+    assert listed.startswith("100755"), "git must record binder/postBuild as executable (git update-index --chmod=+x)"
+    assert (REPO / "binder/postBuild").read_text().startswith("#!"), "postBuild starts with a shebang line"
+
+
+def test_binder_makes_the_quick_profiles_data_where_the_notebooks_look_by_default() -> None:
+    # On Binder the notebooks run with their default parameters, i.e. the quick profile's data.
+    import nbformat
+
+    from spleenkit.notebooks import list_notebooks, load_profile
+
+    match = re.search(r"spleenkit data synth --out (\S+)", (REPO / "binder/postBuild").read_text())
+    assert match, "binder/postBuild makes the synthetic dataset"
+    made = (REPO / match.group(1)).resolve()
+    assert Path(load_profile("quick", REPO)["shared"]["data_dir"]) == made
+    for path in list_notebooks(REPO / "notebooks"):
+        cells = [c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+        default = re.search(r'^data_dir = "([^"]+)"', cells[0].source, re.MULTILINE) if cells else None
+        if default:
+            assert (REPO / "notebooks" / default.group(1)).resolve() == made, (
+                f"{path.name}: data_dir defaults to {default.group(1)}, not the folder binder/postBuild fills")
