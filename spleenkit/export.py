@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -141,7 +142,11 @@ def parity(network: torch.nn.Module, exported: str | os.PathLike[str], sample_sh
     image = torch.rand(sample_shape, generator=generator)
     with torch.no_grad():
         expected = network.eval()(image).numpy()
-    return float(np.abs(run_exported(exported, image) - expected).max())
+    if not np.isfinite(expected).all():
+        raise SpleenkitError("the model itself outputs NaN or infinity: its weights are broken (a diverged "
+                             "training?), so there is nothing to compare the export with")
+    difference = float(np.abs(run_exported(exported, image) - expected).max())
+    return difference if math.isfinite(difference) else math.inf
 
 
 def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], preset: Preset | str = "seed",

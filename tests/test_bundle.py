@@ -273,10 +273,14 @@ def trained(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slow
 def test_training_command_writes_the_best_model(trained: Path) -> None:
+    import torch
+
     from spleenkit.evaluation import run_preset
     from spleenkit.model import load_model
 
-    load_model(trained / "models" / "model.pt")  # a plain UNet state dict, strict keys, weights only
+    network = load_model(trained / "models" / "model.pt")  # a plain UNet state dict, strict keys, weights only
+    assert all(torch.isfinite(value).all() for value in network.state_dict().values() if value.is_floating_point()), \
+        "training left non-finite weights"
     assert list((trained / "eval").glob("events.out.tfevents.*"))
     recipe = run_preset(trained / "models")  # models/ is a kit run folder: its manifest holds the recipe
     assert recipe.patch_size == tuple(PATCH) and recipe.spacing == tuple(SPACING) and recipe.epochs == 1

@@ -52,6 +52,17 @@ def test_onnx_matches_eager(model_file: Path, tmp_path: Path, capsys: pytest.Cap
     assert parity(network, tmp_path / "model.onnx", sample_shape=(2, 1, 32, 48, 64), seed=3) <= TOLERANCE
 
 
+def test_export_refuses_broken_weights(model_file: Path, tmp_path: Path) -> None:
+    from spleenkit.errors import SpleenkitError
+    from spleenkit.model import load_checkpoint
+
+    state = load_checkpoint(model_file)
+    state["model.1.submodule.0.conv.unit0.conv.weight"][0, 0, 0, 0, 0] = float("nan")  # as a diverged training leaves
+    broken = atomic_save(state, tmp_path / "broken.pt")
+    with pytest.raises(SpleenkitError, match="outputs NaN or infinity"):
+        export_model(broken, tmp_path / "model.ts")
+
+
 def test_export_refuses_another_architecture(tmp_path: Path) -> None:
     small = build_unet("seed").__class__(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16, 32, 64),
                                          strides=(2, 2, 2, 2), num_res_units=1)
