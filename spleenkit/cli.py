@@ -467,6 +467,28 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- training
+def _preset_setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of ``--set``: VALUE as JSON (numbers, true/false), a comma list, or a word."""
+    import json
+
+    from spleenkit.errors import BadInputError
+
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise BadInputError(f"--set takes NAME=VALUE (got {text!r})")
+
+    def parse(part: str) -> object:
+        part = part.strip()
+        if part.lower() in ("none", "null"):
+            return "none"
+        try:
+            return json.loads(part)
+        except json.JSONDecodeError:
+            return part
+
+    return name.strip().replace("-", "_"), [parse(p) for p in raw.split(",")] if "," in raw else parse(raw)
+
+
 def _train(args: argparse.Namespace) -> int:
     from spleenkit.errors import BadInputError
     from spleenkit.training import train
@@ -483,6 +505,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides["validation_interval"] = args.val_interval
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
+    for setting in args.set or []:
+        name, value = _preset_setting(setting)
+        overrides[name] = value
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with _process_group(args) as context:
         result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
@@ -520,6 +545,9 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--cache-rate", type=float, help="fraction of cases kept in memory (default: the preset's)")
     train.add_argument("--val-interval", type=int, help="validate every N epochs (default: the preset's)")
     train.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    train.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="any other preset setting, e.g. --set spacing=2,2,2 --set scheduler=none "
+                            "(repeatable; `spleenkit presets` lists the recipes)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: on in a terminal)")
     _distributed_options(train, training=True)

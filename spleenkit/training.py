@@ -289,7 +289,7 @@ def make_scheduler(preset: Preset | str, optimizer: torch.optim.Optimizer,
     import torch
 
     preset = get_preset(preset)
-    if preset.scheduler is None:
+    if preset.scheduler in (None, "none"):
         return None
     if preset.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=preset.scheduler_step_size,

@@ -282,12 +282,19 @@ def test_cli_train_runs_and_prints_the_model(synthetic_dataset: Path, tmp_path: 
 
     run = tmp_path / "cli-run"
     code = main(["train", "--data", str(synthetic_dataset), "--out", str(run), "--preset", "quick", "--epochs", "1",
-                 "--patch", "32", "--workers", "1", "--no-progress", "--lr", "0.002", "--seed", "5"])
+                 "--patch", "48", "--workers", "1", "--no-progress", "--lr", "0.002", "--seed", "5",
+                 "--set", "spacing=6,6,6", "--set", "validation-cases=2", "--set", "scheduler=none",
+                 "--set", "num_samples=1", "--set", "sliding_window_overlap=0.25"])
     assert code == 0
     out = capsys.readouterr().out
-    assert f"model: {run / MODEL_NAME}" in out
+    assert f"model: {run / MODEL_NAME}" in out and "best validation Dice" in out
     parameters = json.loads((run / "manifest.json").read_text())["parameters"]
     assert parameters["preset"]["learning_rate"] == 0.002 and parameters["seed"] == 5
+    assert parameters["preset"]["spacing"] == [6, 6, 6] and parameters["preset"]["scheduler"] == "none"
+    assert parameters["preset"]["validation_roi_size"] == [48, 48, 48]
+    assert read_metrics(run)[0]["lr"] == 0.002  # no schedule: the rate stays
+    assert main(["train", "--data", str(synthetic_dataset), "--out", str(run), "--set", "spacing"]) == 2
+    assert "--set takes NAME=VALUE" in capsys.readouterr().err
     assert os.path.getsize(run / MODEL_NAME) > 1_000_000
 
 
