@@ -293,6 +293,63 @@ def _window_fraction(answer: Any, image: Any, mask: Any, window: Sequence[float]
     raise Hint(f"{value:.3f}. Select the spleen's voxels with ct[spleen], then test both bounds.")
 
 
+# --------------------------------------------------------------------------- 02 preprocessing
+@exercise("02-resampled-shape", "predict the resampled shape",
+          "Set my_shape to three whole numbers: each axis' size x its voxel size / the recipe's voxel size.")
+def _resampled_shape(answer: Any, spatial_shape: Sequence[int], stored_shape: Sequence[int],
+                     stored_spacing: Sequence[float], target_spacing: Sequence[float]) -> str:
+    try:
+        given = [int(round(float(n))) for n in answer]
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected three whole numbers, got {_short(answer)}") from error
+    if len(given) != 3:
+        raise Hint(f"expected three numbers, one per axis, got {len(given)}")
+    expected = [int(n) for n in spatial_shape][:3]
+    # Orientationd may have permuted the axes: compare the sizes, allowing Spacingd's rounding
+    if all(abs(a - b) <= 1 for a, b in zip(sorted(given), sorted(expected), strict=True)):
+        return f"Spacingd made {tuple(expected)} voxels (the extent in mm stays; only the voxel size changes)."
+    if sorted(given) == sorted(int(n) for n in list(stored_shape)[:3]):
+        raise Hint("that is the shape before resampling.")
+    inverted = [round(n * t / z) for n, z, t in zip(stored_shape, stored_spacing, target_spacing, strict=False)]
+    if sorted(given) == sorted(inverted):
+        raise Hint("the ratio is upside down: extent in mm = size x voxel size; divide that by the new voxel size.")
+    raise Hint(f"{tuple(given)}. Multiply each size by its voxel size (the extent in mm) and divide by the "
+               "recipe's voxel size.")
+
+
+@exercise("02-window-middle", "which HU value becomes 0.5", "Set my_hu to a value in HU.")
+def _window_middle(answer: Any, window: Sequence[float]) -> str:
+    import torch
+    from monai.transforms import ScaleIntensityRange
+
+    value = _number(answer, "a value in HU")
+    low, high = float(window[0]), float(window[1])
+    scaled = float(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(
+        torch.tensor([value]))[0])
+    if abs(scaled - 0.5) >= 0.01:
+        raise Hint(f"{value:g} HU becomes {scaled:.3f}. The mapping is linear from {low:g} HU (0) to {high:g} HU (1): "
+                   "take the middle of the window.")
+    return f"{value:g} HU becomes {scaled:.3f}: the middle of the window, soft tissue."
+
+
+@exercise("02-cache-gib", "will the seed recipe's cache fit",
+          "Set my_gib: voxels per case after resampling x 4 bytes x 2 (image and label) x cases / 2**30.")
+def _cache_gib(answer: Any, cases: int, shape: Sequence[int], spacing: Sequence[float],
+               target_spacing: Sequence[float]) -> str:
+    value = _number(answer, "a size in GiB")
+    voxels = float(np.prod([n * z / t for n, z, t in zip(shape, spacing, target_spacing, strict=True)]))
+    expected = cases * voxels * 4 * 2 / 2**30
+    if _close(value, expected, relative=0.1):
+        return (f"about {expected:.1f} GiB: fine on a workstation, too much for a small Colab machine, where "
+                f"cache_rate=0.5 would halve it.")
+    if _close(value, expected / 2, relative=0.1):
+        raise Hint("the cache holds the label too, as float32: twice the image.")
+    if _close(value, expected / 4, relative=0.1) or _close(value, expected / 8, relative=0.1):
+        raise Hint("each voxel is a float32: 4 bytes.")
+    raise Hint(f"{value:.2f} GiB. Voxels per case after resampling x 4 bytes x 2 (image and label) x {cases} cases, "
+               "divided by 2**30.")
+
+
 # --------------------------------------------------------------------------- 04 several GPUs
 @exercise("04-crops-per-step", "crops per step", "Set my_crops_per_step to a whole number.")
 def _crops_per_step(answer: Any, preset: Any, processes: int) -> str:
@@ -353,7 +410,7 @@ def _cases_per_rank(answer: Any, per_rank: int, total: int, processes: int) -> s
 
 # --------------------------------------------------------------------------- 05 evaluation
 @exercise("05-dice", "Dice by hand", "Set my_dice: Dice = 2·|A∩B| / (|A| + |B|), from the two boolean arrays.")
-def _dice(answer: Any, prediction: Any, reference: Any) -> str:
+def _dice(answer: Any, prediction: Any, reference: Any, reported: float | None = None) -> str:
     import torch
     from monai.metrics import compute_dice
 
@@ -362,7 +419,8 @@ def _dice(answer: Any, prediction: Any, reference: Any) -> str:
     monai_dice = float(compute_dice(torch.from_numpy(pred[None, None]).float(),
                                     torch.from_numpy(ref[None, None]).float(), include_background=True)[0, 0])
     if _close(value, monai_dice, absolute=1e-4):
-        return f"Dice = {monai_dice:.4f}, the same as MONAI's compute_dice (what DiceMetric averages)."
+        also = "" if reported is None else f"; the evaluation reported {reported:.4f}"
+        return f"Dice = {monai_dice:.4f}, the same as MONAI's compute_dice (what DiceMetric averages){also}."
     union = (pred | ref).sum()
     if union and _close(value, (pred & ref).sum() / union, absolute=1e-4):
         raise Hint("that is the Jaccard index (IoU): intersection over union. Dice divides twice the intersection "
@@ -411,19 +469,6 @@ def sliding_window_count(image_shape: Sequence[int], roi_size: Sequence[int], ov
         sliding_window_inference(torch.zeros(1, 1, *[int(s) for s in image_shape]), [int(s) for s in roi_size],
                                  sw_batch_size=1, predictor=predictor, overlap=overlap)
     return sum(calls)
-
-
-@exercise("05-windows", "how many windows", "Set my_windows to the number of windows, a whole number.")
-def _windows(answer: Any, image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> str:
-    value = _number(answer)
-    expected = sliding_window_count(image_shape, roi_size, overlap)
-    if value != expected:
-        steps = [max(1, int(r * (1 - overlap))) for r in roi_size]
-        raise Hint(f"{answer}. Along each axis the window moves by roi x (1 - overlap) = {steps} voxels until it "
-                   f"reaches the end (the last window is shifted back to fit); multiply the three counts.")
-    without = sliding_window_count(image_shape, roi_size, 0.0)
-    return (f"{expected} windows at overlap {overlap:g} ({without} without overlap): each voxel is predicted about "
-            f"{expected / max(without, 1):.1f} times and the predictions are blended.")
 
 
 # --------------------------------------------------------------------------- 06 inference
@@ -475,6 +520,20 @@ def _mask_volume(answer: Any, mask_image: Any, reported_ml: float | None = None)
         ", as infer reported" if _close(expected, reported_ml, relative=1e-3, absolute=0.01)
         else f"; infer reported {reported_ml:.2f} mL")
     return f"{expected:.2f} mL{same}."
+
+
+@exercise("06-windows", "how many windows", "Set my_windows to the number of windows, a whole number.")
+def _windows(answer: Any, image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> str:
+    value = _number(answer)
+    expected = sliding_window_count(image_shape, roi_size, overlap)
+    if value != expected:
+        steps = [max(1, int(r * (1 - overlap))) for r in roi_size]
+        raise Hint(f"{answer}. Along each axis the window moves by roi x (1 - overlap) = {steps} voxels until it "
+                   f"reaches the end (the last window is shifted back to fit); multiply the three counts.")
+    counts = {o: sliding_window_count(image_shape, roi_size, o) for o in sorted({0.0, 0.25, overlap})}
+    listed = ", ".join(f"{n} at overlap {o:g}" for o, n in counts.items())
+    return (f"{expected} windows ({listed}): more overlap means more network runs, and smoother seams where the "
+            "blended windows meet.")
 
 
 # --------------------------------------------------------------------------- 07 bundle

@@ -158,8 +158,8 @@ def test_sliding_window_count_matches_the_arithmetic() -> None:
     assert sliding_window_count((64, 64, 64), (32, 32, 32), 0.0) == 8
     # 70 voxels: 0, 16, 32 and a last window shifted back to 38 -> 4 along that axis
     assert sliding_window_count((70, 64, 32), (32, 32, 32), 0.5) == 4 * 3 * 1
-    assert check("05-windows", 27, image_shape=(64, 64, 64), roi_size=(32, 32, 32), overlap=0.5)
-    assert not check("05-windows", 8, image_shape=(64, 64, 64), roi_size=(32, 32, 32), overlap=0.5)
+    assert check("06-windows", 27, image_shape=(64, 64, 64), roi_size=(32, 32, 32), overlap=0.5)
+    assert not check("06-windows", 8, image_shape=(64, 64, 64), roi_size=(32, 32, 32), overlap=0.5)
 
 
 def test_distributed_sampler_share() -> None:
