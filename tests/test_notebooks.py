@@ -13,8 +13,11 @@ import nbformat
 import pytest
 
 from spleenkit.cli import main
+from spleenkit.course import course_rows
 from spleenkit.errors import BadInputError
+from spleenkit.exercises import read_results
 from spleenkit.notebooks import (
+    EXERCISE_RESULTS_FILE,
     KEEP_OUTPUT_TAG,
     NBVAL_CHECK_TAG,
     badges_markdown,
@@ -58,6 +61,7 @@ def test_notebooks_are_numbered_from_00_without_gaps() -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_is_listed_in_the_readme_and_the_welcome_notebook(path: Path) -> None:
     assert path.name in (REPO / "README.md").read_text(), f"README.md's notebook list lacks {path.name}"
+    assert path.name in (NOTEBOOK_DIR / "README.md").read_text(), f"the course outline lacks {path.name}"
     welcome = "\n".join(cell.source for cell in read(NOTEBOOK_DIR / "00_welcome.ipynb").cells)
     assert path.name in welcome, f"00_welcome.ipynb's notebook list lacks {path.name}"
 
@@ -252,3 +256,8 @@ def test_every_notebook_runs_under_the_quick_profile(tmp_path: Path) -> None:
     print(format_table(summary.results))
     require_ok(summary)
     assert [r.notebook for r in summary.results] == [p.name for p in NOTEBOOKS]
+    # the runner is strict about exercises (a wrong solution fails its notebook); also make sure every
+    # exercise's check ran and said correct: the instructor copies teach what the student copies ask
+    rows = course_rows(NOTEBOOKS, read_results(artifacts / "notebooks" / EXERCISE_RESULTS_FILE))
+    not_correct = [f"{row['exercise']}: {row['status']} {row['message']}" for row in rows if row["status"] != "correct"]
+    assert rows and not not_correct, "exercise checks that did not say correct:\n" + "\n".join(not_correct)
