@@ -76,5 +76,12 @@ def colab_setup(workspace: str = COLAB_WORKSPACE) -> bool:
         output.enable_custom_widget_manager()
     except (ImportError, AttributeError):
         pass
-    logging.getLogger(__name__).info("Colab: working in %s; data and runs go to %s", folder, workspace)
+    log = logging.getLogger(__name__)
+    log.info("Colab: working in %s; data and runs go to %s", folder, workspace)
+    from spleenkit.devices import pick_device
+
+    device = pick_device("auto")  # what every notebook will use: the GPU when the runtime has one
+    if device.type == "cpu":
+        log.warning("Colab: no GPU in this runtime, so the kit computes on the CPU (the quick defaults are fine); "
+                    "for full-scale training choose Runtime > Change runtime type > GPU, then run again")
     return True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -27,6 +29,7 @@ from spleenkit.course import (
     find_exercises,
     student_notebook,
 )
+from spleenkit.environment import colab_setup
 from spleenkit.errors import BadInputError
 from spleenkit.exercises import (
     EXERCISES,
@@ -134,6 +137,22 @@ def test_window_fraction_checker() -> None:
     assert "percentage" in check("01-window", 500 / 7, image=image, mask=mask, window=(-57, 164)).message
 
 
+def test_preprocessing_checkers_catch_the_usual_slips() -> None:
+    shape = dict(spatial_shape=(85, 85, 63), stored_shape=(256, 256, 38), stored_spacing=(1.0, 1.0, 5.0),
+                 target_spacing=(3.0, 3.0, 3.0))
+    assert check("02-resampled-shape", (85, 86, 63), **shape)  # Spacingd's rounding
+    assert check("02-resampled-shape", (63, 85, 85), **shape)  # axes reordered by Orientationd
+    assert "before resampling" in check("02-resampled-shape", (256, 256, 38), **shape).message
+    assert "upside down" in check("02-resampled-shape", (768, 768, 23), **shape).message
+    assert check("02-window-middle", 53.5, window=(-57, 164))
+    assert not check("02-window-middle", 0.5, window=(-57, 164))
+    cache = dict(cases=41, shape=(512, 512, 100), spacing=(0.8, 0.8, 2.5), target_spacing=(1.5, 1.5, 2.0))
+    expected = 41 * (512 * 0.8 / 1.5) ** 2 * 125 * 8 / 2**30
+    assert check("02-cache-gib", expected, **cache)
+    assert "label" in check("02-cache-gib", expected / 2, **cache).message
+    assert "4 bytes" in check("02-cache-gib", expected / 8, **cache).message
+
+
 def test_dice_by_hand_is_compared_with_monai() -> None:
     prediction = np.zeros((8, 8, 8), bool)
     reference = np.zeros((8, 8, 8), bool)
@@ -217,6 +236,16 @@ def test_answer_names_include_assignments_inside_blocks() -> None:
     assert assigned_names("%pip install nothing\ny = 2") == ["y"]
 
 
+def test_course_outline_has_both_plans_and_a_measured_quick_time_for_every_notebook() -> None:
+    text = (REPO / "notebooks" / "README.md").read_text()
+    for heading in ("## Prerequisites", "## Half-day workshop", "## Two-day course", "### Full profile (estimates"):
+        assert heading in text
+    measured = text.split("### Quick profile (measured)")[1].split("###")[0]
+    for path in NOTEBOOKS:
+        rows = [line for line in measured.splitlines() if path.name in line]
+        assert rows and re.search(r"\|\s*\d+\s*s\s*\|", rows[0]), f"no measured quick time for {path.name}"
+
+
 # --------------------------------------------------------------------------- student copies
 def _solution_lines(notebook: nbformat.NotebookNode) -> set[str]:
     """Lines only the solution cells hold (a line that also appears in the lesson or the task is no leak)."""
@@ -261,6 +290,23 @@ def test_student_copies_never_overwrite_work_or_the_instructor_copies(tmp_path: 
     assert read(tmp_path / "01_data.ipynb").cells
     with pytest.raises(BadInputError, match="instructor copies"):
         build_student_copies(REPO / "notebooks")
+
+
+# --------------------------------------------------------------------------- Colab
+def test_colab_setup_works_in_its_own_folder_and_says_when_there_is_no_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert colab_setup(str(tmp_path / "workspace")) is False and Path.cwd() == tmp_path  # not Colab: nothing
+    calls = []
+    google, colab = types.ModuleType("google"), types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("widgets"))
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    with caplog.at_level("INFO", logger="spleenkit.environment"):
+        assert colab_setup(str(tmp_path / "workspace")) is True
+    assert Path.cwd() == tmp_path / "workspace" / "notebooks"  # so ../data and ../runs land in the workspace
+    assert calls == ["widgets"]
+    assert "Change runtime type > GPU" in caplog.text  # this machine has no GPU
 
 
 # --------------------------------------------------------------------------- the course check, end to end (tiny)
