@@ -350,6 +350,66 @@ def _cache_gib(answer: Any, cases: int, shape: Sequence[int], spacing: Sequence[
                "divided by 2**30.")
 
 
+# --------------------------------------------------------------------------- 03 training
+@exercise("03-best-epoch", "the best epoch", "Set my_best_epoch to the epoch whose val_dice is highest.")
+def _best_epoch(answer: Any, metrics: Sequence[dict[str, Any]]) -> str:
+    validated = [row for row in metrics if row.get("val_dice") is not None]
+    if not validated:
+        raise Skip("no epoch of this run was validated yet")
+    best = max(row["val_dice"] for row in validated)
+    epochs = [int(row["epoch"]) for row in validated if row["val_dice"] == best]
+    if isinstance(answer, float) and not float(answer).is_integer():
+        raise Hint(f"{answer} looks like a Dice; give the epoch it belongs to.")
+    value = _number(answer, "an epoch number")
+    if int(value) not in epochs:
+        last = int(metrics[-1]["epoch"])
+        if int(value) == last:
+            raise Hint("the last epoch is not always the best one: compare the val_dice of every validated epoch.")
+        if int(value) == int(min(metrics, key=lambda row: row["loss"])["epoch"]):
+            raise Hint("that is the lowest training loss; model.pt is chosen by the validation Dice.")
+        raise Hint(f"epoch {int(value)} is not the best. Skip the rows whose val_dice is None, then take the row "
+                   "with the largest val_dice.")
+    return (f"epoch {epochs[0]}, validation Dice {best:.4f}: the epoch whose weights model.pt holds (later epochs "
+            "go on training but did not validate better).")
+
+
+@exercise("03-iterations", "iterations per epoch", "Set my_iterations to a whole number.")
+def _iterations(answer: Any, cases: int, batch_size: int, num_samples: int) -> str:
+    value = _number(answer)
+    expected = math.ceil(cases / batch_size)
+    if value == expected:
+        return (f"{expected} iterations: {cases} cases in batches of {batch_size} (the last one may be smaller), "
+                f"each case giving {num_samples} crops, so {batch_size * num_samples} patches per full batch.")
+    if value in {math.ceil(cases * num_samples / batch_size), cases * num_samples // batch_size}:
+        raise Hint("the crops of one case travel in the same batch: num_samples multiplies the patches per "
+                   "iteration, not the number of iterations.")
+    if value == cases // batch_size:
+        raise Hint("the last, smaller batch is trained on too (the loader does not drop it).")
+    raise Hint(f"{answer}. One iteration takes one batch of batch_size cases; how many batches hold {cases} cases?")
+
+
+@exercise("03-activation-mib", "what mixed precision saves",
+          "Set my_mib to a pair: (MiB in float32, MiB in a 16-bit type).")
+def _activation_mib(answer: Any, patches: int, channels: int, size: int) -> str:
+    try:
+        full, half = (float(value) for value in answer)
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected a pair of numbers (float32, 16-bit), got {_short(answer)}") from error
+    elements = patches * channels * size**3
+    expected = (elements * 4 / 2**20, elements * 2 / 2**20)
+    if _close(full, expected[0], relative=0.01) and _close(half, expected[1], relative=0.01):
+        return (f"{expected[0]:.0f} MiB in float32, {expected[1]:.0f} MiB in 16 bits, for ONE activation: the UNet "
+                "keeps dozens for the backward pass, which is why mixed precision lets a GPU hold the 96³ patches.")
+    if _close(full, expected[1], relative=0.01) and _close(half, expected[0], relative=0.01):
+        raise Hint("the pair is swapped: float32 first, then the 16-bit type (half the size).")
+    if _close(full, elements * 4 / 1e6, relative=0.01):
+        raise Hint("those are megabytes (10**6 bytes); 1 MiB = 2**20 bytes.")
+    if _close(full, expected[1], relative=0.01) or _close(full, elements / 2**20, relative=0.01):
+        raise Hint("a float32 takes 4 bytes; the 16-bit types 2.")
+    raise Hint(f"({full:.1f}, {half:.1f}). Elements = patches x channels x size³; multiply by the bytes per "
+               "element, divide by 2**20.")
+
+
 # --------------------------------------------------------------------------- 04 several GPUs
 @exercise("04-crops-per-step", "crops per step", "Set my_crops_per_step to a whole number.")
 def _crops_per_step(answer: Any, preset: Any, processes: int) -> str:
