@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spleenkit import __version__
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 
@@ -42,20 +43,23 @@ PROFILE_KEYS = {"description", "shared", "notebooks", "execution_timeout"}
 KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1", STRICT_ENV: "1"}
 EXERCISE_RESULTS_FILE = "exercises.jsonl"  # the exercise checks' verdicts, beside the executed copies
 
-# Where the kit lives on GitHub: the Colab and Binder badges and the Colab install use it.
-# Change it here (then rebuild the notebooks' first cells; tests/test_notebooks.py checks them).
+# Where the kit lives on GitHub, and the release that the Colab and Binder badges open and that the
+# Colab setup cell installs: one tag for both, so that a notebook never runs against another version of
+# the library and a course is not broken by later pushes. Tag every release v<version> (git tag v0.1.0,
+# git push --tags). Change it here, then rewrite the notebooks' badges and setup cells
+# (tests/test_notebooks.py checks them).
 GITHUB_REPOSITORY = "spleenkit/spleenkit"
-GITHUB_BRANCH = "main"
+GITHUB_REF = f"v{__version__}"
 
 
 def colab_url(notebook: str) -> str:
     """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``)."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_BRANCH}/notebooks/{notebook}"
+    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/notebooks/{notebook}"
 
 
 def binder_url(notebook: str) -> str:
     """The Binder address that opens a notebook file name in JupyterLab."""
-    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_BRANCH}?labpath=notebooks%2F{notebook}"
+    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath=notebooks%2F{notebook}"
 
 
 def badges_markdown(notebook: str) -> str:
@@ -70,7 +74,7 @@ def setup_cell_source() -> str:
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_BRANCH}"\n'
+        f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
         "from spleenkit.environment import colab_setup\n\n"
         "on_colab = colab_setup()"
     )

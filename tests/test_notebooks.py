@@ -8,19 +8,25 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import nbformat
 import pytest
 
+from spleenkit import __version__
 from spleenkit.cli import main
 from spleenkit.course import course_rows
 from spleenkit.errors import BadInputError
 from spleenkit.exercises import read_results
 from spleenkit.notebooks import (
     EXERCISE_RESULTS_FILE,
+    GITHUB_REF,
+    GITHUB_REPOSITORY,
     KEEP_OUTPUT_TAG,
     NBVAL_CHECK_TAG,
     badges_markdown,
+    binder_url,
+    colab_url,
     format_table,
     keeps_output,
     list_notebooks,
@@ -77,6 +83,22 @@ def test_first_cell_has_title_objectives_duration_and_badges(path: Path) -> None
     assert re.search(r"\d+\s*(minutes?|min|hours?)", text), "say how long the notebook takes"
     assert badges_markdown(path.name) in first.source, (
         f"the first cell must carry the Colab and Binder badges exactly as badges_markdown({path.name!r}) writes them")
+
+
+def test_badges_and_the_colab_install_point_at_one_release_and_each_notebooks_own_path() -> None:
+    assert GITHUB_REF == f"v{__version__}", "the notebooks and the library Colab installs come from one tag"
+    setup = setup_cell_source()
+    assert f'"spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"' in setup
+    assert setup.index('if "google.colab" in sys.modules:') < setup.index("%pip install")  # only on Colab
+    assert setup.rstrip().endswith("colab_setup()"), "the Colab logic lives in spleenkit.environment.colab_setup"
+    for path in NOTEBOOKS:
+        where = path.relative_to(REPO).as_posix()
+        assert colab_url(path.name) == (f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/"
+                                        f"{GITHUB_REF}/{where}")
+        assert binder_url(path.name) == (f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}"
+                                         f"?labpath={quote(where, safe='')}")
+    readme = (REPO / "README.md").read_text()
+    assert colab_url("00_welcome.ipynb") in readme and binder_url("00_welcome.ipynb") in readme
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
