@@ -289,7 +289,8 @@ def test_training_command_writes_the_best_model(trained: Path) -> None:
 @pytest.mark.slow
 def test_evaluating_command_gives_the_kit_numbers(trained: Path, synthetic_dataset: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert_ok(run_bundle("evaluate", tiny(synthetic_dataset, trained)))
+    # float32 on both sides: bfloat16 rounding may differ between implementations in boundary voxels
+    assert_ok(run_bundle("evaluate", tiny(synthetic_dataset, trained, amp=False)))
     with (trained / "eval" / "val_mean_dice_raw.csv").open() as stream:
         bundle_dice = {Path(row["filename"]).name.split(".")[0]: float(row["class0"])
                        for row in csv.DictReader(stream)}
@@ -297,7 +298,7 @@ def test_evaluating_command_gives_the_kit_numbers(trained: Path, synthetic_datas
     # the kit's command on the same model.pt and data; it reads the recipe from models/manifest.json
     out = trained / "kit_evaluation"
     assert main(["evaluate", "--model", str(trained / "models" / "model.pt"), "--data", str(synthetic_dataset),
-                 "--out", str(out), "--no-save-predictions"]) == 0
+                 "--out", str(out), "--no-amp", "--no-save-predictions"]) == 0
     capsys.readouterr()
     with (out / "per_case.csv").open() as stream:
         kit_dice = {row["case"]: float(row["dice"]) for row in csv.DictReader(stream) if row["space"] == "original"}
