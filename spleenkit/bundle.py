@@ -2,7 +2,7 @@
 
 The bundle keeps the keys of MONAI's spleen_ct_segmentation (``train#trainer``, ``validate#evaluator``,
 ``network_def``, ``dataset_dir`` ...) so its users' commands and overrides work unchanged, but every
-piece is built by the kit (``$spleenkit.transforms.deterministic_transforms(@preset_settings)``,
+piece is built by the kit (``$spleenkit.transforms.deterministic_transforms(@recipe)``,
 ``spleenkit.bundle.build_network`` ...), so the pipeline is written once, in the package.
 
 Also here: checking command-line overrides (MONAI silently adds a mistyped key; the kit refuses
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_NAME = "spleen_ct_segmentation"
 # arguments of `python -m monai.bundle run` itself (not config overrides)
 RUN_ARGUMENTS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                            "args_file", "workflow_name", "workflow_type", "properties_path"})
