@@ -787,7 +787,11 @@ def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:
 
 # --------------------------------------------------------------------------- run folder
 def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Path:
-    """Create the run folder and check it is writable; a fresh run removes the previous run's files."""
+    """Create the run folder and check it is writable.
+
+    A fresh run in a folder that holds an earlier run moves that run's files into a
+    ``previous-<time>`` subfolder, so that a repeated command never destroys a trained model.
+    """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise BadInputError("the output folder is a file", run_dir)
@@ -801,15 +805,15 @@ def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Pa
         stale.unlink(missing_ok=True)
     if not resume:
         old = [run_dir / name for name in (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME) if (run_dir / name).exists()]
-        if old:
-            log.warning("%s holds an earlier run: starting afresh (pass resume=True / --resume to continue it)",
-                        run_dir)
-        for path in old:
-            path.unlink()
         tensorboard = run_dir / TENSORBOARD_DIR
-        if tensorboard.is_dir():
-            for event_file in tensorboard.glob("events.out.tfevents.*"):
-                event_file.unlink()
+        old += sorted(tensorboard.glob("events.out.tfevents.*")) if tensorboard.is_dir() else []
+        if old:
+            keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+            keep.mkdir(exist_ok=True)
+            for path in old:
+                path.rename(keep / path.name)
+            log.warning("%s held an earlier run: its files were moved to %s (pass resume=True / --resume to "
+                        "continue a run instead)", run_dir, keep)
     return run_dir
 
 

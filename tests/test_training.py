@@ -314,3 +314,16 @@ def test_cpu_bfloat16_training_falls_back_where_its_gradients_are_wrong(monkeypa
     assert "training in float32" in caplog.text
     assert training.training_amp(get_preset("quick", patch_size=48), cpu) is True
     assert training.training_amp(get_preset("quick", patch_size=32), torch.device("meta")) is True  # not a CPU
+
+
+def test_a_fresh_run_keeps_the_earlier_runs_files(tmp_path: Path) -> None:
+    """Training again into a run folder moves the earlier model aside instead of deleting it."""
+    from spleenkit.training import prepare_run_dir
+
+    (tmp_path / "model.pt").write_bytes(b"earlier weights")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    prepare_run_dir(tmp_path)
+    assert not (tmp_path / "model.pt").exists()
+    kept = list(tmp_path.glob("previous-*/model.pt"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"earlier weights"
+    assert (kept[0].parent / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
