@@ -165,11 +165,14 @@ def init_process_group(device: str | torch.device | None = "auto", timeout_s: fl
 
 
 def destroy_process_group() -> None:
-    """Leave the process group (a no-op when none is open)."""
+    """Leave the process group (a no-op when none is open) and tell ignite, whose metrics would
+    otherwise keep gathering across a group that no longer exists (e.g. a later run in the same process)."""
+    import ignite.distributed as idist
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    idist.sync()
 
 
 def quiet_other_ranks(context: DistributedContext) -> None:
