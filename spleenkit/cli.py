@@ -261,7 +261,8 @@ def _window_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="recipe for preprocessing and the window (default: the run's own, else seed)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's)")
+                        help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's on CUDA; "
+                             "off on the CPU, where float32 gives the bundle's exact masks)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the preset's)")
     parser.add_argument("--sw-batch", type=int, help="windows per forward pass (default: the preset's)")
     parser.add_argument("--blend", choices=("constant", "gaussian"), default="constant",

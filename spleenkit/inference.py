@@ -410,7 +410,7 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     in the model's run folder (else "seed").
     """
     from spleenkit.devices import pick_device
-    from spleenkit.evaluation import make_inferer, run_preset, voxel_spacing
+    from spleenkit.evaluation import inference_amp, inference_network, make_inferer, run_preset, voxel_spacing
     from spleenkit.manifest import build_manifest, now, write_manifest
     from spleenkit.model import load_model
 
@@ -422,8 +422,8 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     out = check_writable(out_dir)
     preset = run_preset(model.parent) if preset is None else get_preset(preset)
     device_ = pick_device(device)
-    amp = preset.amp if amp is None else amp
-    network = load_model(model, preset, device_)
+    amp = inference_amp(preset, device_, amp)
+    network = inference_network(load_model(model, preset, device_), device_)
     inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
     settings = {"model": str(model), "input": str(input), "preset": preset.name, "device": str(device_), "amp": amp,
                 "roi_size": list(preset.validation_roi_size), "overlap": inferer.overlap,
