@@ -54,6 +54,7 @@ def throughput(params: dict[str, Any]) -> dict[str, Any]:
     from ignite.engine import Events
 
     from spleenkit.devices import amp_dtype, pick_device
+    from spleenkit.training import training_amp
 
     device = pick_device(params["device"])
     preset = _preset(params).replace(validation_interval=10**6)  # a throughput run never validates
@@ -66,7 +67,7 @@ def throughput(params: dict[str, Any]) -> dict[str, Any]:
             Events.EPOCH_COMPLETED, lambda engine: first_epoch.setdefault("seconds", time.perf_counter() - started))
         parts["trainer"].run()
         synchronize(device)
-    dtype = amp_dtype(device, preset.amp)
+    dtype = amp_dtype(device, training_amp(preset, device))  # what the trainer's step uses
     return {"settings": preset.to_dict(), "cache_fill_seconds": round(parts["cache_seconds"], 3),
             "cached_cases": parts["cases"],
             "preprocess_cases_per_second": round(parts["cases"] / parts["cache_seconds"], 4),
@@ -102,14 +103,14 @@ def inference(params: dict[str, Any]) -> dict[str, Any]:
 
     import spleenkit.evaluation as evaluation
     from spleenkit.devices import amp_dtype, pick_device
-    from spleenkit.evaluation import make_inferer
+    from spleenkit.evaluation import inference_amp, inference_network, make_inferer
     from spleenkit.inference import predict_mask
     from spleenkit.model import load_model
 
     device = pick_device(params["device"])
     preset = _preset(params)
-    amp = preset.amp if params.get("amp") is None else params["amp"]
-    network = load_model(params["weights"], preset, device)
+    amp = inference_amp(preset, device, params.get("amp"))
+    network = inference_network(load_model(params["weights"], preset, device), device)  # as `spleenkit infer`
     inferer = make_inferer(preset, device=device)
     window = {"seconds": 0.0}
     predict_logits = evaluation.predict_logits

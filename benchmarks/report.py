@@ -155,6 +155,25 @@ def markdown(results: dict[str, Any]) -> str:
     if startup:
         for name, entry in startup.items():
             lines.append(f"| `{name}`, s | {_fmt(entry['median_seconds'], 2)} | | |")
+    if inference:
+        for name, entry in inference["images"].items():
+            mixed = entry.get("kit_mixed_precision") or {}
+            if "seconds" in mixed:
+                lines.append(f"| kit with mixed precision forced ({mixed.get('precision')}) on {name}: s; Dice with "
+                             f"the reference's mask | {_fmt(mixed['seconds'], 1)}; "
+                             f"{_fmt((mixed.get('agreement') or {}).get('dice'), 5)} | | |")
+    levers = parts.get("levers")
+    if levers:
+        lines += ["", "Each lever alone (one process, variants taking turns; speed-up over plain float32):", "",
+                  "| lever | seconds (median) | speed-up | max abs. logit difference |", "|---|---|---|---|"]
+        for task, title in (("training", "training step"), ("inference", "window batch")):
+            entry = levers.get(task) or {}
+            size = entry.get("patch") or entry.get("roi")
+            for name, variant in entry.get("variants", {}).items():
+                difference = variant.get("max_abs_difference")
+                lines.append(f"| {title} ({entry.get('batch')} × {size}³): {name} | "
+                             f"{_fmt(variant['median_seconds'], 3)} | {_fmt(variant['speedup'])}× | "
+                             f"{'' if difference is None else f'{difference:.1e}'} |")
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for row in results.get("goals", []):
         met = {True: "yes", False: "**no**", None: "–"}[row["met"]]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402  (a sibling module of this script)
 
 SIDES = ("kit", "reference")
-PARTS = ("training", "quality", "inference", "startup")
+PARTS = ("startup", "levers", "training", "quality", "inference")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -50,24 +50,27 @@ def configuration(quick: bool) -> dict[str, Any]:
             "data": {"cases": 5, "matrix": 64, "test_cases": 0},
             "big_case": {"matrix": 96, "slice_spacing": 6.0},
             "training": {"cases": 2, "rounds": 1, "warmup": 1, "steps": 1,
-                         "overrides": {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32], "num_samples": 2}},
+                         "overrides": {"spacing": [6.0, 6.0, 6.0], "patch_size": [48, 48, 48], "num_samples": 2}},
             "quality": {"target": 0.90, "cap_seconds": 25, "kit_preset": "quick",
                         "kit_overrides": {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32],
                                           "validation_cases": 1},
                         "reference": {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32], "roi_size": [32, 32, 32],
                                       "validation_interval": 1, "num_workers": 2}},
-            "inference": {"rounds": 1, "overrides": {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32]},
+            "inference": {"rounds": 1, "images": 1,  # the example CT only (fewer processes to start)
+                          "overrides": {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32]},
                           "reference": {"spacing": [6.0, 6.0, 6.0], "roi_size": [32, 32, 32]}},
-            "startup": {"repeats": 2},
+            "startup": {"repeats": 1},
+            "levers": {"training": {"patch": 48, "batch": 1, "warmup": 1, "repeats": 1},
+                       "inference": {"roi": 32, "batch": 1, "warmup": 1, "repeats": 1}},
         }
     return {
         # `spleenkit data synth` defaults
         "data": {"cases": 12, "matrix": 256, "test_cases": 2},
         "big_case": {"matrix": 512, "slice_spacing": 2.0},
         # the seed recipe at full size: 1.5 x 1.5 x 2 mm, 96^3 x 4 crops, batch 2
-        "training": {"cases": 8, "rounds": 2, "warmup": 1, "steps": 3, "overrides": {}},
+        "training": {"cases": 8, "rounds": 2, "warmup": 1, "steps": 2, "overrides": {}},
         "quality": {
-            "target": 0.90, "cap_seconds": 480, "kit_preset": "quick", "kit_overrides": {},
+            "target": 0.90, "cap_seconds": 420, "kit_preset": "quick", "kit_overrides": {},
             # the bundle's recipe (Adam 1e-4, DiceCE, 4 crops, batch 2, sliding window 0.5 / 4, 4 workers)
             # scaled to what a CPU can train in minutes: the kit's quick voxels and patch, validation every epoch
             "reference": {"spacing": [3.0, 3.0, 3.0], "patch_size": [64, 64, 64], "roi_size": [64, 64, 64],
@@ -75,6 +78,9 @@ def configuration(quick: bool) -> dict[str, Any]:
         },
         "inference": {"rounds": 2, "overrides": {}, "reference": {}},
         "startup": {"repeats": 5},
+        # one step / one window batch per variant, in one process, variants taking turns
+        "levers": {"training": {"patch": 96, "batch": 2, "warmup": 1, "repeats": 3},
+                   "inference": {"roi": 96, "batch": 4, "warmup": 1, "repeats": 3}},
     }
 
 
@@ -259,7 +265,7 @@ def part_inference(env: dict[str, Any], config: dict[str, Any], device: str, wor
 
     c = config["inference"]
     images: dict[str, Any] = {}
-    for name, path in env["images"].items():
+    for name, path in list(env["images"].items())[: c.get("images")]:
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
         masks: dict[str, Path] = {}
         for number, side in alternate(c["rounds"]):
@@ -280,10 +286,20 @@ def part_inference(env: dict[str, Any], config: dict[str, Any], device: str, wor
         if len(masks) == 2:
             kit_mask, reference_mask = np.load(masks["kit"]), np.load(masks["reference"])
             agreement = report.mask_agreement(kit_mask, reference_mask)
+        # the kit with mixed precision forced on (bfloat16 on a CPU): how fast, and how far from float32
+        mask_out = work / f"mask_mixed_{len(images)}.npy"
+        mixed = run_side("kit", "inference", {"device": device, "image": path, "weights": weights,
+                                              "mask_out": str(mask_out), "preset": "seed", "overrides": c["overrides"],
+                                              "amp": True}, work, log)
+        if mask_out.exists() and "reference" in masks:
+            mixed["agreement"] = report.mask_agreement(np.load(mask_out), np.load(masks["reference"]))
+        log(f"  {name} kit, mixed precision forced: {mixed.get('seconds')} s, agreement "
+            f"{(mixed.get('agreement') or {}).get('dice')}")
         summary = {side: {key: median_of(runs[side], key) for key in
                           ("seconds", "window_seconds", "peak_rss_mib", "peak_cuda_mib", "foreground_voxels")}
                    for side in SIDES}
         images[name] = {"path_name": Path(path).name, "runs": runs, "median": summary, "agreement": agreement,
+                        "kit_mixed_precision": mixed,
                         "ratio": {"speed": report.ratio(summary["reference"]["seconds"], summary["kit"]["seconds"]),
                                   "peak_memory": report.ratio(summary["kit"]["peak_rss_mib"],
                                                               summary["reference"]["peak_rss_mib"])}}
@@ -312,6 +328,17 @@ def part_startup(config: dict[str, Any], log: Any) -> dict[str, Any]:
     return result
 
 
+def part_levers(config: dict[str, Any], device: str, work: Path, log: Any) -> dict[str, Any]:
+    """Each speed lever alone: a training step and a sliding-window batch per variant, in one process."""
+    result = {}
+    for task in ("training", "inference"):
+        params = {"device": device, **config["levers"][task]}
+        result[task] = run_side("levers", task, params, work, log)
+        for name, entry in result[task].get("variants", {}).items():
+            log(f"  {task:9s} {name:55s} {entry['median_seconds']:7.3f} s  {entry['speedup']:.2f}x")
+    return result
+
+
 def fallback_weights(work: Path) -> str:
     """Untrained bundle UNet weights (seeded) for when no training run produced a model."""
     import torch
@@ -335,7 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="an existing synthetic dataset folder to use")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
     parser.add_argument("--weights", help="model.pt for the inference part (default: the kit's time-to-quality model)")
-    parser.add_argument("--cap-minutes", type=float, help="time-to-quality cap per side (default 8, quick 0.4)")
+    parser.add_argument("--cap-minutes", type=float, help="time-to-quality cap per side (default 7, quick 0.4)")
     parser.add_argument("--rounds", type=int, help="alternating rounds for training and inference")
     return parser.parse_args(argv)
 
@@ -363,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if "startup" in args.parts:
         log("start-up")
         results["parts"]["startup"] = part_startup(config, log)
+    if "levers" in args.parts:
+        log("levers, one at a time (variants alternating in one process)")
+        results["parts"]["levers"] = part_levers(config, args.device, work, log)
     if "training" in args.parts:
         log("training throughput (alternating sides)")
         results["parts"]["training"] = part_training(env, config, args.device, work, log)

@@ -2,8 +2,8 @@
 
     python benchmarks/worker.py SIDE TASK PARAMS.json RESULT.json
 
-SIDE is ``kit`` or ``reference``; each run is its own process, so that peak memory and start-up
-costs of one side never leak into the other.
+SIDE is ``kit``, ``reference`` or ``levers`` (the kit's pieces, lever by lever); each run is its
+own process, so that peak memory and start-up costs of one side never leak into the other.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
         import kit_side as module
     elif side == "reference":
         import reference as module
+    elif side == "levers":
+        import levers as module
     else:
         raise SystemExit(f"unknown side {side!r}")
     import monai  # noqa: F401  (both sides need it; counted apart from the task)

@@ -84,7 +84,14 @@ def test_quick_benchmark_writes_results(tmp_path: Path, synthetic_dataset: Path,
     assert results["mode"] == "quick"
     assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
     parts = results["parts"]
-    assert set(parts) == {"training", "quality", "inference", "startup"}
+    assert set(parts) == {"startup", "levers", "training", "quality", "inference"}
+    for task in ("training", "inference"):
+        variants = parts["levers"][task]["variants"]
+        assert len(variants) >= 5 and all(v["median_seconds"] > 0 and v["speedup"] > 0 for v in variants.values())
+        assert next(iter(variants.values()))["speedup"] == 1.0  # the first variant is the baseline
+    # folding batch norm and changing the layout leave the float32 logits as they were (rounding aside)
+    assert parts["levers"]["inference"]["variants"]["float32 + channels-last + folded BN (the kit on a CPU)"][
+        "max_abs_difference"] < 1e-3
     # every side ran without error, in its own process, and reported its peak memory
     training = parts["training"]
     for side in ("kit", "reference"):
@@ -112,6 +119,8 @@ def test_quick_benchmark_writes_results(tmp_path: Path, synthetic_dataset: Path,
             assert entry["median"][side]["seconds"] > 0
         agreement = entry["agreement"]
         assert 0.0 <= agreement["dice"] <= 1.0
+        assert entry["kit_mixed_precision"]["precision"] == "bfloat16"
+        assert 0.0 <= entry["kit_mixed_precision"]["agreement"]["dice"] <= 1.0
         assert agreement["kit_voxels"] + agreement["reference_voxels"] >= agreement["differing_voxels"]
 
     assert parts["startup"]["spleenkit --help"]["median_seconds"] > 0
