@@ -46,9 +46,12 @@ class StepTimer:
     ``stop=False`` only records (the time-to-quality runs stop on their own).
     """
 
-    def __init__(self, network: Any, device: Any, warmup: int = 1, steps: int | None = None) -> None:
+    def __init__(self, network: Any, device: Any, warmup: int = 1, steps: int | None = None,
+                 started: float | None = None) -> None:
         import torch
 
+        self.started = time.perf_counter() if started is None else started  # for the first epoch's time
+        self.first_epoch_seconds: float | None = None
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.warmup, self.steps = warmup, steps
@@ -96,6 +99,8 @@ class StepTimer:
             if gpu_ms is not None:
                 self.gpu.append(gpu_ms / 1000.0)
         self._last_end, self._compute_start, self._event = now, None, None
+        if engine.state.iteration == engine.state.epoch_length and self.first_epoch_seconds is None:
+            self.first_epoch_seconds = now - self.started  # the cache fill and the whole first epoch
         if self.steps is not None and len(self.wall) >= self.warmup + self.steps:
             engine.terminate()
 
@@ -106,6 +111,7 @@ class StepTimer:
             return {"step_seconds": [], "median_step_seconds": None, "steps_per_second": None}
         median = statistics.median(wall)
         result: dict[str, Any] = {
+            "first_epoch_seconds": None if self.first_epoch_seconds is None else round(self.first_epoch_seconds, 3),
             "step_seconds": [round(v, 4) for v in wall],
             "warmup_step_seconds": [round(v, 4) for v in self.wall[: self.warmup]],
             "median_step_seconds": round(median, 4),

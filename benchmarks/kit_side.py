@@ -51,8 +51,6 @@ def _preset(params: dict[str, Any]) -> Any:
 
 def throughput(params: dict[str, Any]) -> dict[str, Any]:
     """Training steps per second of the kit's trainer (the seed recipe by default), no validation."""
-    from ignite.engine import Events
-
     from spleenkit.devices import amp_dtype, pick_device
     from spleenkit.training import training_amp
 
@@ -61,17 +59,14 @@ def throughput(params: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="spleenkit-bench-") as run_dir:
         parts = _parts(preset, params["train_items"], [], device, Path(run_dir), started)
-        timer = StepTimer(parts["network"], device, params["warmup"], params["steps"]).attach(parts["trainer"])
-        first_epoch: dict[str, float] = {}
-        parts["trainer"].add_event_handler(
-            Events.EPOCH_COMPLETED, lambda engine: first_epoch.setdefault("seconds", time.perf_counter() - started))
+        timer = StepTimer(parts["network"], device, params["warmup"], params["steps"], started)
+        timer.attach(parts["trainer"])
         parts["trainer"].run()
         synchronize(device)
     dtype = amp_dtype(device, training_amp(preset, device))  # what the trainer's step uses
     return {"settings": preset.to_dict(), "cache_fill_seconds": round(parts["cache_seconds"], 3),
             "cached_cases": parts["cases"],
             "preprocess_cases_per_second": round(parts["cases"] / parts["cache_seconds"], 4),
-            "first_epoch_seconds": round(first_epoch.get("seconds", float("nan")), 3),
             "precision": "float32" if dtype is None else str(dtype).removeprefix("torch."), **timer.summary()}
 
 

@@ -163,21 +163,12 @@ def throughput(params: dict[str, Any]) -> dict[str, Any]:
     s = settings(**params.get("settings", {}))
     started = time.perf_counter()
     parts = build(params["train_items"], [], s, device)
-    timer = StepTimer(parts["network"], device, params["warmup"], params["steps"]).attach(parts["trainer"])
-    first_epoch: dict[str, float] = {}
-
-    def epoch_done(engine: Any) -> None:
-        first_epoch.setdefault("seconds", time.perf_counter() - started)
-
-    from ignite.engine import Events
-
-    parts["trainer"].add_event_handler(Events.EPOCH_COMPLETED, epoch_done)
+    timer = StepTimer(parts["network"], device, params["warmup"], params["steps"], started).attach(parts["trainer"])
     parts["trainer"].run()
     synchronize(device)
     return {"settings": _jsonable(s), "cache_fill_seconds": round(parts["cache_seconds"], 3),
             "cached_cases": parts["cases"],
             "preprocess_cases_per_second": round(parts["cases"] / parts["cache_seconds"], 4),
-            "first_epoch_seconds": round(first_epoch.get("seconds", float("nan")), 3),
             "precision": "float16" if device.type == "cuda" else "float32", **timer.summary()}
 
 

@@ -68,7 +68,7 @@ def configuration(quick: bool) -> dict[str, Any]:
         "data": {"cases": 12, "matrix": 256, "test_cases": 2},
         "big_case": {"matrix": 512, "slice_spacing": 2.0},
         # the seed recipe at full size: 1.5 x 1.5 x 2 mm, 96^3 x 4 crops, batch 2
-        "training": {"cases": 8, "rounds": 2, "warmup": 1, "steps": 2, "overrides": {}},
+        "training": {"cases": 8, "rounds": 2, "warmup": 1, "steps": 3, "overrides": {}},  # 1 + 3 steps: an epoch
         "quality": {
             "target": 0.90, "cap_seconds": 420, "kit_preset": "quick", "kit_overrides": {},
             # the bundle's recipe (Adam 1e-4, DiceCE, 4 crops, batch 2, sliding window 0.5 / 4, 4 workers)
@@ -270,6 +270,7 @@ def part_inference(env: dict[str, Any], config: dict[str, Any], device: str, wor
         masks: dict[str, Path] = {}
         for number, side in alternate(c["rounds"]):
             mask_out = work / f"mask_{side}_{len(images)}_{number}.npy"
+            mask_out.unlink(missing_ok=True)  # never read a mask left by an earlier run
             params: dict[str, Any] = {"device": device, "image": path, "weights": weights, "mask_out": str(mask_out)}
             if side == "kit":
                 params.update(preset="seed", overrides=c["overrides"])
@@ -288,6 +289,7 @@ def part_inference(env: dict[str, Any], config: dict[str, Any], device: str, wor
             agreement = report.mask_agreement(kit_mask, reference_mask)
         # the kit with mixed precision forced on (bfloat16 on a CPU): how fast, and how far from float32
         mask_out = work / f"mask_mixed_{len(images)}.npy"
+        mask_out.unlink(missing_ok=True)
         mixed = run_side("kit", "inference", {"device": device, "image": path, "weights": weights,
                                               "mask_out": str(mask_out), "preset": "seed", "overrides": c["overrides"],
                                               "amp": True}, work, log)
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if "training" in args.parts:
         log("training throughput (alternating sides)")
         results["parts"]["training"] = part_training(env, config, args.device, work, log)
-    weights = args.weights
+    weights = str(Path(args.weights).absolute()) if args.weights else None  # (workers run in benchmarks/)
     if "quality" in args.parts:
         log("time to quality")
         results["parts"]["quality"] = part_quality(env, config, args.device, work, log)
