@@ -69,8 +69,9 @@ def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
     return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The tensor layout 3D convolutions run fastest in on ``device``: channels-last on the CPU.
+def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
+    """The tensor layout 3D convolutions run fastest in on ``device``: channels-last on the CPU
+    (``channels_last=False``: PyTorch's default layout everywhere).
 
     oneDNN's 3D convolutions work in channels-last; in PyTorch's default layout every layer pays
     for reordering (benchmarks/: about 1.5x for float32 and 2-3x for bfloat16 on a CPU). On CUDA
@@ -78,16 +79,16 @@ def memory_format(device: torch.device) -> torch.memory_format:
     """
     import torch
 
-    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    return torch.channels_last_3d if channels_last and device.type == "cpu" else torch.contiguous_format
 
 
-def use_fast_layout(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def use_fast_layout(network: torch.nn.Module, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
     """Store ``network``'s weights in :func:`memory_format` (in place; values unchanged); returns it.
 
     Convolutions then produce that layout all the way through, whatever the input's layout, and
     state dicts stay the same (layout is not part of a saved weight's meaning).
     """
-    return network.to(memory_format=memory_format(device))
+    return network.to(memory_format=memory_format(device, channels_last))
 
 
 def describe_device(device: torch.device) -> dict[str, object]:

@@ -97,7 +97,8 @@ def make_inferer(preset: Preset | str = "seed", overlap: float | None = None, sw
     )
 
 
-def inference_network(network: torch.nn.Module, device: torch.device | str = "cpu") -> torch.nn.Module:
+def inference_network(network: torch.nn.Module, device: torch.device | str = "cpu",
+                      channels_last: bool = True) -> torch.nn.Module:
     """A copy of ``network`` made for inference: eval mode, each batch norm folded into the convolution
     before it, weights in the device's fast layout (:func:`spleenkit.devices.use_fast_layout`).
 
@@ -121,7 +122,7 @@ def inference_network(network: torch.nn.Module, device: torch.device | str = "cp
                 and norm[0] == "N" and isinstance(norm[1], torch.nn.BatchNorm3d) and norm[1].track_running_stats):
             module.conv = fuse_conv_bn_eval(conv, norm[1], transpose=isinstance(conv, torch.nn.ConvTranspose3d))
             adn.N = torch.nn.Identity()
-    return use_fast_layout(folded, torch.device(device))
+    return use_fast_layout(folded, torch.device(device), channels_last)
 
 
 def inference_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
@@ -608,7 +609,7 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
         check_writable(out)
     device_ = pick_device(device) if distributed is None else distributed.device
     amp = inference_amp(preset, device_, amp)
-    network = inference_network(load_model(model, preset, device_), device_)
+    network = inference_network(load_model(model, preset, device_), device_, preset.channels_last)
     cases = select_cases(data_dir, preset, split)
     if max_cases is not None:
         cases = cases[:max_cases]

@@ -423,7 +423,7 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     preset = run_preset(model.parent) if preset is None else get_preset(preset)
     device_ = pick_device(device)
     amp = inference_amp(preset, device_, amp)
-    network = inference_network(load_model(model, preset, device_), device_)
+    network = inference_network(load_model(model, preset, device_), device_, preset.channels_last)
     inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
     settings = {"model": str(model), "input": str(input), "preset": preset.name, "device": str(device_), "amp": amp,
                 "roi_size": list(preset.validation_roi_size), "overlap": inferer.overlap,

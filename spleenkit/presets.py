@@ -60,6 +60,10 @@ class Preset:
     # data handling
     validation_cases: int = 9
     cache_rate: float = 1.0
+    # speed: the network channels-last on a CPU (oneDNN's fast layout for 3D convolutions, about 2x for
+    # bfloat16 steps). False keeps PyTorch's default layout, whose float rounding does not depend on the
+    # batch size, so 2 processes x batch 1 reproduce 1 process x batch 2 to the last bit
+    channels_last: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def replace(self, **overrides: Any) -> Preset:

@@ -381,11 +381,12 @@ class TrainingStep:
     Holds the gradient scaler so that checkpoints can save and restore it.
     """
 
-    def __init__(self, device: torch.device, amp: bool = True) -> None:
+    def __init__(self, device: torch.device, amp: bool = True, channels_last: bool = True) -> None:
         from spleenkit.devices import amp_dtype, grad_scaler
 
         self.device = device
         self.amp = amp
+        self.channels_last = channels_last
         self.dtype = amp_dtype(device, amp)
         self.scaler = grad_scaler(device, amp)
         self.layout_set = False
@@ -400,7 +401,7 @@ class TrainingStep:
             raise ValueError("the training loader gave no batch")
         if not self.layout_set:  # (under DDP, train() sets the layout before wrapping the network)
             if unwrap_model(engine.network) is engine.network:
-                use_fast_layout(engine.network, self.device)
+                use_fast_layout(engine.network, self.device, self.channels_last)
             self.layout_set = True
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
@@ -413,9 +414,9 @@ class TrainingStep:
         return engine.state.output
 
 
-def make_iteration_update(device: torch.device, amp: bool = True) -> TrainingStep:
+def make_iteration_update(device: torch.device, amp: bool = True, channels_last: bool = True) -> TrainingStep:
     """The mixed-precision iteration for ``SupervisedTrainer(iteration_update=...)`` (bundle configs use this)."""
-    return TrainingStep(device, amp)
+    return TrainingStep(device, amp, channels_last)
 
 
 def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> Any:
@@ -465,7 +466,7 @@ def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.dev
         image, label = batch["image"], batch["label"]
     image, label = image.to(torch_device), label.to(torch_device)
     torch.manual_seed(seed)
-    network = use_fast_layout(build_unet(preset).to(torch_device), torch_device)  # as train() runs it
+    network = use_fast_layout(build_unet(preset).to(torch_device), torch_device, preset.channels_last)  # as train()
     optimizer = make_optimizer(preset, network.parameters())
     loss_function = make_loss(preset)
     scalers = {False: grad_scaler(torch_device, False), True: grad_scaler(torch_device, True)}
@@ -678,7 +679,7 @@ def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: S
     write = (run_dir is not None and is_main_process()) if write is None else write
     loss_function = make_loss(preset) if loss_function is None else loss_function
     optimizer = make_optimizer(preset, network.parameters()) if optimizer is None else optimizer
-    step = make_iteration_update(device, training_amp(preset, device, amp))
+    step = make_iteration_update(device, training_amp(preset, device, amp), preset.channels_last)
 
     def loss_of(output: Any) -> float:
         return float(output[Keys.LOSS])
@@ -934,7 +935,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
                                                     distributed=distributed is not None and not share.partitioned)
     # the layout is set before DDP wraps the network (its gradient buckets follow the weights' layout)
-    network = wrap_model(use_fast_layout(build_unet(preset).to(torch_device), torch_device), distributed, sync_bn)
+    network = wrap_model(use_fast_layout(build_unet(preset).to(torch_device), torch_device, preset.channels_last),
+                         distributed, sync_bn)
     optimizer = make_optimizer(preset, network.parameters())
     scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
     write = is_main_process()

@@ -36,7 +36,10 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 TINY = {"preset": "quick", "spacing": [9, 9, 9], "patch_size": 32, "validation_cases": 2, "validation_interval": 1,
         "device": "cpu", "num_workers": 1}
 #: ... and one whose loss decomposes exactly over processes (see test_loss_series_matches_single_process).
-EXACT = {**TINY, "amp": False, "cache_rate": 0.0, "norm": "instance", "loss": "dice", "epochs": 2}
+# the default layout: oneDNN's channels-last kernels block batch 1 and batch 2 differently, and the
+# rounding that differs flips a few validation voxels (measured: Dice 0.07118 vs 0.07111)
+EXACT = {**TINY, "amp": False, "cache_rate": 0.0, "norm": "instance", "loss": "dice", "epochs": 2,
+         "channels_last": False}
 
 
 def _context(rank: int = 0, world: int = 2) -> DistributedContext:
