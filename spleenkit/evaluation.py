@@ -203,10 +203,12 @@ def original_space_mask(logits: torch.Tensor, image: torch.Tensor, preprocessing
     """The prediction on the original image grid (``affine``, ``shape``), as a uint8 0/1 mask.
 
     Up to ``max_invert_voxels`` this is the bundle's way: softmax, ``Invertd`` (interpolating the
-    probabilities), argmax. Larger images are resampled in slabs of slices with MONAI's
-    ``SpatialResample`` from the prediction's grid to the original one (the same world-coordinate
-    mapping, in float64 like ``Invertd``, the foreground probability only), so memory stays bounded;
-    the tests hold both routes equal (up to rounding where the two probabilities tie). The
+    probabilities), argmax. Larger images are resampled in slabs of slices from the prediction's grid
+    to the original one (the same world-coordinate mapping, the foreground probability only), so memory
+    stays bounded: by three 1-D linear interpolations where the grids are axis-aligned (always, after
+    Orientation + Spacing; 0.2 s instead of 1.8 s for a 512x512x88 CT), else by MONAI's
+    ``SpatialResample`` in float64 like ``Invertd``. The tests hold the routes equal (up to rounding
+    where the two probabilities tie). The
     largest-component and hole-filling options run on the original grid.
     """
     import torch
@@ -221,17 +223,22 @@ def original_space_mask(logits: torch.Tensor, image: torch.Tensor, preprocessing
         # argmax of two softmax channels is "foreground probability > 0.5"; interpolation is linear,
         # so interpolating that one channel gives the same answer (up to rounding at exact ties)
         foreground = torch.softmax(logits.float(), dim=0)[1:2].cpu()  # the original grid is built on the CPU
+        affine = np.asarray(affine, dtype=np.float64)
+        to_source = np.linalg.inv(np.asarray(_affine_of(foreground), dtype=np.float64)) @ affine
+        axes = _axis_aligned(to_source)
         resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)
         mask = np.zeros(shape, dtype=np.uint8)
         step = max(1, SLAB_VOXELS // (shape[0] * shape[1]))
-        affine = np.asarray(affine, dtype=np.float64)
         for start in range(0, shape[2], step):
             stop = min(shape[2], start + step)
-            slab_affine = affine.copy()
-            slab_affine[:3, 3] = affine[:3, :3] @ [0, 0, start] + affine[:3, 3]
-            slab = resample(foreground, dst_affine=torch.as_tensor(slab_affine),
-                            spatial_size=(shape[0], shape[1], stop - start))
-            mask[:, :, start:stop] = slab[0].cpu().numpy() > 0.5
+            if axes is not None:
+                slab = _separable_linear(foreground[0], to_source, axes, shape, start, stop)
+            else:
+                slab_affine = affine.copy()
+                slab_affine[:3, 3] = affine[:3, :3] @ [0, 0, start] + affine[:3, 3]
+                slab = resample(foreground, dst_affine=torch.as_tensor(slab_affine),
+                                spatial_size=(shape[0], shape[1], stop - start))[0]
+            mask[:, :, start:stop] = slab.cpu().numpy() > 0.5
         cleaned = torch.from_numpy(mask)[None]
         if largest_component:
             cleaned = KeepLargestConnectedComponent(applied_labels=[1])(cleaned)
@@ -242,6 +249,57 @@ def original_space_mask(logits: torch.Tensor, image: torch.Tensor, preprocessing
         raise BadInputError(f"internal error: the prediction on the original grid has shape {mask.shape}, "
                             f"the image {shape}")
     return mask
+
+
+def _affine_of(image: Any) -> Any:
+    """The voxel-to-world affine of a MetaTensor (the resampled image's, which the logits share)."""
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        raise BadInputError("internal error: the prediction carries no affine to map it back with")
+    return affine.cpu().numpy() if hasattr(affine, "cpu") else affine
+
+
+def _axis_aligned(to_source: np.ndarray) -> list[int] | None:
+    """For each original axis, the prediction's axis it runs along, when ``to_source`` (original voxel
+    -> prediction voxel) only flips, permutes and scales axes, as Orientation + Spacing always do;
+    None for an oblique mapping."""
+    linear = np.abs(to_source[:3, :3])
+    axes = [int(np.argmax(linear[:, column])) for column in range(3)]
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    off_axis = linear.copy()
+    off_axis[axes, [0, 1, 2]] = 0
+    return axes if off_axis.max() <= 1e-9 * linear.max() else None
+
+
+def _separable_linear(source: torch.Tensor, to_source: np.ndarray, axes: list[int], shape: Sequence[int],
+                      start: int, stop: int) -> torch.Tensor:
+    """Slices ``start:stop`` (last axis) of ``source`` resampled onto the original grid by trilinear
+    interpolation with border padding, as MONAI's ``SpatialResample`` computes it.
+
+    For an axis-aligned mapping trilinear interpolation is three 1-D linear interpolations in a row,
+    so no dense grid of coordinates is built: for a 512x512x88 CT this takes a fraction of the time
+    of ``SpatialResample``'s affine grid plus ``grid_sample`` (benchmarks/).
+    """
+    import torch
+
+    result = source
+    ranges = [(0, shape[0]), (0, shape[1]), (start, stop)]
+    for original_axis in (2, 0, 1):  # the slab's axis first: every later step works on the slab only
+        axis = axes[original_axis]
+        low, high = ranges[original_axis]
+        indices = np.arange(low, high, dtype=np.float64)
+        coordinates = to_source[axis, original_axis] * indices + to_source[axis, 3]
+        coordinates = np.clip(coordinates, 0, source.shape[axis] - 1)  # border padding
+        below = np.floor(coordinates).astype(np.int64)
+        above = np.minimum(below + 1, source.shape[axis] - 1)
+        weight = torch.as_tensor(coordinates - below, dtype=result.dtype)
+        view = [1, 1, 1]
+        view[axis] = -1
+        lower = result.index_select(axis, torch.from_numpy(below))
+        upper = result.index_select(axis, torch.from_numpy(above))
+        result = torch.lerp(lower, upper, weight.view(view))
+    return result.permute(*axes)
 
 
 # --------------------------------------------------------------------------- metrics

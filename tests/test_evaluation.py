@@ -294,3 +294,45 @@ def test_evaluate_refuses_a_missing_checkpoint(synthetic_dataset: Path, tmp_path
     assert main(["evaluate", "--model", str(missing), "--data", str(synthetic_dataset), "--out",
                  str(tmp_path / "ev")]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("permutation, flips",
+                         [((0, 1, 2), (1, 1, 1)), ((2, 0, 1), (-1, 1, -1)), ((1, 2, 0), (1, -1, 1))])
+def test_separable_resampling_equals_spatial_resample(permutation, flips) -> None:
+    """The fast path for axis-aligned grids gives MONAI's SpatialResample result (float32 rounding)."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from spleenkit.evaluation import _axis_aligned, _separable_linear
+
+    generator = torch.Generator().manual_seed(0)
+    source_affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    source_affine[:3, 3] = [-30.0, 12.0, 5.0]
+    source = MetaTensor(torch.rand(1, 20, 18, 11, generator=generator), affine=torch.as_tensor(source_affine))
+    # an original grid of finer, flipped and permuted voxels reaching past the source (border padding)
+    linear = np.zeros((3, 3))
+    for column, (axis, sign, size) in enumerate(zip(permutation, flips, (0.7, 0.9, 1.3), strict=True)):
+        linear[axis, column] = sign * size
+    original_affine = np.eye(4)
+    original_affine[:3, :3] = linear
+    original_affine[:3, 3] = source_affine[:3, 3] + [4.0, -3.0, 2.5]
+    to_source = np.linalg.inv(source_affine) @ original_affine
+    axes = _axis_aligned(to_source)
+    assert axes == list(permutation)
+    shape = (31, 26, 24)
+    expected = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)(
+        source, dst_affine=torch.as_tensor(original_affine), spatial_size=shape)[0]
+    for start, stop in ((0, 24), (5, 13)):
+        got = _separable_linear(source[0].as_tensor(), to_source, axes, shape, start, stop)
+        assert tuple(got.shape) == (31, 26, stop - start)
+        assert torch.allclose(got, expected[:, :, start:stop].float(), atol=1e-5), (start, stop)
+
+
+def test_oblique_grids_are_not_taken_for_axis_aligned() -> None:
+    from spleenkit.evaluation import _axis_aligned
+
+    angle = np.deg2rad(10)
+    rotated = np.eye(4)
+    rotated[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    assert _axis_aligned(rotated) is None
+    assert _axis_aligned(np.diag([2.0, -1.0, 0.5, 1.0])) == [0, 1, 2]
