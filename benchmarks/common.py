@@ -18,10 +18,11 @@ from typing import Any
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory (MiB) of this process and of its largest finished child (loader workers)."""
+    from spleenkit.environment import peak_memory_mib  # this program's own peak, not its parent's
+
     scale = 2**20 if sys.platform == "darwin" else 2**10
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
-    result = {"peak_rss_mib": round(own, 1), "peak_rss_children_mib": round(children, 1)}
+    result = {"peak_rss_mib": peak_memory_mib(), "peak_rss_children_mib": round(children, 1)}
     try:
         import torch
 

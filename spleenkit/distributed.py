@@ -510,14 +510,6 @@ def distributed_map(function: Callable[[T], R], items: Sequence[T],
                 yield items[start + offset], value
 
 
-def peak_memory_mib() -> float:
-    """This process's peak resident memory so far, in MiB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
 # --------------------------------------------------------------------------- launching torchrun
 def default_nproc() -> int:
     """Processes per machine for a launch: one per GPU when there are GPUs, else 2 CPU processes."""

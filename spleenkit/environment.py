@@ -17,6 +17,26 @@ def total_memory_gib() -> float | None:
         return None
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, in MiB.
+
+    On Linux it is read from /proc/self/status (VmHWM), which starts afresh in every program:
+    ``ru_maxrss``, the fallback elsewhere, keeps the high-water mark of the process that started
+    this one, so a command run from a 1 GiB notebook kernel would report 1 GiB before doing anything.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def on_colab() -> bool:
     """True inside Google Colab."""
     return "google.colab" in sys.modules

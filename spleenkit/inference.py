@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spleenkit.environment import peak_memory_mib
 from spleenkit.errors import BadInputError
 from spleenkit.presets import Preset, get_preset
 
@@ -353,12 +352,6 @@ def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], p
     del data
     return original_space_mask(logits, resampled, preprocessing, image.affine, image.shape, largest_component,
                                fill_holes)
-
-
-def peak_memory_mib() -> float:
-    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 @dataclass

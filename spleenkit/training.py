@@ -888,7 +888,6 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         check_sync_bn,
         describe_training,
         gather_objects,
-        peak_memory_mib,
         scale_learning_rate,
         share_training_data,
         training_handlers,
@@ -897,6 +896,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         workers_per_process,
         wrap_model,
     )
+    from spleenkit.environment import peak_memory_mib
     from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
     from spleenkit.model import build_unet
 

@@ -348,3 +348,19 @@ def test_infer_command_on_a_folder(synthetic_dataset: Path, tiny_model: Path, tm
         assert_same_grid(tmp_path / "out" / f"{name}_spleen.nii.gz", nib.load(image))
         assert (tmp_path / "out" / f"{name}_overlay.png").is_file()
     assert "peak memory" in printed
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="elsewhere the peak is ru_maxrss, inherited")
+def test_peak_memory_is_this_programs_own() -> None:
+    """A command started from a large process (a notebook kernel) reports its own peak, not the parent's."""
+    import subprocess
+    import sys
+
+    from spleenkit.environment import peak_memory_mib
+
+    ballast = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident in this process
+    assert peak_memory_mib() >= 400
+    child = subprocess.run([sys.executable, "-c", "from spleenkit.environment import peak_memory_mib; "
+                            "print(peak_memory_mib())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 300, child.stdout
+    del ballast
