@@ -1,8 +1,16 @@
-"""The benchmark's report: goals, the markdown table, the plot and the files."""
+"""The benchmark's report: goals, the markdown table, the plot and the files.
+
+    python benchmarks/report.py benchmarks/results/benchmark.json [--readme README.md]
+
+re-renders the table and plot from a results file and, with ``--readme``, puts the table into the
+README between its benchmark markers (so the README always shows a committed run, never a hand copy).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +22,8 @@ GOALS = {
     "help_seconds": 1.0,                # `spleenkit --help`
 }
 FILES = ("benchmark.json", "benchmark.md", "benchmark.png")
+README_MARKERS = ("<!-- benchmark table: python benchmarks/report.py benchmarks/results/benchmark.json --readme "
+                  "README.md -->", "<!-- end of benchmark table -->")
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -259,3 +269,32 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     md_path.write_text("# Benchmark: spleenkit vs the bundle's plain MONAI pipeline\n\n" + markdown(results))
     plot(results, png_path)
     return [json_path, md_path, png_path]
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> Path:
+    """Replace the table between the README's benchmark markers with ``results``' table."""
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{readme}: needs one line {begin!r} and, after it, one line {end!r}")
+    head, rest = text.split(begin)
+    tail = rest.split(end)[1]
+    readme.write_text(f"{head}{begin}\n{markdown(results).rstrip()}\n{end}{tail}")
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Re-render the benchmark's table and plot from its JSON.")
+    parser.add_argument("results", type=Path, help="a benchmark.json")
+    parser.add_argument("--readme", type=Path, help="also put the table into this README")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    for path in write(results, args.results.parent):
+        print(f"wrote {path}")
+    if args.readme:
+        print(f"wrote {update_readme(results, args.readme)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

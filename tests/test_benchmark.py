@@ -133,3 +133,23 @@ def test_quick_benchmark_writes_results(tmp_path: Path, synthetic_dataset: Path,
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
     width, height = struct.unpack(">II", png[16:24])
     assert width > height > 100
+
+
+def test_readme_shows_the_committed_full_run(tmp_path: Path) -> None:
+    """README's table is the one rendered from benchmarks/results (a full run, not the quick smoke test)."""
+    report = _module("report")
+    results = json.loads((BENCHMARKS / "results" / "benchmark.json").read_text())
+    assert results["mode"] != "quick"
+    assert {"training", "quality", "inference", "startup"} <= set(results["parts"])
+    readme = (REPO / "README.md").read_text()
+    begin, end = report.README_MARKERS
+    shown = readme.split(begin)[1].split(end)[0].strip()
+    assert shown == report.markdown(results).strip()
+    # the updater rewrites only its block and refuses a README without the markers
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(shown, "stale table"))
+    report.update_readme(results, copy)
+    assert copy.read_text() == readme
+    copy.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="README.md"):
+        report.update_readme(results, copy)
