@@ -26,6 +26,14 @@ def _command(subparsers: argparse._SubParsersAction, name: str, handler: Handler
     return parser
 
 
+def _command_group(subparsers: argparse._SubParsersAction, name: str, help_text: str,
+                   description: str) -> argparse._SubParsersAction:
+    """A command with commands of its own (``spleenkit NAME COMMAND``); alone it prints its help."""
+    group = subparsers.add_parser(name, help=help_text, description=description)
+    group.set_defaults(handler=lambda _args: group.print_help())
+    return group.add_subparsers(title=f"{name} commands", metavar="COMMAND")
+
+
 # --------------------------------------------------------------------------- info, presets
 def _info(args: argparse.Namespace) -> int:
     import json
@@ -107,10 +115,8 @@ def _notebooks_refresh(args: argparse.Namespace) -> int:
 
 
 def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("notebooks", help="Run the numbered notebooks with papermill; strip outputs.",
-                                  description="Run, list and strip the numbered notebooks.")
-    commands = group.add_subparsers(title="notebook commands", metavar="COMMAND")
-    group.set_defaults(handler=lambda _args: group.print_help())
+    commands = _command_group(subparsers, "notebooks", "Run the numbered notebooks with papermill; strip outputs.",
+                              "Run, list and strip the numbered notebooks.")
     run = _command(commands, "run", _notebooks_run,
                    "Execute the numbered notebooks in order with papermill under a profile; print notebook / "
                    "status / seconds; exit 1 with the failing cell's traceback when one fails.")
@@ -184,10 +190,8 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("data", help="Make, download and check datasets in the MSD Task09 layout.",
-                                  description="Make, download and check datasets in the MSD Task09 layout.")
-    commands = group.add_subparsers(title="data commands", metavar="COMMAND")
-    group.set_defaults(handler=lambda _args: group.print_help())
+    commands = _command_group(subparsers, "data", "Make, download and check datasets in the MSD Task09 layout.",
+                              "Make, download and check datasets in the MSD Task09 layout.")
     synth = _command(commands, "synth", _data_synth,
                      "Write synthetic abdominal CT phantoms with spleen labels (imagesTr/, labelsTr/, imagesTs/, "
                      "dataset.json); the same seed gives identical files.")
@@ -420,10 +424,8 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
 
     single_process = [name for name, (_, _, distributed) in COMMANDS.items() if not distributed]
 
-    group = subparsers.add_parser("bundle", help="The MONAI bundle (bundle/): where it is, its commands, run them.",
-                                  description="The kit as a MONAI bundle with spleen_ct_segmentation's keys.")
-    commands = group.add_subparsers(title="bundle commands", metavar="COMMAND")
-    group.set_defaults(handler=lambda _args: group.print_help())
+    commands = _command_group(subparsers, "bundle", "The MONAI bundle (bundle/): where it is, its commands, run them.",
+                              "The kit as a MONAI bundle with spleen_ct_segmentation's keys.")
     _command(commands, "path", _bundle_path, "Print the bundle folder.")
     command = _command(commands, "command", _bundle_command,
                        "Print one of the bundle's commands (as its README gives them) with overrides.")
@@ -438,11 +440,9 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="config override such as dataset_dir=/data/Task09_Spleen or epochs=1 (repeatable)")
     run.add_argument("--bundle-dir", help="bundle folder (default: the kit's bundle/)")
 
-    pretrained = subparsers.add_parser("pretrained", help="Fetch and load MONAI's released spleen_ct_segmentation "
-                                                          "weights.",
-                                       description="MONAI's released spleen_ct_segmentation weights.")
-    weights = pretrained.add_subparsers(title="pretrained commands", metavar="COMMAND")
-    pretrained.set_defaults(handler=lambda _args: pretrained.print_help())
+    weights = _command_group(subparsers, "pretrained",
+                             "Fetch and load MONAI's released spleen_ct_segmentation weights.",
+                             "MONAI's released spleen_ct_segmentation weights.")
     fetch = _command(weights, "fetch", _pretrained_fetch,
                      "Download the released bundle with monai.bundle.download (offline: say how to get it by hand).")
     fetch.add_argument("--dir", default="pretrained", help="folder to put the bundle in (default ./pretrained)")
@@ -598,10 +598,8 @@ def _course_list(args: argparse.Namespace) -> int:
 
 
 def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("course", help="Teach with the notebooks: student copies, exercise checks.",
-                                  description="Build student copies of the notebooks and check the instructor copies.")
-    commands = group.add_subparsers(title="course commands", metavar="COMMAND")
-    group.set_defaults(handler=lambda _args: group.print_help())
+    commands = _command_group(subparsers, "course", "Teach with the notebooks: student copies, exercise checks.",
+                              "Build student copies of the notebooks and check the instructor copies.")
     student = _command(commands, "student", _course_student,
                        "Write student copies of the notebooks: every solution cell becomes a '# your code here' "
                        "stub (answers set to None, which the checks answer with a hint), and no outputs.")
