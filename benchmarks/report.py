@@ -261,9 +261,26 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable(value: Any, repo: Path = REPO) -> Any:
+    """``value`` with every absolute path made relative to the repository (or cut to its file name
+    when outside it), so that committed results say nothing about the machine's folders."""
+    if isinstance(value, dict):
+        return {key: portable(item, repo) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, repo) for item in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        path = Path(value)
+        return str(path.relative_to(repo)) if path.is_relative_to(repo) else path.name
+    return value
+
+
 def write(results: dict[str, Any], out: Path) -> list[Path]:
-    """benchmark.json, benchmark.md and benchmark.png in ``out``."""
+    """benchmark.json, benchmark.md and benchmark.png in ``out`` (paths in the JSON made portable)."""
     out.mkdir(parents=True, exist_ok=True)
+    results = portable(results)
     json_path, md_path, png_path = (out / name for name in FILES)
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md_path.write_text("# Benchmark: spleenkit vs the bundle's plain MONAI pipeline\n\n" + markdown(results))

@@ -140,6 +140,20 @@ def test_readme_shows_the_committed_full_run(tmp_path: Path) -> None:
     report = _module("report")
     results = json.loads((BENCHMARKS / "results" / "benchmark.json").read_text())
     assert results["mode"] != "quick"
+
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    assert not [text for text in strings(results) if text.startswith("/")]  # no folders of the machine it ran on
+    assert report.portable({"a": [str(REPO / "runs" / "m.pt"), "/elsewhere/x.pt", "7 s"]}) == \
+        {"a": ["runs/m.pt", "x.pt", "7 s"]}
     assert {"training", "quality", "inference", "startup"} <= set(results["parts"])
     readme = (REPO / "README.md").read_text()
     begin, end = report.README_MARKERS
