@@ -381,28 +381,20 @@ class TrainingStep:
     Holds the gradient scaler so that checkpoints can save and restore it.
     """
 
-    def __init__(self, device: torch.device, amp: bool = True, channels_last: bool = True) -> None:
+    def __init__(self, device: torch.device, amp: bool = True) -> None:
         from spleenkit.devices import amp_dtype, grad_scaler
 
         self.device = device
         self.amp = amp
-        self.channels_last = channels_last
         self.dtype = amp_dtype(device, amp)
         self.scaler = grad_scaler(device, amp)
-        self.layout_set = False
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         from monai.engines.utils import IterationEvents
         from monai.utils.enums import CommonKeys as Keys
 
-        from spleenkit.devices import use_fast_layout
-
         if batchdata is None:
             raise ValueError("the training loader gave no batch")
-        if not self.layout_set:  # (under DDP, train() sets the layout before wrapping the network)
-            if unwrap_model(engine.network) is engine.network:
-                use_fast_layout(engine.network, self.device, self.channels_last)
-            self.layout_set = True
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
@@ -414,9 +406,9 @@ class TrainingStep:
         return engine.state.output
 
 
-def make_iteration_update(device: torch.device, amp: bool = True, channels_last: bool = True) -> TrainingStep:
+def make_iteration_update(device: torch.device, amp: bool = True) -> TrainingStep:
     """The mixed-precision iteration for ``SupervisedTrainer(iteration_update=...)`` (bundle configs use this)."""
-    return TrainingStep(device, amp, channels_last)
+    return TrainingStep(device, amp)
 
 
 def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> Any:
@@ -670,16 +662,22 @@ def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: S
                   extra_handlers: Sequence[Any] = ()) -> SupervisedTrainer:
     """SupervisedTrainer with the kit's mixed-precision step and handlers: periodic validation keeping
     the best ``model.pt``, per-iteration LR schedule, StatsHandler, TensorBoard, progress bar and
-    the run-folder recorder. Loss/optimizer default to the preset's; ``run_dir=None`` writes nothing."""
+    the run-folder recorder. Loss/optimizer default to the preset's; ``run_dir=None`` writes nothing.
+    A plain ``network`` is put in the device's fast layout here; a DDP-wrapped one must be already
+    (its gradient buckets follow the layout its weights had when it was wrapped)."""
     from monai.engines import SupervisedTrainer
     from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler
     from monai.utils.enums import CommonKeys as Keys
 
+    from spleenkit.devices import use_fast_layout
+
     preset = get_preset(preset)
+    if unwrap_model(network) is network:
+        use_fast_layout(network, device, preset.channels_last)
     write = (run_dir is not None and is_main_process()) if write is None else write
     loss_function = make_loss(preset) if loss_function is None else loss_function
     optimizer = make_optimizer(preset, network.parameters()) if optimizer is None else optimizer
-    step = make_iteration_update(device, training_amp(preset, device, amp), preset.channels_last)
+    step = make_iteration_update(device, training_amp(preset, device, amp))
 
     def loss_of(output: Any) -> float:
         return float(output[Keys.LOSS])

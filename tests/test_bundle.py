@@ -230,6 +230,22 @@ def test_network_and_recipe_overrides_reach_the_kit() -> None:
     assert len(network.model[0].conv) == 3  # three residual units where the preset has two
 
 
+def test_bundle_networks_train_in_the_kits_layout() -> None:
+    """train.json's network is channels-last on a CPU, as train() makes it, and the multi-GPU configs wrap
+    that same network in DDP (the layout set before wrapping, as DDP needs)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(merged("train.json"))
+    parser.update({"device": "cpu"})
+    parser.parse()
+    network = parser.get_parsed_content("network")
+    weight = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d)).weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for names in (("train.json", "multi_gpu_train.json"), ("train.json", "evaluate.json", "multi_gpu_evaluate.json")):
+        assert merged(*names)["network"]["module"] == merged("train.json")["network"]
+
+
 @pytest.mark.parametrize("names", [("train.json",), ("inference.json",), ("train.json", "multi_gpu_train.json"),
                                    ("train.json", "evaluate.json", "multi_gpu_evaluate.json")])
 def test_every_run_checks_its_overrides_first(names: tuple[str, ...]) -> None:

@@ -120,6 +120,8 @@ def test_bfloat16_autocast_is_in_effect_on_the_cpu(synthetic_dataset: Path, amp:
         seen["train" if module.training else "eval"].add(output.dtype)
 
     first_convolution = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    # build_trainer put the weights in oneDNN's layout on the CPU (the preset's channels_last)
+    assert first_convolution.weight.is_contiguous(memory_format=torch.channels_last_3d)
     first_convolution.register_forward_hook(record)
     trainer.run()
     expected = torch.bfloat16 if amp else torch.float32
