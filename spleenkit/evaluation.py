@@ -366,7 +366,9 @@ def mask_metrics(pred: Any, ref: Any, spacing: Sequence[float]) -> dict[str, flo
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     """Voxel size along each array axis: the lengths of the affine's first three columns."""
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
+    from nibabel.affines import voxel_sizes
+
+    return tuple(float(v) for v in voxel_sizes(np.asarray(affine, dtype=float)))
 
 
 def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage,

@@ -102,7 +102,7 @@ def describe_volume(volume: Any) -> dict[str, Any]:
     return {
         "shape": tuple(int(s) for s in volume.shape),
         "spatial_shape": spatial,
-        "spacing": tuple(round(float(s), 3) for s in np.linalg.norm(affine[:3, :3], axis=0)),
+        "spacing": tuple(round(float(s), 3) for s in nib.affines.voxel_sizes(affine)),
         "orientation": "".join(nib.aff2axcodes(affine)),
         "dtype": str(volume.dtype).removeprefix("torch."),
         "min": float(volume.min()),

@@ -100,6 +100,7 @@ def to_ras(volume: Any, affine: np.ndarray | None = None,
 
     Without an affine the volume is taken to be in RAS already, with ``spacing`` (default 1 mm).
     """
+    from nibabel.affines import voxel_sizes
     from nibabel.orientations import apply_orientation, io_orientation
 
     array = _array(volume)
@@ -107,7 +108,7 @@ def to_ras(volume: Any, affine: np.ndarray | None = None,
         return array, tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))  # type: ignore[return-value]
     affine = np.asarray(affine, dtype=float)
     orientation = io_orientation(affine)
-    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    sizes = voxel_sizes(affine)
     ras_spacing = [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(orientation):
         ras_spacing[int(target)] = float(sizes[axis])
