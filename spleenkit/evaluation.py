@@ -226,12 +226,13 @@ def original_space_mask(logits: torch.Tensor, image: torch.Tensor, preprocessing
         affine = np.asarray(affine, dtype=np.float64)
         to_source = np.linalg.inv(np.asarray(_affine_of(foreground), dtype=np.float64)) @ affine
         axes = _axis_aligned(to_source)
-        resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)
+        resample = None if axes is not None else SpatialResample(mode="bilinear", padding_mode="border",
+                                                                 dtype=torch.float64)
         mask = np.zeros(shape, dtype=np.uint8)
         step = max(1, SLAB_VOXELS // (shape[0] * shape[1]))
         for start in range(0, shape[2], step):
             stop = min(shape[2], start + step)
-            if axes is not None:
+            if resample is None:
                 slab = _separable_linear(foreground[0], to_source, axes, shape, start, stop)
             else:
                 slab_affine = affine.copy()

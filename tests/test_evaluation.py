@@ -336,3 +336,25 @@ def test_oblique_grids_are_not_taken_for_axis_aligned() -> None:
     rotated[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
     assert _axis_aligned(rotated) is None
     assert _axis_aligned(np.diag([2.0, -1.0, 0.5, 1.0])) == [0, 1, 2]
+
+
+def test_oblique_original_grid_is_resampled_by_spatial_resample() -> None:
+    """A prediction whose grid is rotated against the original one goes back through SpatialResample."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from spleenkit.evaluation import original_space_mask
+
+    generator = torch.Generator().manual_seed(1)
+    logits = MetaTensor(torch.randn(2, 16, 14, 10, generator=generator), affine=torch.diag(torch.tensor(
+        [1.5, 1.5, 2.0, 1.0], dtype=torch.float64)))
+    angle = np.deg2rad(10)
+    affine = np.eye(4)
+    affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    affine[:3, :3] *= 1.2
+    shape = (18, 15, 14)
+    mask = original_space_mask(logits, logits[:1], None, affine, shape, max_invert_voxels=0)
+    foreground = torch.softmax(logits, dim=0)[1:2]
+    expected = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)(
+        foreground, dst_affine=torch.as_tensor(affine), spatial_size=shape)[0].numpy() > 0.5
+    assert mask.shape == shape and mask.any() and (mask == expected).all()
