@@ -1,11 +1,145 @@
 """spleenkit: a Jupyter-first teaching and reproducibility kit for 3D spleen segmentation in CT.
 
-Importing the package is cheap on purpose: the heavy libraries (torch, MONAI) are imported by
-the modules that need them, so that ``spleenkit --help`` starts fast.
+The notebooks teach MONAI in view; everything that is not the lesson (data, checks, figures, run
+folders, the DDP launch, the CLI, the bundle) lives in this package. Notebooks import it from the
+package root (``from spleenkit import train, three_plane``), never from a module path, so that moving
+a function between modules never breaks a lesson.
+
+Importing the package is cheap on purpose: a name is looked up in :data:`SURFACE` and its module
+imported on first use (PEP 562), so that ``spleenkit --help`` starts without torch or MONAI.
 """
 
-from spleenkit.errors import BadInputError, SpleenkitError
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from spleenkit.errors import BadInputError, SpleenkitError  # noqa: F401 (re-exported, cheap)
 
 __version__ = "0.1.0"
 
-__all__ = ["BadInputError", "SpleenkitError", "__version__"]
+# The notebook-facing surface: name -> the module that holds it. One name a line, grouped by module.
+SURFACE: dict[str, str] = {
+    # bundle
+    "bundle_command": "spleenkit.bundle",
+    "bundle_source": "spleenkit.bundle",
+    "format_command": "spleenkit.bundle",
+    "run_command": "spleenkit.bundle",
+    # comparing an in-view construction with the package's
+    "Comparison": "spleenkit.compare",
+    "compare_networks": "spleenkit.compare",
+    "compare_numbers": "spleenkit.compare",
+    "compare_objects": "spleenkit.compare",
+    "compare_transforms": "spleenkit.compare",
+    "describe": "spleenkit.compare",
+    # data
+    "check_dataset": "spleenkit.data",
+    "download_example": "spleenkit.data",
+    "download_msd": "spleenkit.data",
+    "example_as_msd": "spleenkit.data",
+    "load_datalist": "spleenkit.data",
+    "split_datalist": "spleenkit.data",
+    "write_synthetic_dataset": "spleenkit.data",
+    # devices and precision
+    "pick_device": "spleenkit.devices",
+    "use_fast_layout": "spleenkit.devices",
+    # distributed
+    "default_nproc": "spleenkit.distributed",
+    "launch_torchrun": "spleenkit.distributed",
+    "torchrun_command": "spleenkit.distributed",
+    # environment
+    "colab_setup": "spleenkit.environment",
+    "environment_report": "spleenkit.environment",
+    "is_interactive": "spleenkit.environment",
+    # evaluation
+    "case_name": "spleenkit.evaluation",
+    "compare_mask_files": "spleenkit.evaluation",
+    "evaluate_run": "spleenkit.evaluation",
+    "format_summary": "spleenkit.evaluation",
+    "keep_largest_component": "spleenkit.evaluation",
+    "label_round_trip": "spleenkit.evaluation",
+    "make_inferer": "spleenkit.evaluation",
+    "mask_metrics": "spleenkit.evaluation",
+    "predict_logits": "spleenkit.evaluation",
+    "read_binary_mask": "spleenkit.evaluation",
+    "run_preset": "spleenkit.evaluation",
+    "select_cases": "spleenkit.evaluation",
+    "voxel_spacing": "spleenkit.evaluation",
+    # errors
+    "BadInputError": "spleenkit.errors",
+    "SpleenkitError": "spleenkit.errors",
+    # exercises
+    "check": "spleenkit.exercises",
+    # export
+    "TOLERANCE": "spleenkit.export",
+    "export_model": "spleenkit.export",
+    "onnx_available": "spleenkit.export",
+    # inference
+    "infer": "spleenkit.inference",
+    "orientation_warnings": "spleenkit.inference",
+    # manifest
+    "read_manifest": "spleenkit.manifest",
+    # model
+    "build_unet": "spleenkit.model",
+    "count_parameters": "spleenkit.model",
+    "load_model": "spleenkit.model",
+    # notebooks
+    "environment_rows": "spleenkit.notebooks",
+    "markdown_table": "spleenkit.notebooks",
+    # presets
+    "PRESETS": "spleenkit.presets",
+    "Preset": "spleenkit.presets",
+    "get_preset": "spleenkit.presets",
+    "preset_table": "spleenkit.presets",
+    # pretrained
+    "PretrainedUnavailableError": "spleenkit.pretrained",
+    "download_instructions": "spleenkit.pretrained",
+    "fetch_pretrained": "spleenkit.pretrained",
+    "load_pretrained": "spleenkit.pretrained",
+    # training
+    "estimate_cache_memory": "spleenkit.training",
+    "make_iteration_update": "spleenkit.training",
+    "make_loss": "spleenkit.training",
+    "make_optimizer": "spleenkit.training",
+    "measure_step_seconds": "spleenkit.training",
+    "read_metrics": "spleenkit.training",
+    "resolve_preset": "spleenkit.training",
+    "train": "spleenkit.training",
+    # transforms
+    "deterministic_transforms": "spleenkit.transforms",
+    "inference_transforms": "spleenkit.transforms",
+    "random_transforms": "spleenkit.transforms",
+    "trace_transforms": "spleenkit.transforms",
+    "training_transforms": "spleenkit.transforms",
+    "validation_transforms": "spleenkit.transforms",
+    # visualization
+    "compare_runs": "spleenkit.visualization",
+    "crop_samples": "spleenkit.visualization",
+    "data_parallel_diagram": "spleenkit.visualization",
+    "error_map": "spleenkit.visualization",
+    "example_masks_2d": "spleenkit.visualization",
+    "illustrate_metrics": "spleenkit.visualization",
+    "intensity_histogram": "spleenkit.visualization",
+    "montage": "spleenkit.visualization",
+    "per_case_metrics": "spleenkit.visualization",
+    "show_3d": "spleenkit.visualization",
+    "three_plane": "spleenkit.visualization",
+    "training_curves": "spleenkit.visualization",
+    "transform_steps": "spleenkit.visualization",
+}
+
+__all__ = sorted({*SURFACE, "__version__"})
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that holds ``name`` on first use and return the object (PEP 562)."""
+    module = SURFACE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spleenkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
