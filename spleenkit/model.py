@@ -8,7 +8,6 @@ written atomically (a temporary file renamed into place), so a crash never leave
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,27 +42,14 @@ def count_parameters(network: torch.nn.Module) -> int:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
+    """``torch.save`` through the kit's one atomic writer (:func:`spleenkit.io.atomic_write`)."""
     import torch
 
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: a fresh file of our own; mode 0o666 minus the umask, like a plain open() (mkstemp gives 0600)
-        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    from spleenkit.io import atomic_write
+
+    with atomic_write(path, "wb") as stream:
+        torch.save(obj, stream)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:

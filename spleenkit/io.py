@@ -1,0 +1,120 @@
+"""Reading and writing files: the one atomic writer every file the kit writes goes through.
+
+A file is written under a temporary name unique to the call in the target's folder, flushed to
+disk (fsync), optionally checked, and only then renamed over the target, so a crash, a full disk
+or a failed check never leaves a half-written file or replaces a good one. New files get the
+normal permissions of the user's umask (0666 minus umask), as a plain ``open()`` would give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from spleenkit.errors import BadInputError
+
+
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """A fresh hidden name beside ``path`` (same folder, so the final rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *,
+                 check: Callable[[Path], None] | None = None, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; on success fsync it, run ``check(temporary_path)`` and rename it
+    over ``path``. On any error (the writer's or the check's) the temporary file is removed and ``path``
+    keeps its old content.
+
+    ``mode`` is "wb" or "w" (text, UTF-8 unless ``encoding`` says otherwise). The folder is created.
+    """
+    if mode not in {"w", "wb"}:
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a fresh file of our own; 0o666 minus the umask, like open() (mkstemp would give 0600)
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
+    try:
+        text = mode == "w"
+        with os.fdopen(handle, mode, encoding=(encoding or "utf-8") if text else None,
+                       newline="" if text else None) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        if check is not None:
+            check(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename in it survives a power cut (where the OS allows it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns the path."""
+    with atomic_write(path, "wb", check=check) as stream:
+        stream.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, check: Callable[[Path], None] | None = None) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
+    with atomic_write(path, "w", check=check) as stream:
+        stream.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2) -> Path:
+    """Write ``data`` as JSON (sorted by insertion, a final newline) atomically; returns the path."""
+    return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
+               check: Callable[[Path], None] | None = None) -> Path:
+    """Atomically create ``path`` with a library that writes to a file name itself (nibabel, matplotlib,
+    torch.onnx): ``writer(temporary_path)`` writes, ``check`` may inspect it, then it is renamed into place.
+
+    The temporary name keeps ``path``'s suffixes (``.nii.gz``, ``.png``) so that such libraries pick the
+    right format from it.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
+    try:
+        writer(temporary)
+        if not temporary.is_file():
+            raise RuntimeError(f"the writer made no file for {path.name}")
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        if check is not None:
+            check(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+    return path
