@@ -37,9 +37,10 @@ def _parts(preset: Any, train_items: list[dict], validation_items: list[dict], d
     network = build_unet(preset).to(device)
     optimizer = make_optimizer(preset, network.parameters())
     scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
-    evaluator = build_evaluator(network, validation_loader, preset, device, amp=preset.amp)
+    # amp=None: the precision the kit chooses for this device and preset (spleenkit.devices.choose_precision)
+    evaluator = build_evaluator(network, validation_loader, preset, device, amp=None)
     trainer = build_trainer(network, train_loader, evaluator, preset, device, run_dir=run_dir, optimizer=optimizer,
-                            scheduler=scheduler, amp=preset.amp, progress=False)
+                            scheduler=scheduler, amp=None, progress=False)
     return {"trainer": trainer, "network": network, "cache_seconds": cache_seconds, "cases": len(train_items)}
 
 

@@ -107,7 +107,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gib', '?')} GiB; torch {m['torch']}, "
         f"MONAI {m.get('monai', '?')}, Python {m['python']}; device {m['device']}"
-        + (f" ({m['gpu']})" if m.get("gpu") else "") + ".",
+        + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + (f"; CPU capability {m['cpu_capability']} (the kit trains in {m.get('training_precision')} there)"
+           if m.get("cpu_capability") else "") + ".",
         f"Load average (1, 5, 15 min) at start {results.get('load_average_start')}, at end "
         f"{results.get('load_average_end')}; whole run {results.get('seconds', 0) / 60:.1f} min"
         + (" — QUICK MODE: a smoke test, the numbers mean nothing." if results.get("mode") == "quick" else "."),

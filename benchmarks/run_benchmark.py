@@ -117,6 +117,12 @@ def machine(device: str) -> dict[str, Any]:
         pass
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from spleenkit.devices import describe_precision
+
+    precision = describe_precision(device)  # AVX2 / AVX512 / AVX512_BF16 / AMX_BF16, and what the kit picks there
+    info["cpu_capability"] = precision["cpu"]["label"]
+    info["training_precision"] = precision["training"]["dtype"]
+    info["inference_precision"] = precision["inference"]["dtype"]
     return info
 
 
@@ -386,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine(args.device),
                                "load_average_start": load_average(), "config": config, "parts": {}}
-    log(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+    log(f"machine: {results['machine']['cpu']} ({results['machine']['cpu_capability']}), "
+        f"{results['machine']['cores']} cores, torch "
         f"{results['machine']['torch']}; load average {results['load_average_start']}")
     env = prepare_data(work, config, args.data, log)
     if "startup" in args.parts:

@@ -53,7 +53,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _add_general_commands(subparsers: argparse._SubParsersAction) -> None:
-    _command(subparsers, "info", _info, "Print versions, device, cores, memory and GPUs as JSON.")
+    _command(subparsers, "info", _info, "Print versions, device, cores, memory, GPUs, the CPU's capability and "
+                                        "the precision for training and inference, as JSON.")
     _command(subparsers, "presets", _presets, "List the training recipes.")
 
 
@@ -266,7 +267,8 @@ def _window_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's on CUDA; "
-                             "off on the CPU, where float32 gives the bundle's exact masks)")
+                             "off on the CPU, where float32 gives the bundle's exact masks; on a CPU without "
+                             "native bfloat16 --amp warns that it is slower)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the preset's)")
     parser.add_argument("--sw-batch", type=int, help="windows per forward pass (default: the preset's)")
     parser.add_argument("--blend", choices=("constant", "gaussian"), default="constant",
@@ -538,7 +540,9 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--patch", type=int, nargs="+", metavar="N",
                        help="training patch (and validation window) size: N or X Y Z (default: the preset's)")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's)")
+                       help="mixed precision: float16 on CUDA, bfloat16 on a CPU with native bfloat16 (default: "
+                            "the fastest correct choice here; float32 on a CPU without native bfloat16, where "
+                            "--amp forces bfloat16 with a warning that it is slower)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint_last.pt")
     train.add_argument("--seed", type=int, help="random seed (default: the preset's, 123)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -62,14 +62,20 @@ def is_interactive() -> bool:
 
 
 def environment_report() -> dict[str, Any]:
-    """Versions, device, cores, memory and GPU count, as shown by the welcome notebook and ``spleenkit info``."""
-    from spleenkit.devices import describe_device, pick_device
+    """Versions, device, cores, memory, GPU count, the CPU's capability and the precision the kit will use
+    for training and inference (with why), as shown by the welcome notebook and ``spleenkit info``."""
+    from spleenkit.devices import describe_device, describe_precision, pick_device
 
+    device = pick_device("auto")
+    precision = describe_precision(device)
     return {
         "versions": package_versions(),
-        **describe_device(pick_device("auto")),
+        **describe_device(device),
         "memory_gib": total_memory_gib(),
         "colab": on_colab(),
+        "cpu_capability": precision["cpu"]["label"],
+        "training_precision": f"{precision['training']['dtype']}: {precision['training']['reason']}",
+        "inference_precision": f"{precision['inference']['dtype']}: {precision['inference']['reason']}",
     }
 
 

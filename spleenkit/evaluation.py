@@ -126,16 +126,18 @@ def inference_network(network: torch.nn.Module, device: torch.device | str = "cp
 
 
 def inference_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
-    """Mixed precision for evaluation and inference: ``amp`` when given; by default the preset's on
-    CUDA (float16) and off on the CPU.
+    """Mixed precision for evaluation and inference (:func:`spleenkit.devices.choose_precision`, purpose
+    "inference"): ``amp`` when given (a warning where bfloat16 is slower than float32); by default float16
+    on CUDA when the preset has mixed precision on, and float32 on a CPU.
 
     On a CPU, bfloat16 masks differ from float32's in a few boundary voxels (Dice about 0.997-0.998
     against the bundle's float32 masks, benchmarks/), while float32 with :func:`inference_network`
     (fast layout, folded batch norm) gives the bundle's masks exactly at most of bfloat16's speed.
     """
-    if amp is not None:
-        return bool(amp)
-    return bool(get_preset(preset).amp) and device.type != "cpu"
+    from spleenkit.devices import choose_precision
+
+    requested = amp if amp is not None else (None if get_preset(preset).amp else False)
+    return choose_precision(device, requested, purpose="inference").enabled
 
 
 def predict_logits(network: torch.nn.Module, image: torch.Tensor, inferer: SlidingWindowInferer,

@@ -418,7 +418,9 @@ def environment_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             for name, version in report.get("versions", {}).items()]
     labels = {"device": "device the kit computes on", "cpu_count": "CPU cores", "cpu_threads": "torch CPU threads",
               "memory_gib": "memory (GiB)", "gpu_count": "GPUs", "gpu_name": "GPU",
-              "gpu_memory_gib": "GPU memory (GiB)", "colab": "running on Colab"}
+              "gpu_memory_gib": "GPU memory (GiB)", "colab": "running on Colab",
+              "cpu_capability": "CPU vector instructions", "training_precision": "training precision",
+              "inference_precision": "inference precision"}
     rows += [{"what": labels.get(key, key), "value": value} for key, value in report.items() if key != "versions"]
     return rows
 

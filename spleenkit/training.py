@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
     from torch.utils.data import DataLoader
 
+    from spleenkit.devices import Precision
     from spleenkit.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
@@ -362,17 +363,37 @@ def cpu_bf16_training_ok(patch_size: Sequence[int], strides: Sequence[int] = (2,
     return all(_bf16_weight_gradient_ok(shape) for shape in sorted(shapes))  # type: ignore[arg-type]
 
 
-def training_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
-    """Mixed precision for training on ``device``: the preset's choice, unless the CPU's bfloat16
-    gradients would be wrong for its patch size (see :func:`cpu_bf16_training_ok`); then float32."""
+def training_precision(preset: Preset | str, device: torch.device, amp: bool | None = None) -> Precision:
+    """The precision training runs in on ``device`` (see :func:`spleenkit.devices.choose_precision`): ``amp``
+    when given, else the preset's (on: the fastest correct choice here). On a CPU, bfloat16 only where the CPU
+    has it natively and its Conv3d gradients are right for the patch size (:func:`cpu_bf16_training_ok`)."""
+    from spleenkit.devices import Precision, choose_precision
+
     preset = get_preset(preset)
-    wanted = preset.amp if amp is None else amp
-    if wanted and device.type == "cpu" and not cpu_bf16_training_ok(preset.patch_size, preset.strides):
+    requested = amp if amp is not None else (None if preset.amp else False)
+    choice = choose_precision(device, requested)
+    if choice.enabled and device.type == "cpu" and not cpu_bf16_training_ok(preset.patch_size, preset.strides):
         log.warning("bfloat16 Conv3d gradients are wrong in this PyTorch on this CPU for patch %s (a feature map "
                     "2 voxels deep): training in float32 instead; patches of 48 or 64 avoid it",
                     tuple(preset.patch_size))
-        return False
-    return bool(wanted)
+        reason = f"bfloat16 Conv3d gradients are wrong here for patch {tuple(preset.patch_size)}: float32"
+        return Precision(None, reason, choice.capability)
+    return choice
+
+
+def validation_precision(preset: Preset | str, device: torch.device, amp: bool | None = None) -> Precision:
+    """The precision of validation during training: the training choice without the gradient check (no
+    backward pass), so a CPU without native bfloat16 validates in float32 too."""
+    from spleenkit.devices import choose_precision
+
+    preset = get_preset(preset)
+    return choose_precision(device, amp if amp is not None else (None if preset.amp else False))
+
+
+def training_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
+    """Whether training autocasts on ``device`` (the bundle configs' ``iteration_update`` asks this); see
+    :func:`training_precision`."""
+    return training_precision(preset, device, amp).enabled
 
 
 class TrainingStep:
@@ -432,10 +453,15 @@ def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> An
 
 
 def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.device = "auto", *, steps: int = 3,
-                         warmup: int = 1, batch: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+                         warmup: int = 1, batch: dict[str, Any] | None = None, seed: int = 0,
+                         include_slow: bool = False) -> dict[str, Any]:
     """Seconds per training step in float32 and in mixed precision, measured alternately in one run
     (so that other load on the machine hits both alike): the fastest of ``steps`` each (the least
     disturbed by other work; the medians are returned too), and their ratio.
+
+    Where the kit would not use mixed precision because it is slower here (a CPU without native
+    bfloat16, about 20x slower), the mixed variant is left out (``mixed_seconds`` None, ``skipped``
+    says why) unless ``include_slow``. ``chosen`` is the precision training would use.
 
     Uses ``batch`` (a collated batch from the training loader) or a random one of the preset's size:
     ``batch_size x num_samples`` patches.
@@ -444,11 +470,14 @@ def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.dev
 
     import torch
 
-    from spleenkit.devices import amp_dtype, grad_scaler, pick_device, use_fast_layout
+    from spleenkit.devices import amp_dtype, bfloat16_is_faster, grad_scaler, pick_device, use_fast_layout
     from spleenkit.model import build_unet
 
     preset = get_preset(preset)
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    chosen = training_precision(preset.replace(amp=True), torch_device)
+    slow = torch_device.type == "cpu" and not bfloat16_is_faster()
+    variants = [False] if slow and not include_slow else [False, True]
     generator = torch.Generator().manual_seed(seed)
     if batch is None:
         shape = (preset.batch_size * preset.num_samples, 1, *preset.patch_size)
@@ -473,23 +502,28 @@ def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.dev
         return time.perf_counter() - start
 
     for _ in range(warmup):
-        one_step(False), one_step(True)
-    times: dict[bool, list[float]] = {False: [], True: []}
+        for amp in variants:
+            one_step(amp)
+    times: dict[bool, list[float]] = {amp: [] for amp in variants}
     for _ in range(steps):
-        for amp in (False, True):
+        for amp in variants:
             times[amp].append(one_step(amp))
-    fp32, mixed = min(times[False]), min(times[True])
-    dtype = amp_dtype(torch_device, True)
+    fp32 = min(times[False])
+    mixed = min(times[True]) if True in times else None
     return {"device": str(torch_device), "patches": int(image.shape[0]), "patch_size": tuple(image.shape[2:]),
-            "float32_seconds": fp32, "mixed_seconds": mixed, "mixed_dtype": str(dtype).removeprefix("torch."),
-            "speedup": fp32 / mixed if mixed > 0 else float("nan"), "steps": steps,
+            "float32_seconds": fp32, "mixed_seconds": mixed,
+            "mixed_dtype": str(amp_dtype(torch_device, True)).removeprefix("torch."),
+            "speedup": fp32 / mixed if mixed else None, "steps": steps,
             "float32_median_seconds": statistics.median(times[False]),
-            "mixed_median_seconds": statistics.median(times[True])}
+            "mixed_median_seconds": statistics.median(times[True]) if True in times else None,
+            "chosen": chosen.name, "reason": chosen.reason, "capability": chosen.capability,
+            "skipped": None if True in times else f"mixed precision not timed: {chosen.reason}"}
 
 
 # --------------------------------------------------------------------------- engines
 def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, preset: Preset | str,
-                    device: torch.device, *, amp: bool = True, handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
+                    device: torch.device, *, amp: bool | None = None,
+                    handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
     """SupervisedEvaluator: sliding window (preset roi, window batch, overlap) under autocast,
     softmax + argmax, MeanDice without background (the bundle's key metric ``val_mean_dice``)."""
     from monai.engines import SupervisedEvaluator
@@ -509,7 +543,7 @@ def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, prese
         device=device,
         val_data_loader=validation_loader,
         network=network,
-        inferer=autocast_inferer(window, device, amp),
+        inferer=autocast_inferer(window, device, validation_precision(preset, device, amp).enabled),
         postprocessing=postprocessing,
         key_val_metric={"val_mean_dice": MeanDice(include_background=False,
                                                   output_transform=from_engine(["pred", "label"]))},
@@ -657,7 +691,7 @@ class RunRecorder:
 def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: SupervisedEvaluator,
                   preset: Preset | str, device: torch.device, *, run_dir: str | os.PathLike[str] | None,
                   loss_function: Callable | None = None, optimizer: torch.optim.Optimizer | None = None,
-                  scheduler: Any = None, amp: bool = True, epochs: int | None = None, progress: bool = False,
+                  scheduler: Any = None, amp: bool | None = None, epochs: int | None = None, progress: bool = False,
                   writer: Any = None, write: bool | None = None,
                   extra_handlers: Sequence[Any] = ()) -> SupervisedTrainer:
     """SupervisedTrainer with the kit's mixed-precision step and handlers: periodic validation keeping
@@ -905,7 +939,11 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     torch_device = pick_device(device) if distributed is None else distributed.device
     if sync_bn:
         check_sync_bn(torch_device)
-    train_amp = training_amp(preset, torch_device)  # float32 where this CPU's bfloat16 gradients are wrong
+    # float32 on a CPU without native bfloat16, or where its bfloat16 gradients are wrong; ``amp`` forces it
+    precision = training_precision(preset, torch_device, amp)
+    validation = validation_precision(preset, torch_device, amp)
+    log.info("training precision: %s (%s)", precision.name, precision.reason)
+    train_amp = precision.enabled
     progress = progress and is_main_process()
     workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
     if workers < 0:
@@ -948,7 +986,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     evaluator_handlers: list[Any] = validation_handlers(network, distributed)
     if writer is not None:
         evaluator_handlers.append(TensorBoardStatsHandler(summary_writer=writer, iteration_log=False))
-    evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device, amp=preset.amp,
+    evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device, amp=validation.enabled,
                                 handlers=evaluator_handlers)
     trainer = build_trainer(network, train_loader, evaluator, preset, torch_device, run_dir=run_path,
                             optimizer=optimizer, scheduler=scheduler, amp=train_amp, progress=progress,
@@ -968,7 +1006,9 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         "device": str(torch_device),
         "amp": preset.amp,
         "amp_dtype": str(amp_dtype(torch_device, train_amp)),
-        "validation_amp_dtype": str(amp_dtype(torch_device, preset.amp)),
+        "validation_amp_dtype": str(amp_dtype(torch_device, validation.enabled)),
+        "precision": precision.as_dict(),
+        "validation_precision": validation.as_dict(),
         "seed": preset.seed,
         "num_workers": workers,
         "cache_rate": preset.cache_rate,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from spleenkit.errors import BadInputError
+from spleenkit.presets import get_preset
 from spleenkit.training import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -23,6 +24,7 @@ from spleenkit.training import (
     read_last_checkpoint,
     read_metrics,
     train,
+    training_precision,
 )
 
 # small enough for a few seconds per run on two cores: 6 mm voxels, 48^3 patches, 2 iterations per epoch
@@ -58,7 +60,8 @@ def test_run_folder_holds_model_checkpoint_metrics_and_tensorboard(tiny_run: Tra
     best = max(r["val_dice"] for r in records if r["val_dice"] is not None)
     assert tiny_run.best_dice == pytest.approx(best)
     assert tiny_run.best_epoch in (2, 3) and tiny_run.epochs == 3
-    assert tiny_run.amp_dtype == "torch.bfloat16" and tiny_run.device == "cpu"
+    expected = training_precision(get_preset("quick", **TINY), torch.device("cpu"))  # bfloat16 only where native
+    assert tiny_run.amp_dtype == (None if expected.dtype is None else str(expected.dtype)) and tiny_run.device == "cpu"
 
     weights = load_checkpoint(tiny_run.model_path)  # a plain state dict, as the bundle's model.pt
     assert list(weights) == list(build_unet("seed").state_dict())
@@ -82,7 +85,9 @@ def test_manifest_records_versions_device_parameters_data_and_times(tiny_run: Tr
     parameters = manifest["parameters"]
     assert parameters["preset"]["name"] == "quick" and parameters["preset"]["patch_size"] == [48, 48, 48]
     assert parameters["preset"]["validation_roi_size"] == [48, 48, 48]  # follows the patch
-    assert parameters["seed"] == 7 and parameters["amp_dtype"] == "torch.bfloat16"
+    expected = training_precision(get_preset("quick", **TINY), torch.device("cpu"))
+    assert parameters["seed"] == 7 and parameters["amp_dtype"] == str(expected.dtype)
+    assert manifest["parameters"]["precision"] == expected.as_dict()  # the dtype, the CPU's capability and why
     assert manifest["dataset"]["fingerprint"] == dataset_fingerprint(load_datalist(synthetic_dataset))
     assert len(manifest["dataset"]["validation_cases"]) == 2
     assert manifest["started"] <= manifest["finished"]
@@ -264,9 +269,9 @@ def test_step_timing_compares_float32_and_bfloat16() -> None:
     from spleenkit.presets import get_preset
     from spleenkit.training import measure_step_seconds
 
-    timing = measure_step_seconds(get_preset("quick", patch_size=16), "cpu", steps=1, warmup=0)
+    timing = measure_step_seconds(get_preset("quick", patch_size=16), "cpu", steps=1, warmup=0, include_slow=True)
     assert timing["mixed_dtype"] == "bfloat16" and timing["patches"] == 4 and timing["patch_size"] == (16, 16, 16)
-    assert timing["float32_seconds"] > 0 and timing["mixed_seconds"] > 0
+    assert timing["float32_seconds"] > 0 and timing["mixed_seconds"] > 0 and timing["skipped"] is None
 
 
 def test_cli_train_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,6 +312,9 @@ def test_cpu_bfloat16_training_falls_back_where_its_gradients_are_wrong(monkeypa
 
     cpu = torch.device("cpu")
     assert training._bf16_weight_gradient_ok((4, 4, 4))  # the real check passes where bfloat16 is fine
+    # a CPU with native bfloat16 (on one without, float32 is chosen before any gradient check: tests/test_precision.py)
+    native = {"label": "AVX512_BF16", "instruction_set": "AVX512", "onednn_bfloat16": True, "native_bfloat16": True}
+    monkeypatch.setattr("spleenkit.devices.cpu_capability", lambda: native)
     assert training.training_amp(get_preset("quick"), cpu) is True
     assert training.training_amp(get_preset("quick"), cpu, amp=False) is False
     # where the check fails (PyTorch's oneDNN kernel on a map 2 voxels deep) training falls back to float32
