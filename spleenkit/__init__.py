@@ -41,6 +41,8 @@ SURFACE: dict[str, str] = {
     "split_datalist": "spleenkit.data",
     "write_synthetic_dataset": "spleenkit.data",
     # devices and precision
+    "choose_precision": "spleenkit.devices",
+    "describe_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
@@ -105,6 +107,7 @@ SURFACE: dict[str, str] = {
     "read_metrics": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
     "train": "spleenkit.training",
+    "training_precision": "spleenkit.training",
     # transforms
     "deterministic_transforms": "spleenkit.transforms",
     "inference_transforms": "spleenkit.transforms",
