@@ -552,10 +552,7 @@ def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed")
         if isinstance(stored, str):
             return get_preset(stored)
         if isinstance(stored, dict) and stored.get("name"):
-            from spleenkit.presets import _FIELDS
-
-            overrides = {k: v for k, v in stored.items() if k in _FIELDS and k not in ("name", "description", "extra")}
-            return get_preset(stored["name"]).replace(**overrides)
+            return Preset.from_dict(stored)
     except BadInputError as error:
         log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
     return get_preset(fallback)

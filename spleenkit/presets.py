@@ -74,6 +74,15 @@ class Preset:
         """The preset as JSON-friendly data (for manifests and notebook tables)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preset:
+        """The preset :meth:`to_dict` wrote (a run manifest's ``parameters.preset``): the named preset with the
+        stored settings applied. A setting this version does not know is an error naming it."""
+        if not isinstance(data, dict) or not data.get("name"):
+            raise BadInputError(f"a stored preset needs a name and its settings, not {data!r:.80}")
+        settings = {key: value for key, value in data.items() if key not in ("name", "description", "extra")}
+        return get_preset(data["name"]).replace(**settings)
+
 
 _FIELDS = {f.name for f in dataclasses.fields(Preset)}
 _TUPLE_FIELDS = {"spacing", "intensity_range", "patch_size", "channels", "strides", "validation_roi_size"}
