@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from spleenkit.errors import BadInputError
 
@@ -104,3 +105,71 @@ def describe_device(device: torch.device) -> dict[str, object]:
     else:
         info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return info
+
+
+# --------------------------------------------------------------------------- precision
+#: CPU flags (Linux /proc/cpuinfo) that mean bfloat16 arithmetic in hardware.
+NATIVE_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def _native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
+    """Whether this CPU has bfloat16 in hardware, and a one-word label for it (AVX512_BF16, AVX2 ...)."""
+    import torch
+
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as stream:
+            flags = next((set(line.partition(":")[2].split()) for line in stream
+                          if line.partition(":")[0].strip() in {"flags", "Features"}), set())
+    except OSError:
+        flags = set()
+    for flag in NATIVE_BFLOAT16_FLAGS:
+        if flag in flags:
+            return True, flag.upper()
+    return False, str(torch.backends.cpu.get_cpu_capability())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a step runs in: ``dtype`` for autocast (None: float32), the ``capability`` it was
+    chosen for, and ``reason``, one line a user can read."""
+
+    dtype: Any  # torch.dtype | None
+    reason: str
+    capability: str
+
+    @property
+    def enabled(self) -> bool:
+        """True when autocast is on (float16 or bfloat16)."""
+        return self.dtype is not None
+
+    @property
+    def name(self) -> str:
+        """float32, bfloat16 or float16."""
+        return "float32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
+def choose_precision(device: torch.device | str, requested: bool | None = None, *,
+                     purpose: str = "training") -> Precision:
+    """The precision for ``purpose`` ("training" or "inference") on ``device``.
+
+    ``requested`` None: the fastest correct choice (float16 on CUDA; on a CPU bfloat16 for training only
+    where the CPU has it natively, float32 for inference); True forces mixed precision; False is float32.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if requested is False:
+            return Precision(None, "mixed precision turned off: float32", "cuda")
+        return Precision(torch.float16, "CUDA: float16 autocast with a gradient scaler", "cuda")
+    native, label = _native_bfloat16()
+    if requested is False:
+        return Precision(None, "mixed precision turned off: float32", label)
+    if requested is True:
+        speed = "native on this CPU" if native else "this CPU has no native bfloat16: slower than float32 here"
+        return Precision(torch.bfloat16, f"bfloat16 as asked ({speed}, {label})", label)
+    if purpose == "inference":
+        return Precision(None, "float32 on a CPU: the bundle's exact masks", label)
+    if not native:
+        return Precision(None, f"this CPU has no native bfloat16 ({label}): float32, which is faster here", label)
+    return Precision(torch.bfloat16, f"this CPU has native bfloat16 ({label}): bfloat16 autocast", label)
