@@ -41,6 +41,7 @@ SURFACE: dict[str, str] = {
     "split_datalist": "spleenkit.data",
     "write_synthetic_dataset": "spleenkit.data",
     # devices and precision
+    "choose_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
@@ -51,16 +52,21 @@ SURFACE: dict[str, str] = {
     "colab_setup": "spleenkit.environment",
     "environment_report": "spleenkit.environment",
     "is_interactive": "spleenkit.environment",
+    "notebook_model": "spleenkit.environment",
+    "stand_in_banner": "spleenkit.environment",
     # evaluation
     "case_name": "spleenkit.evaluation",
     "compare_mask_files": "spleenkit.evaluation",
     "evaluate_run": "spleenkit.evaluation",
     "format_summary": "spleenkit.evaluation",
+    "inference_network": "spleenkit.evaluation",
     "keep_largest_component": "spleenkit.evaluation",
     "label_round_trip": "spleenkit.evaluation",
     "make_inferer": "spleenkit.evaluation",
     "mask_metrics": "spleenkit.evaluation",
+    "postprocessing": "spleenkit.evaluation",
     "predict_logits": "spleenkit.evaluation",
+    "read_rows_csv": "spleenkit.evaluation",
     "read_binary_mask": "spleenkit.evaluation",
     "run_preset": "spleenkit.evaluation",
     "select_cases": "spleenkit.evaluation",
@@ -70,6 +76,7 @@ SURFACE: dict[str, str] = {
     "SpleenkitError": "spleenkit.errors",
     # exercises
     "check": "spleenkit.exercises",
+    "sliding_window_count": "spleenkit.exercises",
     # export
     "TOLERANCE": "spleenkit.export",
     "export_model": "spleenkit.export",
