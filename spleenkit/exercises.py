@@ -472,8 +472,7 @@ def _cases_per_rank(answer: Any, per_rank: int, total: int, processes: int) -> s
 @exercise("05-metric-means", "score every case with MONAI's metric objects",
           "Set my_means = (mean Dice, mean HD95 in mm): one DiceMetric and one HausdorffDistanceMetric, called once "
           "per case on one-hot (batch, class, x, y, z) tensors, then .aggregate().")
-def _metric_means(answer: Any, predictions: dict[str, Any], labels: dict[str, Any],
-                  summary: dict[str, Any]) -> str:
+def _metric_means(answer: Any, predictions: dict[str, Any], cases: dict[str, Any], summary: dict[str, Any]) -> str:
     try:
         dice, hd95 = (_number(value, "a number") for value in answer)
     except (TypeError, ValueError) as error:
@@ -489,7 +488,7 @@ def _metric_means(answer: Any, predictions: dict[str, Any], labels: dict[str, An
         if "resampled" in summary and _close(dice, summary["resampled"]["dice"]["mean"], relative=1e-4):
             raise Hint("that is the resampled-space mean; score the saved predictions (on the original grid) "
                        "against the label files.")
-        with_background = [(_dice(p, r) + _dice(~p, ~r)) / 2 for p, r in _mask_pairs(predictions, labels)]
+        with_background = [(_dice(p, r) + _dice(~p, ~r)) / 2 for p, r in _mask_pairs(predictions, cases)]
         if _close(dice, float(np.mean(with_background)), relative=1e-4):
             raise Hint("your Dice averages the background channel in (almost 1 everywhere): "
                        "DiceMetric(include_background=False).")
@@ -499,7 +498,7 @@ def _metric_means(answer: Any, predictions: dict[str, Any], labels: dict[str, An
         raise Hint("that is the plain Hausdorff distance (the maximum): HausdorffDistanceMetric(percentile=95).")
     from spleenkit.evaluation import mask_metrics
 
-    in_voxels = [mask_metrics(p, r, (1.0,) * p.ndim)["hd95_mm"] for p, r in _mask_pairs(predictions, labels)]
+    in_voxels = [mask_metrics(p, r, (1.0,) * p.ndim)["hd95_mm"] for p, r in _mask_pairs(predictions, cases)]
     if None not in in_voxels and _close(hd95, float(np.mean(in_voxels)), relative=1e-4):
         raise Hint("that HD95 is in voxels: pass the voxel size in mm, "
                    "metric(y_pred=..., y=..., spacing=label.pixdim.tolist()).")
@@ -512,9 +511,11 @@ def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (prediction & reference).sum() / total)
 
 
-def _mask_pairs(predictions: dict[str, Any], labels: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, label) masks per case; ``cases`` maps a case to its label file or to its datalist item."""
     from spleenkit.evaluation import read_binary_mask
 
+    labels = {name: case["label"] if isinstance(case, dict) else case for name, case in cases.items()}
     return [(read_binary_mask(predictions[name])[0], read_binary_mask(labels[name])[0]) for name in labels]
 
 

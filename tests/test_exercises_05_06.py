@@ -3,6 +3,9 @@ with a hint that names the slip, on a student stub and on the typical mistakes."
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -42,7 +45,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
             nib.save(nib.Nifti1Image(array, affine), paths[name])
         rows.append({"case": name, "space": "original", **mask_metrics(prediction, label, SPACING)})
         rows.append({"case": name, "space": "resampled", **mask_metrics(label, label, SPACING)})
-    return {"predictions": predictions, "labels": labels, "summary": summarise(rows)}
+    return {"predictions": predictions, "cases": labels, "summary": summarise(rows)}
 
 
 def metric_means(scored: dict, include_background: bool = False, percentile: float | None = 95,
@@ -54,7 +57,7 @@ def metric_means(scored: dict, include_background: bool = False, percentile: flo
     load, one_hot = LoadImage(ensure_channel_first=True), AsDiscrete(to_onehot=2)
     dice = DiceMetric(include_background=include_background, reduction="mean")
     hd95 = HausdorffDistanceMetric(include_background=False, percentile=percentile, reduction="mean")
-    for name, label_path in scored["labels"].items():
+    for name, label_path in scored["cases"].items():
         predicted, truth = load(scored["predictions"][name]), load(label_path)
         dice(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None])
         hd95(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None],
@@ -175,3 +178,15 @@ def test_windows_of_an_msd_sized_scan() -> None:
     verdict = check("06-windows", 50, image_shape=shape, roi_size=roi, overlap=0.5)
     assert verdict and "32 at overlap 0.25" in verdict.message  # 1.6x, not 4x
     assert not check("06-windows", 4 * 32, image_shape=shape, roi_size=roi, overlap=0.5)
+
+
+def test_notebook_06_counts_the_windows_it_talks_about() -> None:
+    import nbformat
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "06_inference_visualization.ipynb"
+    cells = nbformat.read(path, as_version=4).cells
+    text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    code = "\n".join(cell.source for cell in cells if cell.cell_type == "code" and "solution" not in cell.metadata.get(
+        "tags", []))
+    assert not re.search(r"~\s*\d+(\.\d+)?\s*x the windows", text), "a window ratio depends on the scan: count it"
+    assert "sliding_window_count(ct_resampled.shape[1:]" in code

@@ -54,3 +54,18 @@ def test_on_colab_the_banner_says_why_and_points_at_drive(monkeypatch: pytest.Mo
 
 def test_notebooks_reach_both_through_the_package_root() -> None:
     assert spleenkit.notebook_model is notebook_model and spleenkit.stand_in_banner is stand_in_banner
+
+
+def notebook_code(name: str) -> str:
+    import nbformat
+
+    cells = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / name, as_version=4).cells
+    return "\n".join(cell.source for cell in cells if cell.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", ["05_evaluation.ipynb", "06_inference_visualization.ipynb"])
+def test_notebooks_05_and_06_show_the_banner_as_markdown(name: str) -> None:
+    code = notebook_code(name)
+    assert "notebook_model(runs_dir, run_name, data_dir" in code
+    assert "display(Markdown(model.banner))" in code, "a stand-in is announced in rendered Markdown, not printed"
+    assert "train(data_dir, run_dir" not in code, "no notebook trains a stand-in into 03's run folder"
