@@ -42,6 +42,7 @@ SURFACE: dict[str, str] = {
     "write_synthetic_dataset": "spleenkit.data",
     # devices and precision
     "choose_precision": "spleenkit.devices",
+    "describe_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
@@ -66,8 +67,8 @@ SURFACE: dict[str, str] = {
     "mask_metrics": "spleenkit.evaluation",
     "postprocessing": "spleenkit.evaluation",
     "predict_logits": "spleenkit.evaluation",
-    "read_rows_csv": "spleenkit.evaluation",
     "read_binary_mask": "spleenkit.evaluation",
+    "read_rows_csv": "spleenkit.evaluation",
     "run_preset": "spleenkit.evaluation",
     "select_cases": "spleenkit.evaluation",
     "voxel_spacing": "spleenkit.evaluation",
