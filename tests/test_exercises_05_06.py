@@ -190,3 +190,18 @@ def test_notebook_06_counts_the_windows_it_talks_about() -> None:
         "tags", []))
     assert not re.search(r"~\s*\d+(\.\d+)?\s*x the windows", text), "a window ratio depends on the scan: count it"
     assert "sliding_window_count(ct_resampled.shape[1:]" in code
+
+
+def test_spot_the_flip_on_the_real_ct(example_ct_dir: Path) -> None:
+    ct = nib.load(example_ct_dir / "ct.nii.gz")
+    spleen = np.asanyarray(nib.load(example_ct_dir / "spleen_a.nii.gz").dataobj)
+    mystery = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)  # voxels reversed, header kept
+    assert check("06-header-lies", True, image=mystery, mask=spleen[::-1]).status == "correct"
+    verdict = check("06-header-lies", False, image=mystery, mask=spleen[::-1])  # the typical slip: trust the header
+    assert verdict.status == "wrong" and "orientation_warnings" in verdict.message
+    assert check("06-header-lies", None, image=mystery, mask=spleen[::-1]).status == "unanswered"
+    assert "True or False" in check("06-header-lies", "yes", image=mystery, mask=spleen[::-1]).message
+    reverse_first_axis = np.diag([-1.0, 1, 1, 1])
+    reverse_first_axis[0, 3] = ct.shape[0] - 1  # voxel i of the copy is voxel n-1-i of the original
+    honest = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine @ reverse_first_axis)
+    assert check("06-header-lies", False, image=honest, mask=spleen[::-1]).status == "correct"
