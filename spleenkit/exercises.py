@@ -469,24 +469,78 @@ def _cases_per_rank(answer: Any, per_rank: int, total: int, processes: int) -> s
 
 
 # --------------------------------------------------------------------------- 05 evaluation
-@exercise("05-dice", "Dice by hand", "Set my_dice: Dice = 2·|A∩B| / (|A| + |B|), from the two boolean arrays.")
-def _dice(answer: Any, prediction: Any, reference: Any, reported: float | None = None) -> str:
-    import torch
-    from monai.metrics import compute_dice
+@exercise("05-metric-means", "score every case with MONAI's metric objects",
+          "Set my_means = (mean Dice, mean HD95 in mm): one DiceMetric and one HausdorffDistanceMetric, called once "
+          "per case on one-hot (batch, class, x, y, z) tensors, then .aggregate().")
+def _metric_means(answer: Any, predictions: dict[str, Any], cases: dict[str, Any], summary: dict[str, Any]) -> str:
+    try:
+        dice, hd95 = (_number(value, "a number") for value in answer)
+    except (TypeError, ValueError) as error:
+        raise Hint(f"expected two numbers (mean Dice, mean HD95 in mm), got {_short(answer)}") from error
+    original = summary["original"]
+    expected_dice, expected_hd95 = original["dice"]["mean"], original["hd95_mm"]["mean"]
+    dice_right = _close(dice, expected_dice, relative=1e-4, absolute=1e-6)
+    hd95_right = _close(hd95, expected_hd95, relative=1e-4, absolute=1e-4)
+    if dice_right and hd95_right:
+        return (f"mean Dice {expected_dice:.4f}, mean HD95 {expected_hd95:.2f} mm over {original['cases']} cases: "
+                "the numbers evaluate_run wrote to summary.json, computed by MONAI's metric objects.")
+    if not dice_right:
+        if "resampled" in summary and _close(dice, summary["resampled"]["dice"]["mean"], relative=1e-4):
+            raise Hint("that is the resampled-space mean; score the saved predictions (on the original grid) "
+                       "against the label files.")
+        with_background = [(_dice(p, r) + _dice(~p, ~r)) / 2 for p, r in _mask_pairs(predictions, cases)]
+        if _close(dice, float(np.mean(with_background)), relative=1e-4):
+            raise Hint("your Dice averages the background channel in (almost 1 everywhere): "
+                       "DiceMetric(include_background=False).")
+        raise Hint(f"mean Dice {dice:.4f}. Call the metric once per case with one-hot tensors of shape "
+                   "(1, 2, x, y, z) (AsDiscrete(to_onehot=2), then [None]), then aggregate().")
+    if _close(hd95, original["hd_mm"]["mean"], relative=1e-4):
+        raise Hint("that is the plain Hausdorff distance (the maximum): HausdorffDistanceMetric(percentile=95).")
+    from spleenkit.evaluation import mask_metrics
 
-    value = _number(answer, "a Dice coefficient between 0 and 1")
-    pred, ref = _mask(prediction), _mask(reference)
-    monai_dice = float(compute_dice(torch.from_numpy(pred[None, None]).float(),
-                                    torch.from_numpy(ref[None, None]).float(), include_background=True)[0, 0])
-    if _close(value, monai_dice, absolute=1e-4):
-        also = "" if reported is None else f"; the evaluation reported {reported:.4f}"
-        return f"Dice = {monai_dice:.4f}, the same as MONAI's compute_dice (what DiceMetric averages){also}."
-    union = (pred | ref).sum()
-    if union and _close(value, (pred & ref).sum() / union, absolute=1e-4):
-        raise Hint("that is the Jaccard index (IoU): intersection over union. Dice divides twice the intersection "
-                   "by the sum of the two sizes.")
-    raise Hint(f"{value:.4f}. Count the voxels in both masks (&), double it, and divide by the sum of the two "
-               "masks' voxel counts.")
+    in_voxels = [mask_metrics(p, r, (1.0,) * p.ndim)["hd95_mm"] for p, r in _mask_pairs(predictions, cases)]
+    if None not in in_voxels and _close(hd95, float(np.mean(in_voxels)), relative=1e-4):
+        raise Hint("that HD95 is in voxels: pass the voxel size in mm, "
+                   "metric(y_pred=..., y=..., spacing=label.pixdim.tolist()).")
+    raise Hint(f"mean HD95 {hd95:.2f}. HausdorffDistanceMetric(include_background=False, percentile=95), called "
+               "with spacing= the label's voxel size in mm.")
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    total = prediction.sum() + reference.sum()
+    return 1.0 if total == 0 else float(2 * (prediction & reference).sum() / total)
+
+
+def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, label) masks per case; ``cases`` maps a case to its label file or to its datalist item."""
+    from spleenkit.evaluation import read_binary_mask
+
+    labels = {name: case["label"] if isinstance(case, dict) else case for name, case in cases.items()}
+    return [(read_binary_mask(predictions[name])[0], read_binary_mask(labels[name])[0]) for name in labels]
+
+
+@exercise("05-largest-component", "post-processing with the largest component",
+          "Set my_postprocess to a Compose: softmax, back onto the image's grid with Invertd, argmax, then "
+          "KeepLargestConnectedComponentd.")
+def _largest_component_chain(answer: Any, preprocessing: Any) -> str:
+    from spleenkit.compare import compare_transforms
+    from spleenkit.evaluation import postprocessing
+
+    if not hasattr(answer, "transforms") and not isinstance(answer, (list, tuple)):
+        raise Hint(f"expected a Compose of transforms, got {_short(answer)}")
+    comparison = compare_transforms(answer, postprocessing(largest_component=True, invert=preprocessing))
+    if comparison:
+        return ("the same chain as evaluate_run(..., largest_component=True): the component is chosen on the 0/1 "
+                "mask on the image's own grid.")
+    steps = [type(step).__name__ for step in getattr(answer, "transforms", answer)]
+    if "KeepLargestConnectedComponentd" in steps and "AsDiscreted" in steps and \
+            steps.index("KeepLargestConnectedComponentd") < steps.index("AsDiscreted"):
+        raise Hint("keep the largest component of the 0/1 mask, after argmax (AsDiscreted): on probabilities "
+                   "every voxel is above 0, so it is all one component.")
+    if "nearest_interp" in comparison.difference:
+        raise Hint(f"{comparison.difference}: Invertd should interpolate the probabilities (nearest_interp=False) "
+                   "and decide after, as the bundle does; nearest neighbour is for labels.")
+    raise Hint(f"{comparison.difference}.")
 
 
 @exercise("05-volume-error", "the volume error in millilitres",
@@ -501,17 +555,6 @@ def _volume_error(answer: Any, prediction: Any, reference: Any, spacing: Sequenc
         raise Hint("the sign is reversed: prediction minus reference, so too much spleen is positive.")
     raise Hint(f"{value:.2f} mL. Subtract the reference's voxel count from the prediction's, multiply by one "
                "voxel's volume (the product of the three zooms), divide by 1000.")
-
-
-@exercise("05-report-space", "which number goes in the paper", "Set report_space to \"resampled\" or \"original\".")
-def _report_space(answer: Any, means: dict[str, float] | None = None) -> str:
-    if _choice(answer, ("resampled", "original")) != "original":
-        raise Hint("the resampled space compares against a label that was itself resampled; the original label "
-                   "file is the reference the dataset defines.")
-    if means:
-        return (f"mean Dice {means['resampled']:.4f} (resampled) vs {means['original']:.4f} (original): "
-                f"a difference of {means['original'] - means['resampled']:+.4f}.")
-    return "report the original-space numbers, against the label files the dataset defines."
 
 
 def sliding_window_count(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -568,18 +611,44 @@ def _header_lies(answer: Any, image: Any, mask: Any) -> str:
     return "voxels and affine changed together: the header still tells the truth."
 
 
-@exercise("06-mask-volume", "the volume from the file alone", "Set my_volume_ml to a volume in mL.")
-def _mask_volume(answer: Any, mask_image: Any, reported_ml: float | None = None) -> str:
-    value = _number(answer, "a volume in mL")
-    data = np.asanyarray(mask_image.dataobj)
-    expected = int((data > 0).sum()) * float(np.prod(mask_image.header.get_zooms()[:3])) / 1000
-    if not _close(value, expected, relative=1e-4, absolute=0.01):
-        raise Hint(f"{value:.2f} mL. Count the 1s in np.asanyarray(mask.dataobj), multiply by "
-                   "np.prod(mask.header.get_zooms()), divide by 1000.")
-    same = "" if reported_ml is None else (
-        ", as infer reported" if _close(expected, reported_ml, relative=1e-3, absolute=0.01)
-        else f"; infer reported {reported_ml:.2f} mL")
-    return f"{expected:.2f} mL{same}."
+@exercise("06-sliding-window", "the sliding-window call",
+          "Set my_logits: sliding_window_inference(inputs=slab[None], roi_size=..., sw_batch_size=..., "
+          "predictor=network, overlap=..., mode=...)[0], under torch.no_grad().")
+def _sliding_window(answer: Any, image: Any, network: Any, preset: Any, device: Any = "cpu") -> str:
+    import torch
+
+    from spleenkit.evaluation import make_inferer, predict_logits
+
+    logits = torch.as_tensor(answer.detach() if hasattr(answer, "detach") else answer).float().cpu()
+    expected = predict_logits(network, image, make_inferer(preset, device=device), device, amp=False).cpu()
+    if logits.ndim == expected.ndim + 1 and logits.shape[0] == 1 and logits.shape[1:] == expected.shape:
+        raise Hint("that still has the batch axis: the call returns (1, 2, x, y, z); take [0].")
+    if tuple(logits.shape) != tuple(expected.shape):
+        raise Hint(f"shape {tuple(logits.shape)}, expected {tuple(expected.shape)}: give the call slab[None] "
+                   "(a batch of one) and take [0] of its output.")
+    if torch.allclose(logits, expected, rtol=1e-4, atol=1e-4):
+        return ("the kit's logits (make_inferer + predict_logits), as infer and the bundle's inference.json "
+                "compute them. sw_batch_size changes only speed and memory, never the result.")
+    if torch.allclose(logits, torch.softmax(expected, 0), rtol=1e-4, atol=1e-4):
+        raise Hint("those are probabilities: the check wants the network's raw output (logits), before softmax.")
+    window = {"roi_size": tuple(preset.validation_roi_size), "overlap": preset.sliding_window_overlap,
+              "mode": "constant"}
+    mistakes = [("overlap", {"overlap": 0.25}, "overlap 0.25 (sliding_window_inference's default)"),
+                ("overlap", {"overlap": 0.0}, "no overlap"),
+                ("mode", {"mode": "gaussian"}, "gaussian blending"),
+                ("roi_size", {"roi_size": (96, 96, 96)}, "the seed recipe's 96-voxel window")]
+    for setting, change, words in mistakes:
+        if change[setting] == window[setting]:
+            continue
+        from monai.inferers import sliding_window_inference
+
+        with torch.no_grad():
+            candidate = sliding_window_inference(image[None].to(device), predictor=network, sw_batch_size=1,
+                                                 **{**window, **change})[0].float().cpu()
+        if torch.allclose(logits, candidate, rtol=1e-4, atol=1e-4):
+            raise Hint(f"those logits come from {words}; the recipe's {setting} is {window[setting]!r}.")
+    raise Hint(f"your logits differ from the kit's by up to {float((logits - expected).abs().max()):.3g}. Use "
+               f"roi_size={window['roi_size']}, overlap={window['overlap']}, mode='constant' and predictor=network.")
 
 
 @exercise("06-windows", "how many windows", "Set my_windows to the number of windows, a whole number.")

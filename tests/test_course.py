@@ -153,15 +153,6 @@ def test_preprocessing_checkers_catch_the_usual_slips() -> None:
     assert "4 bytes" in check("02-cache-gib", expected / 8, **cache).message
 
 
-def test_dice_by_hand_is_compared_with_monai() -> None:
-    prediction = np.zeros((8, 8, 8), bool)
-    reference = np.zeros((8, 8, 8), bool)
-    prediction[:4] = True  # 256 voxels
-    reference[2:6] = True  # 256 voxels, 128 shared
-    assert check("05-dice", 0.5, prediction=prediction, reference=reference)
-    assert "Jaccard" in check("05-dice", 128 / 384, prediction=prediction, reference=reference).message
-
-
 def test_volume_error_sign() -> None:
     prediction = np.ones((10, 10, 10), bool)
     reference = np.zeros((10, 10, 10), bool)
