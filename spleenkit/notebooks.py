@@ -219,6 +219,7 @@ class NotebookResult:
     output: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    peak_mib: float | None = None  # the kernel's process tree at its largest (None: not measured here)
 
 
 @dataclass
@@ -305,6 +306,8 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     """
     import papermill
 
+    from spleenkit.environment import PeakMemory
+
     repo = Path(repo).resolve() if repo else find_repo()
     settings = load_profile(profile, repo)
     notebook_dir = repo / "notebooks"
@@ -332,11 +335,13 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
             output = out / notebook.name
             log.info("running %s with %s", notebook.name, parameters or "its defaults")
             tick = time.perf_counter()
+            memory = PeakMemory(include_root=False)  # the kernel and what it starts (torchrun), not the runner
             try:
-                papermill.execute_notebook(
-                    str(notebook), str(output), parameters=parameters, cwd=str(notebook_dir), kernel_name=name,
-                    progress_bar=False, log_output=log_output, execution_timeout=settings["execution_timeout"],
-                )
+                with memory:
+                    papermill.execute_notebook(
+                        str(notebook), str(output), parameters=parameters, cwd=str(notebook_dir), kernel_name=name,
+                        progress_bar=False, log_output=log_output, execution_timeout=settings["execution_timeout"],
+                    )
                 result.status = "ok"
             except Exception as error:  # noqa: BLE001 - any failure is reported per notebook, not raised mid-run
                 result.status = "failed"
@@ -344,8 +349,10 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 failed = True
                 log.error("%s failed (%s: %s)", notebook.name, type(error).__name__, getattr(error, "ename", ""))
             result.seconds = round(time.perf_counter() - tick, 1)
+            result.peak_mib = memory.peak_mib
             result.output = str(output) if output.exists() else None
-            log.info("%s: %s in %.1f s", notebook.name, result.status, result.seconds)
+            log.info("%s: %s in %.1f s, peak memory %s MiB", notebook.name, result.status, result.seconds,
+                     result.peak_mib)
     summary.seconds = time.perf_counter() - started
     write_summary(summary)
     return summary
@@ -366,11 +373,18 @@ def write_summary(summary: RunSummary) -> Path:
 
 
 def format_table(results: Sequence[NotebookResult]) -> str:
-    """A plain-text table of notebook / status / seconds, with a total line."""
+    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak)."""
     width = max([len("notebook"), *(len(r.notebook) for r in results)])
-    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}", f"{'-' * width}  {'-' * 8}  {'-' * 8}"]
-    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}" for r in results]
-    lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}")
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    peaks = [r.peak_mib for r in results if r.peak_mib is not None]
+    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}",
+             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}"]
+    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}" for r in results]
+    lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}  "
+                 f"{mib(max(peaks) if peaks else None):>8}")
     return "\n".join(lines)
 
 

@@ -293,20 +293,72 @@ def test_student_copies_never_overwrite_work_or_the_instructor_copies(tmp_path: 
 
 
 # --------------------------------------------------------------------------- Colab
-def test_colab_setup_works_in_its_own_folder_and_says_when_there_is_no_gpu(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert colab_setup(str(tmp_path / "workspace")) is False and Path.cwd() == tmp_path  # not Colab: nothing
-    calls = []
+def _stand_in_colab(monkeypatch: pytest.MonkeyPatch, mount: object) -> list[str]:
+    """A ``google.colab`` module as Colab has it: ``output`` (the widget manager) and ``drive`` (Google Drive)."""
+    calls: list[str] = []
     google, colab = types.ModuleType("google"), types.ModuleType("google.colab")
     colab.output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("widgets"))
+    colab.drive = types.SimpleNamespace(mount=lambda folder: calls.append("drive") or mount(folder))
     monkeypatch.setitem(sys.modules, "google", google)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
+    return calls
+
+
+def _colab_drive(folder: str) -> None:
+    Path(folder, "MyDrive").mkdir(parents=True, exist_ok=True)  # what Colab's mount shows: "My Drive"
+
+
+@pytest.fixture
+def quiet_progress() -> object:
+    """colab_setup turns on the notebook's progress lines: take the handler off again after the test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), logging.getLogger("spleenkit").level
+    yield
+    root.handlers[:] = handlers
+    logging.getLogger("spleenkit").setLevel(level)
+
+
+def test_colab_keeps_data_and_runs_on_google_drive_by_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, quiet_progress: object
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    off_colab = colab_setup(str(tmp_path / "workspace"), mount_point=str(tmp_path / "drive"))
+    assert not off_colab and off_colab.workspace is None and Path.cwd() == tmp_path  # not Colab: nothing
+    assert not (tmp_path / "drive").exists()
+    calls = _stand_in_colab(monkeypatch, _colab_drive)
     with caplog.at_level("INFO", logger="spleenkit.environment"):
-        assert colab_setup(str(tmp_path / "workspace")) is True
-    assert Path.cwd() == tmp_path / "workspace" / "notebooks"  # so ../data and ../runs land in the workspace
-    assert calls == ["widgets"]
+        setup = colab_setup(str(tmp_path / "workspace"), mount_point=str(tmp_path / "drive"))
+    course = tmp_path / "drive" / "MyDrive" / "spleenkit"
+    assert setup and setup.drive and setup.workspace == str(course)
+    # every notebook's ../data and ../runs land in one Drive folder: 05 and 06, each in its own runtime, find 03's model
+    assert Path.cwd() == course / "notebooks"
+    assert (setup.data_dir, setup.runs_dir) == (str(course / "data"), str(course / "runs"))
+    assert Path("../runs").resolve() == course / "runs"
+    assert calls == ["drive", "widgets"]
+    assert f"data in {course / 'data'} and runs in {course / 'runs'} (on Google Drive" in caplog.text
     assert "Change runtime type > GPU" in caplog.text  # this machine has no GPU
+
+
+def test_colab_without_drive_or_when_drive_is_refused_works_in_the_runtime(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, quiet_progress: object
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    calls = _stand_in_colab(monkeypatch, _colab_drive)
+    setup = colab_setup(str(tmp_path / "workspace"), drive=False, mount_point=str(tmp_path / "drive"))
+    assert setup and not setup.drive and calls == ["widgets"]
+    assert Path.cwd() == tmp_path / "workspace" / "notebooks"  # so ../data and ../runs land in the workspace
+
+    def refuse(folder: str) -> None:
+        raise ValueError("mount failed")
+
+    _stand_in_colab(monkeypatch, refuse)
+    with caplog.at_level("WARNING", logger="spleenkit.environment"):
+        setup = colab_setup(str(tmp_path / "elsewhere"), mount_point=str(tmp_path / "drive"))
+    assert setup and not setup.drive and Path.cwd() == tmp_path / "elsewhere" / "notebooks"
+    assert "Google Drive could not be mounted (ValueError: mount failed)" in caplog.text
+    assert "lost when it ends" in caplog.text
 
 
 # --------------------------------------------------------------------------- the course check, end to end (tiny)
