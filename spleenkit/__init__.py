@@ -51,6 +51,7 @@ SURFACE: dict[str, str] = {
     "colab_setup": "spleenkit.environment",
     "environment_report": "spleenkit.environment",
     "is_interactive": "spleenkit.environment",
+    "show_progress": "spleenkit.environment",
     # evaluation
     "case_name": "spleenkit.evaluation",
     "compare_mask_files": "spleenkit.evaluation",
@@ -123,6 +124,7 @@ SURFACE: dict[str, str] = {
     "montage": "spleenkit.visualization",
     "per_case_metrics": "spleenkit.visualization",
     "show_3d": "spleenkit.visualization",
+    "slice_viewer": "spleenkit.visualization",
     "three_plane": "spleenkit.visualization",
     "training_curves": "spleenkit.visualization",
     "transform_steps": "spleenkit.visualization",
