@@ -52,20 +52,21 @@ GITHUB_REPOSITORY = "spleenkit/spleenkit"
 GITHUB_REF = f"v{__version__}"
 
 
-def colab_url(notebook: str) -> str:
-    """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``)."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/notebooks/{notebook}"
+def colab_url(notebook: str, folder: str = "notebooks") -> str:
+    """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``) in a folder of the repository."""
+    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/{folder}/{notebook}"
 
 
-def binder_url(notebook: str) -> str:
-    """The Binder address that opens a notebook file name in JupyterLab."""
-    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath=notebooks%2F{notebook}"
+def binder_url(notebook: str, folder: str = "notebooks") -> str:
+    """The Binder address that opens a notebook file name (in a folder of the repository) in JupyterLab."""
+    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath={folder}%2F{notebook}"
 
 
-def badges_markdown(notebook: str) -> str:
-    """The Colab and Binder badges for the first cell of a notebook."""
-    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(notebook)}) "
-            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook)})")
+def badges_markdown(notebook: str, folder: str = "notebooks") -> str:
+    """The Colab and Binder badges for the first cell of a notebook (``folder="student"`` for a student copy)."""
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"({colab_url(notebook, folder)}) "
+            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder)})")
 
 
 def setup_cell_source() -> str:
