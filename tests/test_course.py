@@ -426,3 +426,30 @@ def test_a_student_copy_runs_to_the_end_with_hints(tmp_path: Path) -> None:
     shown = "\n".join(output.get("text", "") or output.get("data", {}).get("text/plain", "") for output in outputs)
     assert shown.count("not answered yet") == 2 and "the lesson goes on" in shown
     assert not [output for output in outputs if output.output_type == "error"]
+
+
+# --------------------------------------------------------------------------- the troubleshooting page
+TROUBLES = {  # section heading -> (words the kit prints, the file that prints them): the page quotes the real thing
+    "The cache does not fit in memory": ("the cache may not fit in memory; lower the cache rate", "training.py"),
+    "bfloat16 on a CPU: the fallback warning and the float32 message": ("bfloat16 Conv3d gradients are wrong",
+                                                                       "training.py"),
+    '"not a synthetic dataset made by spleenkit"': ("not a synthetic dataset made by spleenkit",
+                                                    "data/synthetic.py"),
+    "No GPU on Colab": ("for full-scale training choose Runtime > Change runtime type > GPU", "environment.py"),
+    "A stand-in model was trained": ("does not exist (notebook 03 not run): training a stand-in",
+                                     "../notebooks/05_evaluation.ipynb"),
+    "Everything is slow on my CPU": (None, None),
+    "The orientation warning on MSD headers": ("MONAI model-zoo issue 766", "inference.py"),
+}
+
+
+def test_the_troubleshooting_page_answers_each_trap_with_the_message_the_kit_prints() -> None:
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    for heading, (words, where) in TROUBLES.items():
+        assert f"\n## {heading}\n" in page, f"docs/troubleshooting.md lacks the section {heading!r}"
+        anchor = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        assert f"](#{anchor})" in page, f"the contents do not link {heading!r}"
+        if words:
+            section = page.split(f"\n## {heading}\n")[1].split("\n## ")[0]
+            assert words in section, f"{heading!r} does not quote {words!r}"
+            assert words in (REPO / "spleenkit" / where).read_text(), f"{where} no longer prints {words!r}"
