@@ -70,13 +70,15 @@ def badges_markdown(notebook: str, folder: str = "notebooks") -> str:
 
 
 def setup_cell_source() -> str:
-    """The setup cell every notebook starts with: install the kit only on Colab, then :func:`colab_setup`."""
+    """The setup cell every notebook starts with: install the kit only on Colab, show the kit's progress lines
+    (:func:`~spleenkit.environment.show_progress`), then :func:`~spleenkit.environment.colab_setup`."""
     return (
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
         f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
-        "from spleenkit.environment import colab_setup\n\n"
+        "from spleenkit import colab_setup, show_progress\n\n"
+        "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"
     )
 
