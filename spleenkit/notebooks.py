@@ -305,7 +305,9 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
 
     ``overrides`` replace shared profile values (e.g. ``data_dir``) for the notebooks that declare
     them. After a failure the later notebooks are "not run" (they read earlier run folders) unless
-    ``keep_going``. ``kernel_name`` None means a kernel running this Python.
+    ``keep_going``. ``kernel_name`` None means a kernel running this Python. Each notebook's peak memory
+    (its kernel and every process the kernel starts, see :class:`~spleenkit.environment.PeakMemory`) is
+    recorded as ``peak_mib``: the figure to hold against a memory limit such as Binder's 2 GiB.
     """
     import papermill
 
