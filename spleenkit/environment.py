@@ -1,4 +1,5 @@
-"""What the kit runs on: versions, device, cores, memory, GPUs, and whether this is Colab or a live session."""
+"""What the kit runs on: versions, device, cores, memory, GPUs, whether this is Colab or a live session;
+the setup every notebook does (Colab and Google Drive, progress lines); and the memory of a process tree."""
 
 from __future__ import annotations
 

@@ -87,3 +87,25 @@ def test_run_command_stops_a_command_that_overruns(tmp_path: Path, monkeypatch: 
     _stand_in(monkeypatch, tmp_path / "never", 0)
     with pytest.raises(SpleenkitError, match="took longer than 1 s"):
         run_command("train", bundle_dir=tmp_path, echo=False, timeout=1)
+
+
+@pytest.mark.notebooks
+def test_the_shared_setup_cell_makes_the_kits_lines_appear_under_a_cell_in_a_kernel(tmp_path: Path) -> None:
+    import nbformat
+    import papermill
+
+    from spleenkit.notebooks import setup_cell_source, this_python_kernel
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell(setup_cell_source()),
+                      nbformat.v4.new_code_cell('import logging\n\nlogging.getLogger("spleenkit.training").info('
+                                                '"epoch 1/2  loss 0.7")')]
+    nbformat.write(notebook, tmp_path / "lesson.ipynb")
+    with this_python_kernel() as kernel:
+        papermill.execute_notebook(str(tmp_path / "lesson.ipynb"), str(tmp_path / "out.ipynb"), kernel_name=kernel,
+                                   progress_bar=False)
+    cells = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
+    shown = [output for output in cells[1].outputs if output.output_type == "stream"]
+    assert [output.name for output in shown] == ["stdout"] and "epoch 1/2  loss 0.7" in shown[0].text
+    assert not cells[0].outputs  # off Colab the setup cell is silent
