@@ -249,6 +249,14 @@ def _status_kib(pid: int, keys: tuple[str, ...], proc: Path = PROC) -> dict[str,
     return values
 
 
+def _command_line(pid: int, proc: Path = PROC) -> bytes | None:
+    """The raw command line of a process (None when it is gone)."""
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 def _proportional_kib(pid: int, proc: Path = PROC) -> int | None:
     """The proportional set size (PSS) of a process in KiB: its own pages plus its share of pages it shares."""
     try:
@@ -266,11 +274,16 @@ def process_tree_memory_mib(root: int, include_root: bool = True, proc: Path = P
 
     PSS counts a page shared by several processes (PyTorch's libraries in torchrun's workers) once in
     all, as a memory limit (Binder's, a container's) does; each process's own peak (VmHWM) catches a
-    spike between two samples. Processes that end while being read are skipped.
+    spike between two samples. Processes that end while being read are skipped; without the root, so are
+    copies of it that have not yet turned into the program they start (a fork before its exec shows the
+    root's memory).
     """
     total = largest_peak = 0
+    root_command = None if include_root else _command_line(root, proc)
     for pid in process_tree(root, proc):
         if pid == root and not include_root:
+            continue
+        if root_command is not None and _command_line(pid, proc) == root_command:
             continue
         status = _status_kib(pid, ("VmRSS", "VmHWM"), proc)
         if not status:

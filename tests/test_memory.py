@@ -59,17 +59,19 @@ def _release(process: subprocess.Popen[str]) -> None:
 def test_a_child_and_a_grandchild_are_counted_and_the_measuring_process_is_not() -> None:
     with PeakMemory(include_root=False, interval_s=0.05) as idle:
         pass
-    assert idle.peak_mib == 0  # no children yet: this (large) test process itself is left out
-    with PeakMemory(include_root=False, interval_s=0.05) as memory:
-        holder = _hold(120)  # 120 MiB in the child, 120 MiB in the grandchild
-        try:
+    assert idle.peak_mib == 0  # no children: this (large) test process itself is left out
+    holder = _hold(120)  # 120 MiB in the child, 120 MiB in the grandchild
+    try:
+        # rooted at the child: a sample of this process's tree could also catch a fork of pytest before its exec
+        with PeakMemory(root=holder.pid, interval_s=0.05) as memory:
             tree = process_tree(holder.pid)
             assert len(tree) == 2 and tree[0] == holder.pid
             total, single = process_tree_memory_mib(holder.pid)
             assert 240 <= total < 240 + 2 * 60  # plus two small Python interpreters
             assert 120 <= single < 120 + 60
-        finally:
-            _release(holder)
+            assert 120 <= process_tree_memory_mib(holder.pid, include_root=False)[0] < 120 + 60  # the grandchild
+    finally:
+        _release(holder)
     assert 240 <= memory.peak_mib < 240 + 2 * 60
     assert memory.samples >= 2
 
@@ -88,6 +90,30 @@ def test_a_spike_between_two_samples_is_still_seen() -> None:
         assert memory.peak_mib is not None and memory.peak_mib >= 200
     finally:
         _release(child)
+
+
+@needs_proc
+def test_a_copy_of_the_measuring_process_before_its_exec_is_not_a_kernel() -> None:
+    # the runner starts each kernel with fork + exec: between the two the child shows the runner's own memory
+    import os
+    import time
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the copy: wait until measured, then leave without running pytest's clean-up
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        deadline = time.monotonic() + 10
+        while pid not in process_tree(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pid in process_tree(os.getpid())
+        assert process_tree_memory_mib(os.getpid(), include_root=False) == (0, 0)
+    finally:
+        os.close(write)
+        os.waitpid(pid, 0)
 
 
 def test_without_proc_nothing_is_measured(tmp_path: Path) -> None:
