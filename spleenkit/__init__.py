@@ -55,6 +55,7 @@ SURFACE: dict[str, str] = {
     "is_interactive": "spleenkit.environment",
     "notebook_model": "spleenkit.environment",
     "stand_in_banner": "spleenkit.environment",
+    "show_progress": "spleenkit.environment",
     # evaluation
     "case_name": "spleenkit.evaluation",
     "compare_mask_files": "spleenkit.evaluation",
@@ -132,6 +133,7 @@ SURFACE: dict[str, str] = {
     "montage": "spleenkit.visualization",
     "per_case_metrics": "spleenkit.visualization",
     "show_3d": "spleenkit.visualization",
+    "slice_viewer": "spleenkit.visualization",
     "three_plane": "spleenkit.visualization",
     "training_curves": "spleenkit.visualization",
     "transform_steps": "spleenkit.visualization",

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,28 +82,47 @@ def bundle_command(command: str, bundle_dir: str | os.PathLike[str] | None = Non
 
 def run_command(command: str, overrides: Mapping[str, Any] | None = None,
                 bundle_dir: str | os.PathLike[str] | None = None, processes: int = 2,
-                timeout: float | None = None) -> str:
+                timeout: float | None = None, echo: bool | Callable[[str], Any] = True) -> str:
     """Run one of the seed's commands in a new process from the bundle folder; return its output.
 
-    A failure raises :class:`~spleenkit.errors.SpleenkitError` with the command and the last lines
-    of its output (the notebooks and tests show the bundle working exactly as its users run it).
+    The output is streamed line by line while the command runs (``echo``: True writes each line to
+    ``sys.stdout``, so a notebook cell and papermill's log show it live, as with
+    :func:`~spleenkit.distributed.launch_torchrun`; a function receives each line; False stays silent).
+    A failure raises :class:`~spleenkit.errors.SpleenkitError` with the command and the last lines of
+    its output (the notebooks and tests show the bundle working exactly as its users run it); after
+    ``timeout`` seconds the command and every process it started are stopped.
     """
     import subprocess
+    import threading
 
+    from spleenkit.distributed import _read_lines, _stop
     from spleenkit.errors import SpleenkitError
 
     folder = Path(bundle_dir) if bundle_dir else bundle_source()
     args = bundle_command(command, overrides=overrides, processes=processes)
-    environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
+                   "PYTHONUNBUFFERED": "1"}  # lines as they are written, not when a buffer fills
     logger.info("running in %s: %s", folder, format_command(args))
+    process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, env=environment, start_new_session=True)
+    lines: list[str] = []
+    show = (lambda line: sys.stdout.write(line)) if echo is True else (echo or None)
+    reader = threading.Thread(target=_read_lines, args=(process, lines, show), daemon=True)
+    reader.start()
     try:
-        result = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=timeout, env=environment)
-    except subprocess.TimeoutExpired as error:
-        raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            _stop(process)
+            raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
+        reader.join(timeout=10)
+    except BaseException:  # an interrupted notebook cell takes the command (and torchrun's workers) down too
+        _stop(process)
+        raise
+    output = "".join(lines)
+    if process.returncode != 0:
         tail = "\n".join(output.splitlines()[-40:])
-        raise SpleenkitError(f"the bundle command failed (exit status {result.returncode}):\n"
+        raise SpleenkitError(f"the bundle command failed (exit status {process.returncode}):\n"
                              f"{format_command(args)}\n...\n{tail}")
     return output
 

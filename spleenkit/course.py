@@ -9,8 +9,10 @@ The numbered notebooks in ``notebooks/`` are the **instructor copies**. Each exe
 A **student copy** (:func:`build_student_copies`, ``spleenkit course student --out DIR``) is the same
 notebook with every solution cell replaced by a stub that sets the names the check cell reads to
 ``None`` (so the check says "not answered yet" instead of crashing, and the cells after it run),
-tagged ``answer`` instead of ``solution``, and with every output removed. Solutions are written
-once, in the instructor copy; nothing else needs to be kept in step.
+tagged ``answer`` instead of ``solution``, with every output removed, and with Colab and Binder
+badges that open the student copy. Solutions are written once, in the instructor copy; the student
+copies committed in ``student/`` are generated from them (``spleenkit course student --out student
+--force``), and a test fails when they are stale.
 
 :func:`check_course` (``spleenkit course check``) runs the instructor copies with the papermill
 runner, which sets strict mode and records every verdict, and reports each exercise's status.
@@ -38,6 +40,9 @@ EXERCISE_HEADING = re.compile(r"^#+\s*Exercise\b", re.MULTILINE)
 HEADING = re.compile(r"^#+\s", re.MULTILINE)
 CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](?P<id>[^"']+)["']""")
 MIN_EXERCISES, MAX_EXERCISES = 2, 4
+# The student copies committed in the repository: a folder beside notebooks/, so that the notebooks' relative
+# paths (../data, ../runs) mean the same, and the student copies' badges open them there.
+STUDENT_FOLDER = "student"
 
 
 @dataclass
@@ -219,9 +224,28 @@ def stub_source(names: Sequence[str]) -> str:
     return "\n".join([STUB_COMMENT, *(f"{name} = None" for name in names)])
 
 
-def student_notebook(notebook: Any) -> Any:
-    """A student copy of an instructor notebook: solution cells become stubs, and every output goes."""
+def student_badges(notebook: Any, name: str) -> bool:
+    """Point a notebook's Colab and Binder badges (``name`` is its file name) at the committed student copy.
+
+    The instructor copy's badges open ``notebooks/NAME``, which holds the solutions; a student copy's open
+    ``student/NAME``. Returns False when the notebook carries no badges to rewrite.
+    """
+    from spleenkit.notebooks import badges_markdown
+
+    instructor, student = badges_markdown(name), badges_markdown(name, folder=STUDENT_FOLDER)
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown" and instructor in cell.source:
+            cell.source = cell.source.replace(instructor, student)
+            return True
+    return False
+
+
+def student_notebook(notebook: Any, name: str | None = None) -> Any:
+    """A student copy of an instructor notebook: solution cells become stubs, and every output goes; with the
+    notebook's file ``name``, its badges open the student copy (:func:`student_badges`)."""
     student = copy.deepcopy(notebook)
+    if name is not None:
+        student_badges(student, name)
     for item in find_exercises(student):
         for index in item.solutions:
             cell = student.cells[index]
@@ -242,9 +266,10 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
                          only: Iterable[str | int] | None = None, force: bool = False) -> list[Path]:
     """Write student copies of the numbered notebooks into ``out_dir``; returns their paths.
 
-    The notebooks read ``../data`` and ``../runs``, so give a folder named like the repository's
-    ``notebooks/`` (``course/notebooks`` puts the data in ``course/data``). An existing copy is
-    not overwritten (it may hold a student's work) unless ``force``.
+    The notebooks read ``../data`` and ``../runs``, so give a folder one level below the data's parent
+    (``course/notebooks`` puts the data in ``course/data``; the repository's own student copies are in
+    ``student/``, regenerated with ``spleenkit course student --out student --force``). An existing copy
+    is not overwritten (it may hold a student's work) unless ``force``.
     """
     import nbformat
 
@@ -268,7 +293,7 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks:
-        student = student_notebook(nbformat.read(path, as_version=4))
+        student = student_notebook(nbformat.read(path, as_version=4), path.name)
         target = out / path.name
         temporary = target.with_name(f".{target.name}.tmp")
         nbformat.write(student, temporary)

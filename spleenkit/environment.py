@@ -1,10 +1,13 @@
-"""What the kit runs on: versions, device, cores, memory, GPUs, and whether this is Colab or a live session;
+"""What the kit runs on: versions, device, cores, memory, GPUs, whether this is Colab or a live session;
+the setup every notebook does (Colab and Google Drive, progress lines); the memory of a process tree;
 and which model a later notebook works with (notebook 03's, or a stand-in it says it is using)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,19 +86,67 @@ def environment_report() -> dict[str, Any]:
 
 
 COLAB_WORKSPACE = "/content/spleenkit"
+DRIVE_MOUNT = "/content/drive"  # where Colab mounts Google Drive
+DRIVE_FOLDER = "spleenkit"  # the course folder in "My Drive"
 
 
-def colab_setup(workspace: str = COLAB_WORKSPACE) -> bool:
+@dataclass(frozen=True)
+class ColabSetup:
+    """What :func:`colab_setup` did: on Colab or not, the workspace holding ``data/`` and ``runs/``, and
+    whether that workspace is on Google Drive. True exactly on Colab, so ``if colab_setup():`` reads well."""
+
+    colab: bool
+    workspace: str | None = None
+    drive: bool = False
+
+    def __bool__(self) -> bool:
+        return self.colab
+
+    @property
+    def data_dir(self) -> str | None:
+        """Where the notebooks' ``../data`` points (None off Colab: the repository's ``data/``)."""
+        return os.path.join(self.workspace, "data") if self.workspace else None
+
+    @property
+    def runs_dir(self) -> str | None:
+        """Where the notebooks' ``../runs`` points (None off Colab: the repository's ``runs/``)."""
+        return os.path.join(self.workspace, "runs") if self.workspace else None
+
+
+def _mount_drive(mount_point: str) -> bool:
+    """Mount Google Drive at ``mount_point`` (Colab asks the user to allow it); False when it cannot be mounted."""
+    try:
+        from google.colab import drive as google_drive  # type: ignore[import-not-found]
+
+        google_drive.mount(mount_point)
+    except Exception as error:  # noqa: BLE001 - refused, timed out or no Drive: the runtime's disk still works
+        logging.getLogger(__name__).warning(
+            "Colab: Google Drive could not be mounted (%s: %s); data and runs stay in this runtime and are lost "
+            "when it ends, so a later notebook will not find this one's results", type(error).__name__, error)
+        return False
+    return os.path.isdir(os.path.join(mount_point, "MyDrive"))
+
+
+def colab_setup(workspace: str = COLAB_WORKSPACE, drive: bool | None = None, drive_folder: str = DRIVE_FOLDER,
+                mount_point: str = DRIVE_MOUNT) -> ColabSetup:
     """On Colab (after the notebook's setup cell installed the kit), make the notebooks' relative paths work.
 
     Colab opens a notebook in /content, outside any checkout, so ``../data`` and ``../runs`` would
-    point at the file system root: this moves into ``<workspace>/notebooks`` and turns on the widget
-    manager the 3D viewer needs. Anywhere else it does nothing. Returns True on Colab.
+    point at the file system root: this moves into ``<workspace>/notebooks``. Every Colab notebook
+    runs in its own runtime, whose disk is wiped when it ends, so by default (``drive`` None or True)
+    the workspace is a course folder on Google Drive (``My Drive/<drive_folder>``): the model 03 trains
+    is where 05 and 06 look, in their own runtimes and on later days. ``drive=False`` keeps everything
+    in ``workspace`` on the runtime's disk. It also turns on the widget manager the viewers need, shows
+    the kit's progress messages (:func:`show_progress`) and says where data and runs go and when the
+    runtime has no GPU. Anywhere else it does nothing. The result is true exactly on Colab.
     """
     if not on_colab():
-        return False
-    import logging
-
+        return ColabSetup(colab=False)
+    show_progress()
+    log = logging.getLogger(__name__)
+    on_drive = drive is not False and _mount_drive(mount_point)
+    if on_drive:
+        workspace = os.path.join(mount_point, "MyDrive", drive_folder)
     folder = os.path.join(workspace, "notebooks")
     os.makedirs(folder, exist_ok=True)
     os.chdir(folder)
@@ -105,15 +156,192 @@ def colab_setup(workspace: str = COLAB_WORKSPACE) -> bool:
         output.enable_custom_widget_manager()
     except (ImportError, AttributeError):
         pass
-    log = logging.getLogger(__name__)
-    log.info("Colab: working in %s; data and runs go to %s", folder, workspace)
+    where = "on Google Drive, kept between sessions" if on_drive else "on this runtime's disk, lost when it ends"
+    log.info("Colab: data in %s and runs in %s (%s)", os.path.join(workspace, "data"),
+             os.path.join(workspace, "runs"), where)
     from spleenkit.devices import pick_device
 
     device = pick_device("auto")  # what every notebook will use: the GPU when the runtime has one
     if device.type == "cpu":
         log.warning("Colab: no GPU in this runtime, so the kit computes on the CPU (the quick defaults are fine); "
                     "for full-scale training choose Runtime > Change runtime type > GPU, then run again")
-    return True
+    return ColabSetup(colab=True, workspace=workspace, drive=on_drive)
+
+
+# --------------------------------------------------------------------------- progress in notebooks
+PROGRESS_FORMAT = "%(asctime)s %(message)s"
+
+
+class _NotebookStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stdout`` is when a record arrives (a kernel or pytest may swap it)."""
+
+    marker = "spleenkit-progress"
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; the property always answers stdout
+        pass
+
+
+def _kit_info_or_any_warning(record: logging.LogRecord) -> bool:
+    """The kit's own progress lines, and warnings or errors from anyone (MONAI's chatter stays out)."""
+    return record.name == "spleenkit" or record.name.startswith("spleenkit.") or record.levelno >= logging.WARNING
+
+
+def show_progress(level: int = logging.INFO) -> logging.Handler:
+    """Show the kit's progress messages (epochs, evaluated cases, launched commands) in the notebook's output.
+
+    Call it once in a notebook's setup cell: the kit logs with :mod:`logging`, which a Jupyter kernel
+    does not display by default, so a long cell would sit silent. The lines go to standard output,
+    where JupyterLab shows them as they come and ``spleenkit notebooks run --log-output`` (papermill)
+    logs them. Calling it again replaces the handler instead of doubling every line. Returns the handler.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "marker", None) == _NotebookStreamHandler.marker:
+            root.removeHandler(handler)
+    handler = _NotebookStreamHandler()
+    handler.setFormatter(logging.Formatter(PROGRESS_FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_kit_info_or_any_warning)
+    root.addHandler(handler)
+    logging.getLogger("spleenkit").setLevel(level)
+    return handler
+
+
+# --------------------------------------------------------------------------- memory of a process tree
+PROC = Path("/proc")
+
+
+def _parent_of_every_process(proc: Path = PROC) -> dict[int, int]:
+    """Process id -> parent process id, for every process visible in /proc."""
+    parents = {}
+    for entry in proc.glob("[0-9]*/stat"):
+        try:
+            text = entry.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # "pid (name) state ppid ...": the name may hold spaces and parentheses, so split after the last ')'
+        fields = text[text.rindex(")") + 2:].split()
+        parents[int(entry.parent.name)] = int(fields[1])
+    return parents
+
+
+def process_tree(root: int, proc: Path = PROC) -> list[int]:
+    """``root`` and all its descendants (children, grandchildren, ...), root first."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in _parent_of_every_process(proc).items():
+        children.setdefault(parent, []).append(pid)
+    tree, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(children.get(pid, []))
+    return tree
+
+
+def _status_kib(pid: int, keys: tuple[str, ...], proc: Path = PROC) -> dict[str, int]:
+    """Fields (in KiB) of /proc/PID/status, e.g. VmRSS and VmHWM; empty when the process is gone."""
+    values = {}
+    try:
+        with open(proc / str(pid) / "status") as status:
+            for line in status:
+                name, _, rest = line.partition(":")
+                if name in keys:
+                    values[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return values
+
+
+def _command_line(pid: int, proc: Path = PROC) -> bytes | None:
+    """The raw command line of a process (None when it is gone)."""
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def _proportional_kib(pid: int, proc: Path = PROC) -> int | None:
+    """The proportional set size (PSS) of a process in KiB: its own pages plus its share of pages it shares."""
+    try:
+        with open(proc / str(pid) / "smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_tree_memory_mib(root: int, include_root: bool = True, proc: Path = PROC) -> tuple[float, float]:
+    """The memory of a process tree now: (the sum of its processes' PSS, the largest single peak RSS), in MiB.
+
+    PSS counts a page shared by several processes (PyTorch's libraries in torchrun's workers) once in
+    all, as a memory limit (Binder's, a container's) does; each process's own peak (VmHWM) catches a
+    spike between two samples. Processes that end while being read are skipped; without the root, so are
+    copies of it that have not yet turned into the program they start (a fork before its exec shows the
+    root's memory).
+    """
+    total = largest_peak = 0
+    root_command = None if include_root else _command_line(root, proc)
+    for pid in process_tree(root, proc):
+        if pid == root and not include_root:
+            continue
+        if root_command is not None and _command_line(pid, proc) == root_command:
+            continue
+        status = _status_kib(pid, ("VmRSS", "VmHWM"), proc)
+        if not status:
+            continue
+        pss = _proportional_kib(pid, proc)
+        total += pss if pss is not None else status.get("VmRSS", 0)
+        largest_peak = max(largest_peak, status.get("VmHWM", 0))
+    return round(total / 1024, 1), round(largest_peak / 1024, 1)
+
+
+class PeakMemory:
+    """Sample a process tree's memory in a background thread while a block runs; ``peak_mib`` after it.
+
+    ``with PeakMemory(include_root=False) as memory: run_a_notebook()`` measures the kernel this process
+    starts and every process the kernel starts in turn (torchrun and its workers), not this process.
+    The peak is the larger of the highest sampled sum (PSS, see :func:`process_tree_memory_mib`) and the
+    highest single-process peak; it is None where /proc does not exist (macOS, Windows).
+    """
+
+    def __init__(self, root: int | None = None, include_root: bool = True, interval_s: float = 0.2,
+                 proc: Path = PROC) -> None:
+        self.root = os.getpid() if root is None else root
+        self.include_root = include_root
+        self.interval_s = interval_s
+        self.proc = proc
+        self.peak_mib: float | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spleenkit-peak-memory", daemon=True)
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        total, single = process_tree_memory_mib(self.root, self.include_root, self.proc)
+        self.peak_mib = max(self.peak_mib or 0.0, total, single)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        if (self.proc / str(self.root)).is_dir():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.sample()  # whatever still runs now
 
 
 # --------------------------------------------------------------------------- the model of notebook 03
@@ -149,9 +377,9 @@ def stand_in_banner(expected: str | os.PathLike[str], stand_in: str | os.PathLik
         "then run this notebook again (it picks the real model up by itself).",
     ]
     if colab:
-        lines += [">", "> **On Colab** every notebook runs in its own runtime, whose files vanish with it: mount "
-                  "Google Drive (`from google.colab import drive; drive.mount('/content/drive')`), point "
-                  "`runs_dir` of 03 and of this notebook at the same folder on Drive, or run 03 in this "
+        lines += [">", "> **On Colab** every notebook runs in its own runtime, whose files vanish with it: the first "
+                  "cell's `colab_setup()` keeps data and runs on Google Drive (`My Drive/spleenkit`) unless the "
+                  "mount was refused or turned off (`drive=False`); run 03 with Drive mounted, or run 03 in this "
                   "runtime before this notebook."]
     return "\n".join(lines)
 

@@ -52,30 +52,33 @@ GITHUB_REPOSITORY = "spleenkit/spleenkit"
 GITHUB_REF = f"v{__version__}"
 
 
-def colab_url(notebook: str) -> str:
-    """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``)."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/notebooks/{notebook}"
+def colab_url(notebook: str, folder: str = "notebooks") -> str:
+    """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``) in a folder of the repository."""
+    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/{folder}/{notebook}"
 
 
-def binder_url(notebook: str) -> str:
-    """The Binder address that opens a notebook file name in JupyterLab."""
-    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath=notebooks%2F{notebook}"
+def binder_url(notebook: str, folder: str = "notebooks") -> str:
+    """The Binder address that opens a notebook file name (in a folder of the repository) in JupyterLab."""
+    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath={folder}%2F{notebook}"
 
 
-def badges_markdown(notebook: str) -> str:
-    """The Colab and Binder badges for the first cell of a notebook."""
-    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(notebook)}) "
-            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook)})")
+def badges_markdown(notebook: str, folder: str = "notebooks") -> str:
+    """The Colab and Binder badges for the first cell of a notebook (``folder="student"`` for a student copy)."""
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"({colab_url(notebook, folder)}) "
+            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder)})")
 
 
 def setup_cell_source() -> str:
-    """The setup cell every notebook starts with: install the kit only on Colab, then :func:`colab_setup`."""
+    """The setup cell every notebook starts with: install the kit only on Colab, show the kit's progress lines
+    (:func:`~spleenkit.environment.show_progress`), then :func:`~spleenkit.environment.colab_setup`."""
     return (
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
         f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
-        "from spleenkit.environment import colab_setup\n\n"
+        "from spleenkit import colab_setup, show_progress\n\n"
+        "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"
     )
 
@@ -219,6 +222,7 @@ class NotebookResult:
     output: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    peak_mib: float | None = None  # the kernel's process tree at its largest (None: not measured here)
 
 
 @dataclass
@@ -301,9 +305,13 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
 
     ``overrides`` replace shared profile values (e.g. ``data_dir``) for the notebooks that declare
     them. After a failure the later notebooks are "not run" (they read earlier run folders) unless
-    ``keep_going``. ``kernel_name`` None means a kernel running this Python.
+    ``keep_going``. ``kernel_name`` None means a kernel running this Python. Each notebook's peak memory
+    (its kernel and every process the kernel starts, see :class:`~spleenkit.environment.PeakMemory`) is
+    recorded as ``peak_mib``: the figure to hold against a memory limit such as Binder's 2 GiB.
     """
     import papermill
+
+    from spleenkit.environment import PeakMemory
 
     repo = Path(repo).resolve() if repo else find_repo()
     settings = load_profile(profile, repo)
@@ -332,11 +340,13 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
             output = out / notebook.name
             log.info("running %s with %s", notebook.name, parameters or "its defaults")
             tick = time.perf_counter()
+            memory = PeakMemory(include_root=False)  # the kernel and what it starts (torchrun), not the runner
             try:
-                papermill.execute_notebook(
-                    str(notebook), str(output), parameters=parameters, cwd=str(notebook_dir), kernel_name=name,
-                    progress_bar=False, log_output=log_output, execution_timeout=settings["execution_timeout"],
-                )
+                with memory:
+                    papermill.execute_notebook(
+                        str(notebook), str(output), parameters=parameters, cwd=str(notebook_dir), kernel_name=name,
+                        progress_bar=False, log_output=log_output, execution_timeout=settings["execution_timeout"],
+                    )
                 result.status = "ok"
             except Exception as error:  # noqa: BLE001 - any failure is reported per notebook, not raised mid-run
                 result.status = "failed"
@@ -344,8 +354,10 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 failed = True
                 log.error("%s failed (%s: %s)", notebook.name, type(error).__name__, getattr(error, "ename", ""))
             result.seconds = round(time.perf_counter() - tick, 1)
+            result.peak_mib = memory.peak_mib
             result.output = str(output) if output.exists() else None
-            log.info("%s: %s in %.1f s", notebook.name, result.status, result.seconds)
+            log.info("%s: %s in %.1f s, peak memory %s MiB", notebook.name, result.status, result.seconds,
+                     result.peak_mib)
     summary.seconds = time.perf_counter() - started
     write_summary(summary)
     return summary
@@ -366,11 +378,18 @@ def write_summary(summary: RunSummary) -> Path:
 
 
 def format_table(results: Sequence[NotebookResult]) -> str:
-    """A plain-text table of notebook / status / seconds, with a total line."""
+    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak)."""
     width = max([len("notebook"), *(len(r.notebook) for r in results)])
-    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}", f"{'-' * width}  {'-' * 8}  {'-' * 8}"]
-    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}" for r in results]
-    lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}")
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    peaks = [r.peak_mib for r in results if r.peak_mib is not None]
+    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}",
+             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}"]
+    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}" for r in results]
+    lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}  "
+                 f"{mib(max(peaks) if peaks else None):>8}")
     return "\n".join(lines)
 
 

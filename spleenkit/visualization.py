@@ -295,21 +295,30 @@ def maximum_intensity_projection(image: Any, mask: Any | None = None, affine: np
 
 
 def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = None,
-            spacing: Sequence[float] | None = None, **kwargs: Any) -> Any:
-    """An interactive 3D view (itkwidgets) in a live Jupyter session, else a static projection figure.
+            spacing: Sequence[float] | None = None, renderer: str = "slices", **kwargs: Any) -> Any:
+    """An interactive view in a live Jupyter session, else (papermill, CI, scripts) a static projection figure.
 
-    itkwidgets is imported only when :func:`spleenkit.environment.is_interactive` is True, so
-    papermill, CI and scripts never start a widget that waits for a front end.
+    ``renderer="slices"`` (the default) is the offline :class:`SliceViewer` (three planes, sliders, a
+    mask toggle), which works in JupyterLab, Binder and Colab without internet. ``renderer="itk"`` asks
+    for itkwidgets' 3D rendering (``pip install 'spleenkit[viewer]'``; it loads its viewer from the
+    internet), with the slice viewer when itkwidgets cannot be imported. Nothing interactive starts unless
+    :func:`spleenkit.environment.is_interactive` is True: a widget in a headless run waits for a front end.
     """
     from spleenkit import environment
 
+    if renderer not in ("slices", "itk"):
+        from spleenkit.errors import BadInputError
+
+        raise BadInputError(f"renderer {renderer!r}: use 'slices' (offline, the default) or 'itk' (itkwidgets)")
     volume, voxel = to_ras(image, affine, spacing)
     outline = None if mask is None else (to_ras(mask, affine, spacing)[0] > 0.5).astype(np.uint8)
-    if environment.is_interactive():
+    if not environment.is_interactive():
+        return maximum_intensity_projection(volume, outline, spacing=voxel)
+    if renderer == "itk":
         try:
             from itkwidgets import view
         except ImportError:
-            log.info("itkwidgets is not installed (pip install 'spleenkit[viewer]'); showing a static view")
+            log.info("itkwidgets is not installed (pip install 'spleenkit[viewer]'); showing the slice viewer")
         else:
             # itkwidgets reads arrays in z, y, x order; a spatial image also carries the voxel size
             options: dict[str, Any] = {"image": np.ascontiguousarray(volume.transpose(2, 1, 0).astype(np.float32))}
@@ -324,7 +333,8 @@ def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = Non
                 options = {key: to_spatial_image(value, dims=("z", "y", "x"), scale=scale)
                            for key, value in options.items()}
             return view(**options, **kwargs)
-    return maximum_intensity_projection(volume, outline, spacing=voxel)
+        kwargs = {}  # itkwidgets' options mean nothing to the slice viewer
+    return slice_viewer(volume, outline, spacing=voxel, **kwargs)
 
 
 # --------------------------------------------------------------------------- figures of runs and metrics
@@ -667,3 +677,63 @@ def crop_samples(samples: Sequence[Mapping[str, Any]], columns: int = 4,
         ax.set_axis_off()
     figure.suptitle("training crops (+ marks the crop centre; spleen outlined)", fontsize=10)
     return _finish(figure, save)
+
+
+# --------------------------------------------------------------------------- the offline interactive viewer
+class SliceViewer:
+    """Three planes of a CT with a slider for each and a toggle for the mask's outline, in a notebook.
+
+    Built on ipywidgets (a slider, a checkbox and a PNG image) and the kit's :func:`three_plane` figure,
+    so it needs nothing from the internet and works wherever ipywidgets does: JupyterLab, Binder, Colab,
+    VS Code. Each change redraws the figure once (the sliders update on release). Show it by leaving it
+    as a cell's last value; ``viewer.widget`` is the ipywidgets box.
+    """
+
+    def __init__(self, image: Any, mask: Any | None = None, affine: np.ndarray | None = None,
+                 spacing: Sequence[float] | None = None, window: Sequence[float] = CT_WINDOW,
+                 centre: Sequence[int] | None = None, title: str | None = None) -> None:
+        import ipywidgets as widgets
+
+        self.volume, self.voxel = to_ras(image, affine, spacing)
+        self.mask = None if mask is None else to_ras(mask, affine, spacing)[0] > 0.5
+        self.window = tuple(window)
+        self.title = title
+        start = tuple(centre) if centre is not None else centre_of(self.mask, self.volume.shape)
+        self.sliders = {
+            plane: widgets.IntSlider(value=int(np.clip(start[_AXIS[plane]], 0, self.volume.shape[_AXIS[plane]] - 1)),
+                                     min=0, max=self.volume.shape[_AXIS[plane]] - 1, description=plane,
+                                     continuous_update=False)
+            for plane in PLANES}
+        self.overlay = widgets.Checkbox(value=self.mask is not None, description="outline the spleen",
+                                        disabled=self.mask is None)
+        self.image = widgets.Image(format="png")
+        for control in (*self.sliders.values(), self.overlay):
+            control.observe(lambda _change: self.render(), names="value")
+        self.widget = widgets.VBox([widgets.HBox(list(self.sliders.values())), self.overlay, self.image])
+        self.render()
+
+    @property
+    def centre(self) -> tuple[int, int, int]:
+        """The voxel (RAS order) the three planes go through: the sliders' values."""
+        return tuple(self.sliders[plane].value for plane in ("sagittal", "coronal", "axial"))  # type: ignore
+
+    def figure(self) -> Figure:
+        """The three planes as the controls set them now."""
+        outline = self.mask if self.overlay.value else None
+        return three_plane(self.volume, outline, spacing=self.voxel, centre=self.centre, window=self.window,
+                           title=self.title)
+
+    def render(self) -> bytes:
+        """Redraw the picture from the controls; returns the PNG shown."""
+        png = self.figure()._repr_png_()
+        self.image.value = png
+        return png
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def slice_viewer(image: Any, mask: Any | None = None, affine: np.ndarray | None = None,
+                 spacing: Sequence[float] | None = None, **kwargs: Any) -> SliceViewer:
+    """The offline interactive viewer (:class:`SliceViewer`): three planes, a slider each, a mask-outline toggle."""
+    return SliceViewer(image, mask, affine=affine, spacing=spacing, **kwargs)

@@ -49,7 +49,7 @@ def test_the_banner_is_markdown_that_says_how_to_get_the_real_model() -> None:
 def test_on_colab_the_banner_says_why_and_points_at_drive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     text = stand_in_banner("training/model.pt", "stand-in/model.pt", 2)
-    assert "own runtime" in text and "Google Drive" in text and "drive.mount" in text
+    assert "own runtime" in text and "Google Drive" in text and "colab_setup()" in text and "drive=False" in text
 
 
 def test_notebooks_reach_both_through_the_package_root() -> None:

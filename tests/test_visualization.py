@@ -127,8 +127,8 @@ def test_3d_view_is_skipped_when_not_interactive(phantom, monkeypatch: pytest.Mo
     monkeypatch.setattr(environment, "is_interactive", lambda: True)
     received: dict = {}
     fake.view = lambda **kwargs: received.update(kwargs) or "viewer"  # type: ignore[attr-defined]
-    assert visualization.show_3d(image, spleen, spacing=(2.0, 2.0, 3.0)) == "viewer"
-    assert calls == ["import"]
+    assert visualization.show_3d(image, spleen, spacing=(2.0, 2.0, 3.0), renderer="itk") == "viewer"
+    assert calls == ["import"]  # only when asked for: the default is the offline slice viewer (tests/test_viewer.py)
     assert received["label_image"].shape == spleen.shape[::-1]  # z, y, x for itk
 
 
