@@ -1,14 +1,17 @@
 """The kit as a MONAI bundle: the small functions the configs in ``bundle/configs`` call, and running them.
 
-The bundle keeps the keys of MONAI's spleen_ct_segmentation (``train#trainer``, ``validate#evaluator``,
-``network_def``, ``dataset_dir`` ...) so its users' commands and overrides work unchanged, but every
-piece is built by the kit (``$spleenkit.transforms.deterministic_transforms(@recipe)``,
-``spleenkit.bundle.build_network`` ...), so the pipeline is written once, in the package.
+The configs spell out MONAI's spleen_ct_segmentation (release 0.5.9) id for id: ``network_def`` is a
+``UNet`` with its arguments, ``train#deterministic_transforms`` the list of MONAI transforms,
+``validate#inferer`` a ``SlidingWindowInferer`` and so on, so every override its users write
+(``--train#random_transforms#0#spatial_size``, ``--inferer#roi_size``) works. Their values come
+from the kit's preset, and the kit's ``recipe`` is read back from those ids; a test builds the
+package's pipeline for the same preset and proves the two equal, so they cannot drift apart.
 
-Also here: checking command-line overrides (MONAI silently adds a mistyped key; the kit refuses
-it and suggests the right one), a checkpoint check with a clear message, the metadata schema check
-and ``verify_net_in_out``. The multi-GPU configs open the process group with
-``spleenkit.distributed.init_process_group`` (NCCL between GPUs, gloo between CPU processes).
+Also here: the optimiser and schedule factories (the preset picks Adam or Novograd, StepLR or a cosine
+decay), checking command-line overrides (MONAI silently adds a mistyped key; the kit refuses it and
+suggests the right one), a checkpoint check with a clear message and ``verify_net_in_out``. The
+multi-GPU configs open the process group with ``spleenkit.distributed.init_process_group`` (NCCL
+between GPUs, gloo between CPU processes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,14 +166,45 @@ def _plain(value: Any) -> Any:
 
 
 def recipe(preset: Preset | str = "seed", **overrides: Any) -> Preset:
-    """The recipe the bundle runs: the preset with the bundle's top-level settings applied.
+    """The recipe the bundle runs: the preset with the values of the bundle's ids applied.
 
-    The same resolution as ``spleenkit train`` (``training.resolve_preset``: checked values, the
-    validation window following a new patch size); ``--amp false`` from the command line means False.
+    The same resolution as ``spleenkit train`` (``training.resolve_preset``: checked values);
+    ``--amp false`` from the command line means False. Presets whose loss or transform chain the
+    configs do not spell out (the tutorial's DiceLoss and CropForegroundd) are refused.
     """
     from spleenkit.training import resolve_preset
 
-    return resolve_preset(preset, **{key: _plain(value) for key, value in overrides.items()})
+    resolved = resolve_preset(preset, **{key: _plain(value) for key, value in overrides.items()})
+    unsupported = ["DiceLoss"] * (resolved.loss != "dice_ce") + ["CropForegroundd"] * resolved.crop_foreground
+    if unsupported:
+        raise BadInputError(f"preset {resolved.name!r} uses {' and '.join(unsupported)}; the bundle's configs spell "
+                            "out spleen_ct_segmentation's DiceCELoss and transform chain. Train it with "
+                            f"`spleenkit train --preset {resolved.name}`")
+    return resolved
+
+
+def optimizer_factory(preset: Preset | str = "seed") -> Callable[..., torch.optim.Optimizer]:
+    """The ``_target_`` of the bundle's ``optimizer``: called with ``params`` and ``lr``, it builds the
+    preset's optimiser (Adam or Novograd) with :func:`spleenkit.training.make_optimizer`."""
+    from spleenkit.training import make_optimizer
+
+    def build(params: Iterable[torch.nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        return make_optimizer(get_preset(preset, learning_rate=lr), params)
+
+    return build
+
+
+def scheduler_factory(preset: Preset | str = "seed", total_iterations: int = 1) -> Callable[..., Any]:
+    """The ``_target_`` of the bundle's ``lr_scheduler``: called with ``optimizer`` (and StepLR's
+    ``step_size`` and ``gamma``), it builds the preset's schedule with
+    :func:`spleenkit.training.make_scheduler`: None, StepLR or a cosine decay over ``total_iterations``."""
+    from spleenkit.training import make_scheduler
+
+    def build(optimizer: torch.optim.Optimizer, step_size: int | None = None, gamma: float | None = None) -> Any:
+        schedule = get_preset(preset, scheduler_step_size=step_size, scheduler_gamma=gamma)
+        return make_scheduler(schedule, optimizer, total_iterations)
+
+    return build
 
 
 def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: str | os.PathLike[str],
@@ -189,13 +223,6 @@ def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: st
                   "device": None if device is None else str(device)}
     return write_manifest(ckpt_dir, build_manifest(parameters, device=parameters["device"], kind="bundle training",
                                                    started=now(), finished=None))
-
-
-def build_network(preset: Preset | str = "seed", **settings: Any) -> torch.nn.Module:
-    """The kit's UNet; keyword settings (``channels``, ``num_res_units``, ``norm`` ...) override the preset's."""
-    from spleenkit.model import build_unet
-
-    return build_unet(get_preset(preset, **settings))
 
 
 def split_cases(images: Sequence[str], labels: Sequence[str], validation_cases: int) -> tuple[list[dict[str, str]],
@@ -257,15 +284,20 @@ def checked_weights(path: str | os.PathLike[str], network: torch.nn.Module | Non
 
 
 class OriginalLabeld:
-    """Replace each item's resampled label by its label file as stored, one-hot with ``to_onehot`` channels.
+    """Replace each item's label by its label file as stored, one-hot with ``to_onehot`` channels.
 
     Used after ``Invertd`` in the bundle's evaluation, so the prediction on the image's own grid is
     scored against the original label (as ``spleenkit evaluate`` does), not a resampled-and-back copy.
+    ``Invertd`` gives an inverted label the image's metadata, so the label file is found from the
+    image's file through ``datalist`` (items with ``image_key`` and the label keys) when it is given.
     """
 
-    def __init__(self, keys: str | Sequence[str] = "label", to_onehot: int = 2, reference: str = "pred") -> None:
+    def __init__(self, keys: str | Sequence[str] = "label", to_onehot: int = 2, reference: str = "pred",
+                 datalist: Sequence[Mapping[str, Any]] | None = None, image_key: str = "image") -> None:
         self.keys = [keys] if isinstance(keys, str) else list(keys)
-        self.to_onehot, self.reference = to_onehot, reference
+        self.to_onehot, self.reference, self.image_key = to_onehot, reference, image_key
+        self.files = {key: {_same_file(item[image_key]): str(item[key]) for item in datalist or []}
+                      for key in self.keys}
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         import torch
@@ -274,7 +306,13 @@ class OriginalLabeld:
 
         item = dict(data)
         for key in self.keys:
-            source = getattr(item[key], "meta", {}).get("filename_or_obj")
+            if self.files[key]:
+                image = getattr(item.get(self.image_key), "meta", {}).get("filename_or_obj")
+                source = self.files[key].get(_same_file(image)) if image else None
+                if not source:
+                    raise BadInputError(f"the image {image!r} of this item is not in the datalist given for {key!r}")
+            else:
+                source = getattr(item[key], "meta", {}).get("filename_or_obj")
             if not source:
                 raise BadInputError(f"the {key!r} of this item does not say which file it came from")
             mask, _ = read_binary_mask(source)
@@ -290,13 +328,19 @@ class OriginalLabeld:
         return item
 
 
+def _same_file(path: Any) -> str:
+    return str(Path(str(path)).resolve())
+
+
 # --------------------------------------------------------------------------- distributed
-def device_ids(device: torch.device | str) -> list[torch.device] | None:
-    """``device_ids`` for DistributedDataParallel: the GPU of this process, or None on the CPU."""
+def distributed_data_parallel(module: torch.nn.Module, device_ids: Sequence[Any] | None = None,
+                              **options: Any) -> torch.nn.Module:
+    """DistributedDataParallel as the multi-GPU configs set it (``device_ids: ["@device"]``), on a CPU too:
+    CPU devices are left out of ``device_ids``, which DDP takes for GPU modules only."""
     import torch
 
-    device = torch.device(device)
-    return [device] if device.type == "cuda" else None
+    gpus = [device for device in device_ids or [] if torch.device(device).type == "cuda"]
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=gpus or None, **options)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -343,12 +387,53 @@ def _parameters(target: str) -> list[str] | None:
     return [name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
+def _is_component(config: Any) -> bool:
+    return isinstance(config, dict) and isinstance(config.get("_target_"), str)
+
+
+def _accepted(config: Mapping[str, Any], parts: Sequence[str]) -> tuple[bool, list[str]]:
+    """Whether an override id names something or a new argument of a component; if not, the arguments
+    that component accepts (as ids), when the id's parent is one."""
+    found, _ = _lookup(config, parts)
+    if found:
+        return True, []
+    parent_found, parent = _lookup(config, parts[:-1])
+    if parent_found and len(parts) > 1 and _is_component(parent):
+        accepted = _parameters(parent["_target_"])
+        if accepted is None or parts[-1] in accepted or parts[-1].startswith("_"):
+            return True, []
+        parent_id = "#".join(parts[:-1])
+        return False, [f"{parent_id}#{name}" for name in accepted]
+    return False, []
+
+
+def _respelled(config: Mapping[str, Any], parts: Sequence[str]) -> str | None:
+    """The id with its first unknown part replaced by the closest key at that depth, when that names
+    something (``train#handler#3#_disabled_`` -> ``train#handlers#3#_disabled_``)."""
+    node: Any = config
+    for index, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            close = difflib.get_close_matches(part, [str(key) for key in node], n=1, cutoff=0.6)
+            if not close:
+                return None
+            fixed = [*parts[:index], close[0], *parts[index + 1:]]
+            return "#".join(fixed) if _accepted(config, fixed)[0] else None
+        else:
+            return None
+    return None
+
+
 def override_problems(config: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
     """The overrides in ``keys`` that name nothing in ``config``, each with a suggestion.
 
     A key is accepted when it exists, or when it adds an argument that a component (a dict with
     ``_target_``) accepts, which is how bundle users pass extra arguments. Anything else would be
-    silently added by MONAI and ignored (or fail later, far from the cause), so it is reported.
+    silently added by MONAI and ignored (or fail later, far from the cause), so it is reported. The
+    suggestion corrects the first misspelt part of a nested id, else names the closest ids.
     """
     problems = []
     known = None
@@ -357,21 +442,17 @@ def override_problems(config: Mapping[str, Any], keys: Sequence[str]) -> list[st
         if key in RUN_ARGUMENTS or key.startswith("_meta_"):
             continue
         parts = key.split("#")
-        found, _ = _lookup(config, parts)
-        if found:
+        accepted, candidates = _accepted(config, parts)
+        if accepted:
             continue
-        parent_found, parent = _lookup(config, parts[:-1])
-        candidates: list[str] = []
-        if parent_found and len(parts) > 1 and isinstance(parent, dict) and isinstance(parent.get("_target_"), str):
-            accepted = _parameters(parent["_target_"])
-            if accepted is None or parts[-1] in accepted or parts[-1].startswith("_"):
-                continue
-            parent_id = "#".join(parts[:-1])
-            candidates = [f"{parent_id}#{name}" for name in accepted]
-        if not candidates:
-            known = known if known is not None else _all_ids(config)
-            candidates = known
-        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+        respelled = _respelled(config, parts)
+        if respelled is not None:
+            close = [respelled]
+        else:
+            if not candidates:
+                known = known if known is not None else _all_ids(config)
+                candidates = known
+            close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         problems.append(f"--{key} names no key of the bundle's configs{hint}")
     return problems
@@ -460,28 +541,6 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
 
 
 # --------------------------------------------------------------------------- metadata
-def validate_metadata(metadata: str | os.PathLike[str] | Mapping[str, Any],
-                      schema: str | os.PathLike[str] | Mapping[str, Any]) -> None:
-    """Check a bundle's metadata against a JSON schema (offline; MONAI's verify_metadata downloads it)."""
-    import jsonschema
-
-    def read(value: Any, what: str) -> Any:
-        if isinstance(value, Mapping):
-            return value
-        try:
-            return json.loads(Path(value).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise BadInputError(f"cannot read the {what} ({error})", value) from error
-
-    meta = read(metadata, "metadata")
-    try:
-        jsonschema.validate(instance=meta, schema=read(schema, "schema"))
-    except jsonschema.ValidationError as error:
-        where = "/".join(str(p) for p in error.absolute_path) or "the top level"
-        raise BadInputError(f"metadata does not follow the bundle schema at {where}: {error.message}",
-                            None if isinstance(metadata, Mapping) else metadata) from error
-
-
 def verify_network(bundle_dir: str | os.PathLike[str] | None = None, config: str = "inference.json",
                    device: str = "cpu") -> None:
     """Run ``monai.bundle.verify_net_in_out`` on the bundle's network with its metadata's input/output format."""

@@ -19,7 +19,6 @@ from spleenkit.bundle import (
     check_overrides,
     format_command,
     override_problems,
-    validate_metadata,
     verify_network,
 )
 from spleenkit.cli import main
@@ -28,6 +27,7 @@ from spleenkit.errors import BadInputError
 BUNDLE = bundle_source()
 CONFIGS = BUNDLE / "configs"
 SCHEMA = Path(__file__).parent / "fixtures" / "meta_schema_20220324.json"
+SCHEMA_MD5 = "e3312addf5d9958749594dd53d9d97e0"  # of the copy kept here: verify_metadata checks it before use
 # sys.argv[0] of `python -m monai.bundle ...` (and of each torchrun worker)
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"
 
@@ -127,8 +127,16 @@ def test_bundle_folder_can_be_given(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["bundle", "path"]) == 0
 
 
+def verify_metadata(meta_file: Path) -> None:
+    """MONAI's metadata check with the schema kept in the tests: an existing file with the right hash is
+    not downloaded again, so this runs offline."""
+    from monai.bundle import verify_metadata as monai_verify_metadata
+
+    monai_verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA), hash_val=SCHEMA_MD5, hash_type="md5")
+
+
 def test_metadata_follows_the_bundle_schema() -> None:
-    validate_metadata(CONFIGS / "metadata.json", SCHEMA)
+    verify_metadata(CONFIGS / "metadata.json")
     metadata = json.loads((CONFIGS / "metadata.json").read_text())
     assert metadata["monai_version"] and metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == \
         [96, 96, 96]
@@ -140,7 +148,7 @@ def test_metadata_follows_the_bundle_schema() -> None:
     (("version",), "one", "does not match"),
     (("network_data_format", "inputs", "image", "value_range"), [0], "is not valid under any of the given schemas"),
 ])
-def test_schema_rejects_broken_metadata(path: tuple[str, ...], value: Any, complaint: str) -> None:
+def test_schema_rejects_broken_metadata(path: tuple[str, ...], value: Any, complaint: str, tmp_path: Path) -> None:
     metadata = json.loads((CONFIGS / "metadata.json").read_text())
     parent = metadata
     for key in path[:-1]:
@@ -149,8 +157,10 @@ def test_schema_rejects_broken_metadata(path: tuple[str, ...], value: Any, compl
         del parent[path[-1]]
     else:
         parent[path[-1]] = value
-    with pytest.raises(BadInputError, match=complaint):
-        validate_metadata(metadata, SCHEMA)
+    broken = tmp_path / "metadata.json"
+    broken.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=complaint):
+        verify_metadata(broken)
 
 
 def test_network_matches_the_metadata_input_and_output() -> None:
@@ -177,7 +187,6 @@ def test_official_keys_are_kept() -> None:
         "bundle_root", "output_dir", "dataset_dir", "datalist", "device", "network_def", "network", "preprocessing",
         "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "checkpointloader",
         "load_pretrain", "output_postfix", "initialize", "run", "evaluating"]) == []
-    assert "spleenkit" in json.dumps(train["network_def"]) and "spleenkit" in train["train"]["deterministic_transforms"]
 
 
 def test_train_and_infer_workflow_properties(synthetic_dataset: Path, tmp_path: Path) -> None:
