@@ -22,6 +22,7 @@ import numpy as np
 
 from spleenkit.environment import peak_memory_mib
 from spleenkit.errors import BadInputError
+from spleenkit.io import write_with
 from spleenkit.presets import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -243,22 +244,13 @@ def write_mask(mask: np.ndarray, reference: str | os.PathLike[str] | nib.spatial
     header["cal_min"], header["cal_max"] = 0, 1
     header["descrip"] = b"spleenkit spleen mask (1 = spleen)"
     image = type(reference)((mask > 0).astype(np.uint8), None, header)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror or error})", path.parent) from error
-    try:
-        image.to_filename(temporary)
+
+    def same_grid(temporary: Path) -> None:
         written = nib.load(temporary)
         if written.shape != tuple(reference.shape[:3]) or not np.array_equal(written.affine, reference.affine):
             raise BadInputError("internal error: the written mask's grid differs from the image's", path)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_with(path, image.to_filename, check=same_grid)
 
 
 # --------------------------------------------------------------------------- orientation check

@@ -72,6 +72,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise BadInputError(f"corrupt or truncated checkpoint ({str(error).splitlines()[0]})", path) from error
+    except Exception as error:  # noqa: BLE001 - a text or other non-checkpoint file fails deep in the unpickler
+        raise BadInputError(f"not a PyTorch checkpoint (a model.pt written by torch.save); reading it failed with "
+                            f"{type(error).__name__}", path) from error
 
 
 def extract_state_dict(checkpoint: Any, path: str | os.PathLike[str] = "checkpoint") -> dict[str, torch.Tensor]:

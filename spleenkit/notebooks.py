@@ -358,11 +358,9 @@ def _named_kernel(name: str) -> Iterator[str]:
 
 def write_summary(summary: RunSummary) -> Path:
     """Write ``summary.json`` into the output folder (atomically) and return its path."""
-    path = Path(summary.output_dir) / "summary.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    from spleenkit.io import write_json
+
+    return write_json(Path(summary.output_dir) / "summary.json", summary.to_dict())
 
 
 def format_table(results: Sequence[NotebookResult]) -> str:
@@ -477,8 +475,18 @@ def strip_notebooks(paths: Iterable[str | os.PathLike[str]], check: bool = False
         if strip_notebook(notebook):
             changed.append(path)
             if not check:
-                nbformat.write(notebook, path)
+                write_notebook(notebook, path)
     return changed
+
+
+def write_notebook(notebook: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a notebook as ``nbformat.write`` formats it, through the kit's atomic writer."""
+    import nbformat
+
+    from spleenkit.io import write_text
+
+    text = nbformat.writes(notebook)
+    return write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 def notebooks_with_kept_outputs(notebook_dir: str | os.PathLike[str]) -> list[Path]:
@@ -524,7 +532,7 @@ def refresh_kept_outputs(path: str | os.PathLike[str], kernel_name: str | None =
             cell.execution_count = twin.execution_count
             stored.append(index)
     strip_notebook(notebook)
-    nbformat.write(notebook, path)
+    write_notebook(notebook, path)
     return stored
 
 
