@@ -505,7 +505,8 @@ def _train(args: argparse.Namespace) -> int:
     with _process_group(args) as context:
         result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
                        resume=args.resume, resume_anyway=args.resume_anyway, seed=args.seed,
-                       num_workers=args.workers, cache_rate=args.cache_rate, progress=progress, distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
+                       num_workers=args.workers, cache_rate=args.cache_rate, progress=progress,
+                       distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
                        **overrides)
     if context is not None and not context.is_main:
         return 0
