@@ -338,10 +338,10 @@ def _infer(args: argparse.Namespace) -> int:
     result = infer(args.model, args.input, args.out, preset=args.preset, device=args.device, amp=args.amp,
                    largest_component=args.largest_component, fill_holes=args.fill_holes, overlap=args.overlap,
                    sw_batch_size=args.sw_batch, blend=args.blend, stitch_device=args.stitch_device,
-                   overlay=args.overlay)
+                   overlay=args.overlay, force=args.force)
     for case in result.cases:
         print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
-              + (f" - {len(case.warnings)} orientation warning(s), see above" if case.warnings else ""))
+              + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
     print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
     return 0
 
@@ -373,6 +373,9 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--out", required=True, help="output folder")
     infer.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                        help="write an overlay PNG per input (default yes)")
+    infer.add_argument("--force", action="store_true",
+                       help="segment images whose values do not look like CT in HU (an MR image?); the warning is "
+                            "recorded in the manifest")
     _window_options(infer)
 
 

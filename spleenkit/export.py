@@ -40,17 +40,6 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
 
 
-def check_finite_weights(network: torch.nn.Module, source: str | os.PathLike[str] | None = None) -> None:
-    """Refuse a network whose weights hold NaN or infinity (a diverged training): its output means nothing."""
-    import torch
-
-    broken = [name for name, tensor in network.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if broken:
-        raise BadInputError(f"the model's weights hold NaN or infinity ({len(broken)} tensor(s), e.g. {broken[0]}): "
-                            "a diverged training? Use an earlier model.pt", source)
-
-
 def parity_check(network: torch.nn.Module, kind: str = "export",
                  differences: dict[str, float] | None = None) -> Callable[[Path], None]:
     """A ``check=`` callback for :mod:`spleenkit.io`: the written file must match ``network`` within TOLERANCE
@@ -177,7 +166,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
     exported file is run against the eager network *before* it replaces an earlier export, and a
     difference above :data:`TOLERANCE` is an error that leaves the earlier file as it was. Returns a summary.
     """
-    from spleenkit.model import load_model
+    from spleenkit.model import check_finite_weights, load_model
 
     out = Path(out)
     if out.is_dir():

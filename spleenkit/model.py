@@ -77,6 +77,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                             f"{type(error).__name__}", path) from error
 
 
+def non_finite_weights(network: torch.nn.Module) -> list[str]:
+    """Names of the floating-point weights and buffers holding NaN or infinity (empty when all are finite)."""
+    import torch
+
+    network = getattr(network, "module", network)  # a DDP wrapper's network
+    return [name for name, tensor in network.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def check_finite_weights(network: torch.nn.Module, source: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a network whose weights hold NaN or infinity (a diverged training): its masks would be empty
+    and its exports meaningless."""
+    broken = non_finite_weights(network)
+    if broken:
+        raise BadInputError(f"the model's weights hold NaN or infinity ({len(broken)} tensor(s), e.g. {broken[0]}): "
+                            "a diverged training? Use an earlier model.pt", source)
+
+
 def extract_state_dict(checkpoint: Any, path: str | os.PathLike[str] = "checkpoint") -> dict[str, torch.Tensor]:
     """The network weights in a checkpoint: a bare state dict (the bundle's model.pt) or ``{"model": ...}``."""
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):

@@ -208,6 +208,25 @@ def notebook_parameters(notebook: Path, profile: dict[str, Any],
     return parameters
 
 
+def check_overrides(overrides: dict[str, Any], notebooks: Sequence[Path]) -> None:
+    """Refuse an override no notebook to run declares in its parameters cell (a typo such as ``data_dri``
+    would otherwise be dropped and the run would use the default), suggesting the closest declared name."""
+    import difflib
+
+    import papermill
+
+    if not overrides:
+        return
+    declared: set[str] = set()
+    for notebook in notebooks:
+        declared |= set(papermill.inspect_notebook(notebook))
+    for name in sorted(set(overrides) - declared):
+        close = difflib.get_close_matches(name, sorted(declared), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise BadInputError(f"--set {name}: no notebook to run declares a parameter {name!r}; {hint}"
+                            f"the parameters are {', '.join(sorted(declared)) or 'none'}")
+
+
 # --------------------------------------------------------------------------- running
 @dataclass
 class NotebookResult:
@@ -314,6 +333,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     shared_overrides = _resolve_paths(dict(overrides or {}), repo)
+    check_overrides(shared_overrides, notebooks)
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
 

@@ -583,14 +583,6 @@ class NonFiniteTrainingError(SpleenkitError):
     """Training produced a NaN or infinite loss or weights; the message names the epoch and iteration."""
 
 
-def non_finite_weights(network: torch.nn.Module) -> list[str]:
-    """Names of the floating-point weights and buffers holding NaN or infinity (empty when all are finite)."""
-    import torch
-
-    return [name for name, tensor in unwrap_model(network).state_dict().items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-
-
 class StopOnNonFinite:
     """Stop training at the first NaN or infinite loss (checked every iteration) or weights (checked at every
     epoch end, before validation and the checkpoint), so the last checkpoint and model.pt stay good."""
@@ -625,6 +617,8 @@ class StopOnNonFinite:
             self._stop(engine, f"the loss is {loss}")
 
     def check_weights(self, engine: SupervisedTrainer) -> None:
+        from spleenkit.model import non_finite_weights
+
         broken = non_finite_weights(engine.network)
         if broken:
             self._stop(engine, f"{len(broken)} weight tensor(s) hold NaN or infinity (e.g. {broken[0]})")
