@@ -330,10 +330,10 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     notebooks = select_notebooks(list_notebooks(notebook_dir), only)
     if not notebooks:
         raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
-    out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
-    out.mkdir(parents=True, exist_ok=True)
     shared_overrides = _resolve_paths(dict(overrides or {}), repo)
     check_overrides(shared_overrides, notebooks)
+    out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
 

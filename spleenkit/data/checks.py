@@ -158,7 +158,7 @@ def inspect_image(image: Any, data: np.ndarray | None = None, preset: Any = None
                               "fix its header (sform/qform)")
     else:
         low, high = VOXEL_SIZE_RANGE
-        for label, sizes in (("header's voxel size (pixdim)", found.spacing),
+        for label, sizes in (("header's voxel size (pixdim)", stored_voxel_sizes(image) or found.spacing),
                              ("affine's voxel size", tuple(float(v) for v in voxel_sizes(affine)))):
             if not all(low <= s <= high for s in sizes):
                 found.problems.append(f"the {label} is {' x '.join(f'{s:g}' for s in sizes)} mm, outside "
@@ -191,6 +191,23 @@ def inspect_image(image: Any, data: np.ndarray | None = None, preset: Any = None
                         "or CT stored without its rescale slope and intercept?")
         found.warnings.append(found.not_ct)
     return found
+
+
+def stored_voxel_sizes(image: Any) -> tuple[float, ...] | None:
+    """The voxel sizes as stored in a NIfTI file's header, before nibabel's silent fix-ups (it turns a pixdim
+    of 0 into 1 mm with only a log line); None for an image that does not come from a NIfTI file."""
+    import nibabel as nib
+
+    filename = image.get_filename() if hasattr(image, "get_filename") else None
+    header_class = type(getattr(image, "header", None))
+    if not filename or not issubclass(header_class, nib.Nifti1Header):
+        return None
+    try:
+        with nib.openers.ImageOpener(filename) as stream:
+            header = header_class.from_fileobj(stream, check=False)
+    except Exception:  # noqa: BLE001 - the full read reports an unreadable file
+        return None
+    return tuple(float(s) for s in header["pixdim"][1:4])
 
 
 def _geometry(image: Any) -> tuple[tuple[float, ...], str]:
