@@ -1009,15 +1009,16 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     check_step_fits(preset, torch_device)
     with output_folder(run_dir, lock=is_main_process()):
         return _train_in_folder(
-            data_dir, run_dir, preset, torch_device, base_learning_rate=base_learning_rate, resume=resume,
+            data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
             resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
             sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started)
 
 
 def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset,
-                     torch_device: torch.device, *, base_learning_rate: float, resume: bool, resume_anyway: bool,
-                     num_workers: int | None, progress: bool, distributed: DistributedContext | None, sync_bn: bool,
-                     scale_lr: str, started_at: str, started: float) -> TrainingResult:
+                     torch_device: torch.device, *, amp: bool | None, base_learning_rate: float, resume: bool,
+                     resume_anyway: bool, num_workers: int | None, progress: bool,
+                     distributed: DistributedContext | None, sync_bn: bool, scale_lr: str, started_at: str,
+                     started: float) -> TrainingResult:
     """The body of :func:`train`, run while this process holds the run folder's lock."""
     from monai.utils import set_determinism
 
@@ -1036,7 +1037,7 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
     from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
     from spleenkit.model import build_unet
 
-    train_amp = training_amp(preset, torch_device)  # float32 where this CPU's bfloat16 gradients are wrong
+    train_amp = training_amp(preset, torch_device, amp)  # float32 where this CPU's bfloat16 gradients are wrong
     progress = progress and is_main_process()
     workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
     if workers < 0:
