@@ -16,7 +16,6 @@ beside the executed copies.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 from spleenkit import __version__
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
+from spleenkit.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def this_python_kernel() -> Iterator[str]:
         spec_dir.mkdir(parents=True)
         spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "Python 3 (spleenkit)", "language": "python"}
-        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        write_json(spec_dir / "kernel.json", spec, indent=1)
         jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
         with _environment({"JUPYTER_PATH": jupyter_path}):
             yield "python3"
@@ -378,8 +378,6 @@ def _named_kernel(name: str) -> Iterator[str]:
 
 def write_summary(summary: RunSummary) -> Path:
     """Write ``summary.json`` into the output folder (atomically) and return its path."""
-    from spleenkit.io import write_json
-
     return write_json(Path(summary.output_dir) / "summary.json", summary.to_dict())
 
 
@@ -502,8 +500,6 @@ def strip_notebooks(paths: Iterable[str | os.PathLike[str]], check: bool = False
 def write_notebook(notebook: Any, path: str | os.PathLike[str]) -> Path:
     """Write a notebook as ``nbformat.write`` formats it, through the kit's atomic writer."""
     import nbformat
-
-    from spleenkit.io import write_text
 
     text = nbformat.writes(notebook)
     return write_text(path, text if text.endswith("\n") else text + "\n")

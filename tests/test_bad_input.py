@@ -225,6 +225,18 @@ def test_export_out_under_an_existing_file_is_one_line(seed_model: Path, tmp_pat
     assert blocker.read_text() == "occupied"
 
 
+def test_a_model_with_broken_weights_never_replaces_a_good_one(tiny_model: Path, tmp_path: Path) -> None:
+    from spleenkit.model import check_saved_weights
+
+    good = tmp_path / "model.pt"
+    good.write_bytes(tiny_model.read_bytes())
+    state = torch.load(tiny_model, weights_only=True)
+    next(iter(v for v in state.values() if v.is_floating_point())).fill_(float("nan"))
+    with pytest.raises(BadInputError, match="refusing to save weights holding NaN or infinity"):
+        atomic_save(state, good, check=check_saved_weights)
+    assert good.read_bytes() == tiny_model.read_bytes() and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
 # --------------------------------------------------------------------------- files get normal permissions
 def test_masks_overlays_manifests_and_exports_get_the_umask_permissions(tiny_model: Path, tmp_path: Path) -> None:
     from spleenkit.export import export_model
