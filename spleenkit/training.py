@@ -9,7 +9,8 @@ float16 with a gradient scaler on CUDA, bfloat16 autocast on the CPU — ``monai
 
 A run folder holds ``model.pt`` (best validation Dice, a plain state dict like the bundle's),
 ``checkpoint_last.pt`` (everything needed to resume, rewritten atomically at every epoch end),
-``metrics.jsonl`` (one line per epoch), ``manifest.json`` and ``tensorboard/``.
+``metrics.jsonl`` (one line per epoch), ``manifest.json`` and ``tensorboard/``; while a run writes
+it, ``run.lock`` names the process (see :mod:`spleenkit.runs`, which holds the layout and the lock).
 """
 
 from __future__ import annotations
