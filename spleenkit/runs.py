@@ -10,6 +10,7 @@ taken over with a warning; a live holder is named in the error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -58,7 +59,11 @@ class RunLock:
                 raise BadInputError(f"cannot create the run lock ({error.strerror or error})", self.path) from error
             try:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # no locks on this file system
+                    log.warning("%s: cannot lock the run folder here (%s); make sure no other run writes it",
+                                self.folder, error.strerror or error)
+                    break
                 holder = _read_holder(stream)
                 stream.close()
                 raise BadInputError(f"another run is writing this folder ({describe_holder(holder)}); wait for it "
