@@ -648,7 +648,7 @@ class ValidateAndKeepBest:
         return epoch % self.interval == 0 or epoch == engine.state.max_epochs
 
     def __call__(self, engine: SupervisedTrainer) -> None:
-        from spleenkit.model import atomic_save, check_saved_weights
+        from spleenkit.model import atomic_save, non_finite_weights
 
         if not self.due(engine):
             return
@@ -658,8 +658,11 @@ class ValidateAndKeepBest:
         if engine.state.best_metric_epoch == -1 or dice > engine.state.best_metric:
             engine.state.best_metric, engine.state.best_metric_epoch = dice, engine.state.epoch
             if self.write and self.model_path is not None:
-                atomic_save(unwrap_model(engine.network).state_dict(), self.model_path,  # plain UNet keys, no DDP
-                            check=check_saved_weights)
+                broken = non_finite_weights(engine.network)  # (checked in memory: reading the file back costs more)
+                if broken:
+                    raise NonFiniteTrainingError(f"refusing to replace {self.model_path}: the weights hold NaN or "
+                                                 f"infinity (e.g. {broken[0]}) at epoch {engine.state.epoch}")
+                atomic_save(unwrap_model(engine.network).state_dict(), self.model_path)  # plain UNet keys, no DDP
                 log.debug("new best validation Dice %.4f at epoch %d: saved %s", dice, engine.state.epoch,
                           self.model_path)
 
@@ -706,7 +709,7 @@ class RunRecorder:
         self.losses.append(float(output[Keys.LOSS]))
 
     def epoch_completed(self, engine: SupervisedTrainer) -> None:
-        from spleenkit.model import atomic_save, check_saved_weights
+        from spleenkit.model import atomic_save
 
         epoch = engine.state.epoch
         loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
@@ -738,7 +741,7 @@ class RunRecorder:
             self.writer.add_scalar("lr", lr, epoch)
             if val_dice is not None:
                 self.writer.add_scalar("val_dice", val_dice, epoch)
-        atomic_save(self.checkpoint(engine), self.run_dir / CHECKPOINT_NAME, check=check_saved_weights)
+        atomic_save(self.checkpoint(engine), self.run_dir / CHECKPOINT_NAME)  # weights checked by StopOnNonFinite
 
     def checkpoint(self, engine: SupervisedTrainer) -> dict[str, Any]:
         """Everything needed to resume after this epoch, as tensors and plain data only."""

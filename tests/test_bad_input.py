@@ -452,6 +452,22 @@ def test_non_finite_weights_stop_training_before_validation_and_the_checkpoint()
         StopOnNonFinite(Path("run")).check_weights(engine)
 
 
+def test_the_best_model_is_never_replaced_by_broken_weights(tiny_model: Path, tmp_path: Path) -> None:
+    from spleenkit.training import NonFiniteTrainingError, ValidateAndKeepBest
+
+    network = build_unet(TINY)
+    with torch.no_grad():
+        next(network.parameters()).fill_(float("nan"))
+    model = tmp_path / "model.pt"
+    model.write_bytes(tiny_model.read_bytes())
+    evaluator = SimpleNamespace(run=lambda epoch: None, state=SimpleNamespace(metrics={"val_mean_dice": 0.9}))
+    engine = SimpleNamespace(network=network, state=SimpleNamespace(epoch=2, max_epochs=2, best_metric=0.1,
+                                                                    best_metric_epoch=1))
+    with pytest.raises(NonFiniteTrainingError, match="refusing to replace .*model.pt: the weights hold NaN"):
+        ValidateAndKeepBest(evaluator, 1, model)(engine)
+    assert model.read_bytes() == tiny_model.read_bytes()
+
+
 def test_inference_with_nan_weights_refuses_to_write_empty_masks(tiny_model: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     state = torch.load(tiny_model, weights_only=True)
