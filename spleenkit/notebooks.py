@@ -75,7 +75,7 @@ def setup_cell_source() -> str:
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
         f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
-        "from spleenkit import colab_setup\n\n"
+        "from spleenkit.environment import colab_setup\n\n"
         "on_colab = colab_setup()"
     )
 
