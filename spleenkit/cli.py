@@ -26,6 +26,37 @@ def _command(subparsers: argparse._SubParsersAction, name: str, handler: Handler
     return parser
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of every command's ``--set``, one rule for all: VALUE is read as JSON when it is JSON
+    (numbers, true/false, null, [lists], "quoted text"), else as a comma list of such values when it holds a
+    comma (``spacing=2,2,2``), else as the text itself (``data_dir=../data``, ``scheduler=none``)."""
+    import json
+
+    from spleenkit.errors import BadInputError
+
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise BadInputError(f"--set takes NAME=VALUE (got {text!r})")
+
+    def parse(part: str) -> object:
+        part = part.strip()
+        try:
+            return json.loads(part)
+        except json.JSONDecodeError:
+            return part
+
+    raw = raw.strip()
+    try:
+        return name.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return name.strip(), [parse(p) for p in raw.split(",")] if "," in raw else raw
+
+
+def _settings(items: Sequence[str] | None) -> dict[str, object]:
+    """All ``--set`` items as a dict (a name given twice: the last wins, as on a command line)."""
+    return dict(parse_setting(item) for item in items or [])
+
+
 def _command_group(subparsers: argparse._SubParsersAction, name: str, help_text: str,
                    description: str) -> argparse._SubParsersAction:
     """A command with commands of its own (``spleenkit NAME COMMAND``); alone it prints its help."""
@@ -64,7 +95,7 @@ def _notebooks_run(args: argparse.Namespace) -> int:
 
     if not args.verbose:
         logging.getLogger("papermill").setLevel(logging.WARNING)
-    overrides = dict(_key_value(item) for item in args.set or [])
+    overrides = _settings(args.set)
     summary = run_notebooks(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides,
                             kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output)
     for failure in summary.failures:
@@ -72,15 +103,6 @@ def _notebooks_run(args: argparse.Namespace) -> int:
     print(format_table(summary.results))
     print(f"executed notebooks and summary.json: {summary.output_dir}")
     return 0 if summary.ok else 1
-
-
-def _key_value(item: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise SpleenkitError(f"--set {item!r}: expected NAME=VALUE")
-    return key, yaml.safe_load(value)
 
 
 def _notebooks_list(args: argparse.Namespace) -> int:
@@ -162,9 +184,14 @@ def _data_download(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.source == "msd":
-        dataset = download.download_msd(args.root or "data", url=args.url or download.MSD_SPLEEN_URL,
-                                        md5=args.md5 or download.MSD_SPLEEN_MD5, keep_archive=not args.remove_archive,
-                                        progress=progress)
+        if args.md5 and args.no_verify:
+            raise SpleenkitError("give --md5 or --no-verify, not both")
+        if args.url and not (args.md5 or args.no_verify):
+            raise SpleenkitError("--url needs the mirror's --md5 (32 hexadecimal digits), or --no-verify to download "
+                                 "it without a checksum")
+        md5 = None if args.no_verify else download.check_md5(args.md5) if args.md5 else download.MSD_SPLEEN_MD5
+        dataset = download.download_msd(args.root or "data", url=args.url or download.MSD_SPLEEN_URL, md5=md5,
+                                        keep_archive=not args.remove_archive, progress=progress)
         print(f"MSD Task09 Spleen: {dataset}")
     else:
         folder = download.download_example(args.root or "data/totalseg-example", local=args.local, progress=progress)
@@ -214,7 +241,9 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--root", help="folder to put it in (default: data for MSD, which makes "
                                          "data/Task09_Spleen; data/totalseg-example for the example)")
     download.add_argument("--url", help="MSD: another address for Task09_Spleen.tar (a mirror)")
-    download.add_argument("--md5", help="MSD: the md5 to expect from --url")
+    download.add_argument("--md5", help="MSD: the md5 to expect from --url (required with --url)")
+    download.add_argument("--no-verify", action="store_true",
+                          help="MSD: download --url without a checksum (when the mirror publishes none)")
     download.add_argument("--remove-archive", action="store_true", help="MSD: delete the .tar after extraction")
     download.add_argument("--local", help="example: use this folder's verified copy instead of downloading "
                                           "(default $SPLEENKIT_EXAMPLE_DIR when set)")
@@ -311,10 +340,10 @@ def _infer(args: argparse.Namespace) -> int:
     result = infer(args.model, args.input, args.out, preset=args.preset, device=args.device, amp=args.amp,
                    largest_component=args.largest_component, fill_holes=args.fill_holes, overlap=args.overlap,
                    sw_batch_size=args.sw_batch, blend=args.blend, stitch_device=args.stitch_device,
-                   overlay=args.overlay)
+                   overlay=args.overlay, force=args.force)
     for case in result.cases:
         print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
-              + (f" - {len(case.warnings)} orientation warning(s), see above" if case.warnings else ""))
+              + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
     print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
     return 0
 
@@ -346,24 +375,13 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--out", required=True, help="output folder")
     infer.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                        help="write an overlay PNG per input (default yes)")
+    infer.add_argument("--force", action="store_true",
+                       help="segment images whose values do not look like CT in HU (an MR image?); the warning is "
+                            "recorded in the manifest")
     _window_options(infer)
 
 
 # --------------------------------------------------------------------------- bundle, official weights, export
-def _setting(item: str) -> tuple[str, object]:
-    import json
-
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        from spleenkit.errors import BadInputError
-
-        raise BadInputError(f"--set expects KEY=VALUE (a bundle config id and its value), got {item!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def _bundle_path(args: argparse.Namespace) -> int:
     from spleenkit.bundle import bundle_source
 
@@ -377,7 +395,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
     from spleenkit.bundle import bundle_command, bundle_source, format_command
 
     folder = bundle_source()
-    command = bundle_command(args.name, overrides=dict(_setting(s) for s in args.set or []),
+    command = bundle_command(args.name, overrides=_settings(args.set),
                              processes=args.processes)
     print(f"cd {shlex.quote(str(folder))} && {format_command(command)}")
     return 0
@@ -386,7 +404,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _bundle_run(args: argparse.Namespace) -> int:
     from spleenkit.bundle import run
 
-    run(args.name, bundle_dir=args.bundle_dir, **dict(_setting(s) for s in args.set or []))
+    run(args.name, bundle_dir=args.bundle_dir, **_settings(args.set))
     return 0
 
 
@@ -470,28 +488,6 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- training
-def _preset_setting(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` of ``--set``: VALUE as JSON (numbers, true/false), a comma list, or a word."""
-    import json
-
-    from spleenkit.errors import BadInputError
-
-    name, sep, raw = text.partition("=")
-    if not sep or not name.strip():
-        raise BadInputError(f"--set takes NAME=VALUE (got {text!r})")
-
-    def parse(part: str) -> object:
-        part = part.strip()
-        if part.lower() in ("none", "null"):
-            return "none"
-        try:
-            return json.loads(part)
-        except json.JSONDecodeError:
-            return part
-
-    return name.strip().replace("-", "_"), [parse(p) for p in raw.split(",")] if "," in raw else parse(raw)
-
-
 def _train(args: argparse.Namespace) -> int:
     from spleenkit.errors import BadInputError
     from spleenkit.training import train
@@ -508,14 +504,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides["validation_interval"] = args.val_interval
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
-    for setting in args.set or []:
-        name, value = _preset_setting(setting)
-        overrides[name] = value
+    for name, value in _settings(args.set).items():  # preset settings: validation-cases = validation_cases
+        overrides[name.replace("-", "_")] = "none" if value is None else value
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with _process_group(args) as context:
         result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
-                       resume=args.resume, seed=args.seed, num_workers=args.workers, cache_rate=args.cache_rate,
-                       progress=progress, distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
+                       resume=args.resume, resume_anyway=args.resume_anyway, seed=args.seed,
+                       num_workers=args.workers, cache_rate=args.cache_rate, progress=progress,
+                       distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
                        **overrides)
     if context is not None and not context.is_main:
         return 0
@@ -544,6 +540,9 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
                             "the fastest correct choice here; float32 on a CPU without native bfloat16, where "
                             "--amp forces bfloat16 with a warning that it is slower)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint_last.pt")
+    train.add_argument("--resume-anyway", action="store_true",
+                       help="with --resume: continue even though the preset or its settings differ from the run's "
+                            "(the differences are recorded in the manifest)")
     train.add_argument("--seed", type=int, help="random seed (default: the preset's, 123)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     train.add_argument("--workers", type=int, help="threads filling the cache and loader workers (default: all cores)")
@@ -575,7 +574,7 @@ def _course_check(args: argparse.Namespace) -> int:
 
     if not args.verbose:
         logging.getLogger("papermill").setLevel(logging.WARNING)
-    overrides = dict(_key_value(item) for item in args.set or [])
+    overrides = _settings(args.set)
     result = check_course(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides)
     for failure in result.summary.failures:
         print(f"\n{failure.error}\n", file=sys.stderr)

@@ -273,7 +273,7 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
     """
     import nbformat
 
-    from spleenkit.notebooks import find_repo, list_notebooks, select_notebooks
+    from spleenkit.notebooks import find_repo, list_notebooks, select_notebooks, write_notebook
 
     source_dir = Path(notebook_dir) if notebook_dir else find_repo() / "notebooks"
     out = Path(out_dir)
@@ -295,9 +295,7 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
     for path in notebooks:
         student = student_notebook(nbformat.read(path, as_version=4), path.name)
         target = out / path.name
-        temporary = target.with_name(f".{target.name}.tmp")
-        nbformat.write(student, temporary)
-        os.replace(temporary, target)
+        write_notebook(student, target)
         written.append(target)
     return written
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -495,18 +494,10 @@ def read_rows_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _atomic_text(path: Path, write: Any) -> Path:
     """Call ``write(stream)`` on a temporary file beside ``path``, then rename it into place."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror})", path.parent) from error
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from spleenkit.io import atomic_write
+
+    with atomic_write(path, "w") as stream:
+        write(stream)
     return path
 
 

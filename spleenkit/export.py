@@ -15,8 +15,7 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,36 +40,43 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
 
 
-def _replace_atomically(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+def parity_check(network: torch.nn.Module, kind: str = "export",
+                 differences: dict[str, float] | None = None) -> Callable[[Path], None]:
+    """A ``check=`` callback for :mod:`spleenkit.io`: the written file must match ``network`` within TOLERANCE
+    (the difference is stored in ``differences[kind]`` when given)."""
+    def check(path: Path) -> None:
+        difference = parity(network, path)
+        if differences is not None:
+            differences[kind] = difference
+        if difference > TOLERANCE:
+            raise SpleenkitError(f"the {kind} differs from the eager model by {difference:.2e} (more than "
+                                 f"{TOLERANCE:.0e}); nothing was replaced")
+    return check
 
 
 def export_torchscript(network: torch.nn.Module, out: str | os.PathLike[str],
-                       metadata: dict[str, Any] | None = None) -> Path:
-    """Script ``network`` and save it with ``metadata`` (e.g. the bundle's metadata.json) inside the file."""
+                       metadata: dict[str, Any] | None = None,
+                       check: Callable[[Path], None] | None = None) -> Path:
+    """Script ``network`` and save it with ``metadata`` (e.g. the bundle's metadata.json) inside the file.
+
+    ``check(temporary_path)`` runs on the written file before it replaces ``out`` (see :func:`parity_check`).
+    """
     import torch
     from monai.data import save_net_with_metadata
 
+    from spleenkit.io import write_with
+
     network = network.eval()
     scripted = torch.jit.script(network)
-    return _replace_atomically(
-        Path(out), lambda path: save_net_with_metadata(scripted, path, include_config_vals=False,
-                                                       meta_values=metadata or {})
-    )
+    return write_with(out, lambda path: save_net_with_metadata(scripted, str(path), include_config_vals=False,
+                                                               meta_values=metadata or {}), check=check)
 
 
 def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
-                sample_shape: tuple[int, ...] = SAMPLE_SHAPE) -> Path:
-    """Export ``network`` to ONNX with any batch size and any spatial size divisible by 16."""
+                sample_shape: tuple[int, ...] = SAMPLE_SHAPE,
+                check: Callable[[Path], None] | None = None) -> Path:
+    """Export ``network`` to ONNX with any batch size and any spatial size divisible by 16 (``check`` as for
+    :func:`export_torchscript`)."""
     if not onnx_available():
         raise SpleenkitError("ONNX export needs the onnx and onnxscript packages: pip install 'spleenkit[export]'")
     import torch
@@ -80,12 +86,14 @@ def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
     spatial = torch.export.Dim.AUTO
     dynamic = {"x": {0: torch.export.Dim("batch", max=1024), 2: spatial, 3: spatial, 4: spatial}}
 
-    def write(path: str) -> None:
-        torch.onnx.export(network, (sample,), path, dynamo=True, input_names=["image"], output_names=["pred"],
+    def write(path: Path) -> None:
+        torch.onnx.export(network, (sample,), str(path), dynamo=True, input_names=["image"], output_names=["pred"],
                           dynamic_shapes=dynamic, verbose=False)
 
+    from spleenkit.io import write_with
+
     with _quiet_exporter():
-        return _replace_atomically(Path(out), write)
+        return write_with(out, write, check=check)
 
 
 @contextlib.contextmanager
@@ -154,29 +162,33 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
                  check: bool = True) -> dict[str, Any]:
     """Export the weights in ``model`` (a model.pt) to TorchScript at ``out`` (and ONNX beside it).
 
-    Loads strictly with ``weights_only=True``; with ``check`` the exported files are run against
-    the eager network and a difference above :data:`TOLERANCE` is an error. Returns a summary.
+    Loads strictly with ``weights_only=True`` and refuses NaN or infinite weights; with ``check`` each
+    exported file is run against the eager network *before* it replaces an earlier export, and a
+    difference above :data:`TOLERANCE` is an error that leaves the earlier file as it was. Returns a summary.
     """
-    from spleenkit.model import load_model
+    from spleenkit.model import check_finite_weights, load_model
 
+    out = Path(out)
+    if out.is_dir():
+        raise BadInputError("is a folder; give the file to write, e.g. model.ts", out)
     network = load_model(model, preset)
+    check_finite_weights(network, model)
     metadata: dict[str, Any] = {}
     if metadata_file:
         try:
             metadata = json.loads(Path(metadata_file).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise BadInputError(f"cannot read the metadata ({error})", metadata_file) from error
-    out = Path(out)
-    written = {"torchscript": export_torchscript(network, out, metadata)}
+    differences: dict[str, float] = {}
+
+    def checked(kind: str) -> Callable[[Path], None] | None:
+        return parity_check(network, kind, differences) if check else None
+
+    written = {"torchscript": export_torchscript(network, out, metadata, check=checked("torchscript"))}
     if onnx:
-        written["onnx"] = export_onnx(network, out.with_suffix(".onnx"))
+        written["onnx"] = export_onnx(network, out.with_suffix(".onnx"), check=checked("onnx"))
     summary: dict[str, Any] = {kind: str(path) for kind, path in written.items()}
-    if check:
-        for kind, path in written.items():
-            difference = parity(network, path)
-            summary[f"{kind}_max_abs_difference"] = difference
-            if difference > TOLERANCE:
-                raise SpleenkitError(f"{path}: the exported model differs from the eager one by {difference:.2e} "
-                                     f"(more than {TOLERANCE:.0e})")
+    for kind, difference in differences.items():
+        summary[f"{kind}_max_abs_difference"] = difference
     summary["tolerance"] = TOLERANCE
     return summary

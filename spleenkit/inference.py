@@ -22,6 +22,7 @@ import numpy as np
 
 from spleenkit.environment import peak_memory_mib
 from spleenkit.errors import BadInputError
+from spleenkit.io import write_with
 from spleenkit.presets import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -105,25 +106,46 @@ class InputVolume:
 
 
 def find_inputs(path: str | os.PathLike[str]) -> list[InputVolume]:
-    """The volumes under ``path``: a NIfTI file, a folder of NIfTI files, or a folder with one DICOM series."""
+    """The volumes under ``path``: a NIfTI file, or a folder of NIfTI files and/or DICOM series (the folder's
+    own DICOM files, and each subfolder holding DICOM files); see :func:`scan_inputs` for what is skipped."""
+    return scan_inputs(path)[0]
+
+
+def scan_inputs(path: str | os.PathLike[str]) -> tuple[list[InputVolume], list[str]]:
+    """The volumes under ``path`` and, for a folder, a line per entry that is skipped and why, so that
+    nothing in the folder is left out silently. Every NIfTI file and every DICOM series is an input."""
     path = Path(path)
     if not path.exists():
         raise BadInputError("input not found", path)
     if path.is_file():
         if is_nifti(path):
-            return [InputVolume(path, "nifti")]
+            return [InputVolume(path, "nifti")], []
         if _is_dicom_file(path):
             raise BadInputError("a single DICOM file; give the folder holding the whole series", path)
         raise BadInputError("not a NIfTI file (.nii or .nii.gz) or a DICOM folder", path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    niftis = [p for p in files if is_nifti(p) and not p.name.endswith(MASK_SUFFIX)]  # not our own masks
-    if niftis:
-        return [InputVolume(p, "nifti") for p in niftis]
-    if any(_is_dicom_file(p) for p in files):
-        return [InputVolume(path, "dicom")]
-    if not files:
-        raise BadInputError("the folder is empty: no NIfTI files or DICOM series to segment", path)
-    raise BadInputError(f"no NIfTI files or DICOM series among its {len(files)} file(s)", path)
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    volumes = [InputVolume(p, "nifti") for p in files if is_nifti(p) and not p.name.endswith(MASK_SUFFIX)]
+    skipped = [f"{p.name} (a spleen mask this kit wrote)" for p in files if p.name.endswith(MASK_SUFFIX)]
+    dicom_files = [p for p in files if not is_nifti(p) and _is_dicom_file(p)]
+    if dicom_files:
+        volumes.append(InputVolume(path, "dicom"))
+    skipped += [f"{p.name} (not a NIfTI or DICOM file)" for p in files if not is_nifti(p) and p not in dicom_files]
+    for folder in (p for p in entries if p.is_dir()):
+        inside = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if any(_is_dicom_file(p) for p in inside):
+            volumes.append(InputVolume(folder, "dicom"))
+        else:
+            skipped.append(f"{folder.name}/ (a folder without DICOM files)")
+    if not volumes:
+        if not entries:
+            raise BadInputError("the folder is empty: no NIfTI files or DICOM series to segment", path)
+        raise BadInputError(f"no NIfTI files or DICOM series among its {len(entries)} entries", path)
+    names = [volume.name for volume in volumes]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise BadInputError(f"two inputs would write the same mask {twice[0]}{MASK_SUFFIX}: rename one", path)
+    return volumes, skipped
 
 
 def read_dicom_series(folder: str | os.PathLike[str]) -> nib.Nifti1Image:
@@ -243,22 +265,13 @@ def write_mask(mask: np.ndarray, reference: str | os.PathLike[str] | nib.spatial
     header["cal_min"], header["cal_max"] = 0, 1
     header["descrip"] = b"spleenkit spleen mask (1 = spleen)"
     image = type(reference)((mask > 0).astype(np.uint8), None, header)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror or error})", path.parent) from error
-    try:
-        image.to_filename(temporary)
+
+    def same_grid(temporary: Path) -> None:
         written = nib.load(temporary)
         if written.shape != tuple(reference.shape[:3]) or not np.array_equal(written.affine, reference.affine):
             raise BadInputError("internal error: the written mask's grid differs from the image's", path)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_with(path, image.to_filename, check=same_grid)
 
 
 # --------------------------------------------------------------------------- orientation check
@@ -346,7 +359,7 @@ def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], p
     try:
         data = preprocessing({"image": str(image_path)})
     except Exception as error:  # noqa: BLE001 - MONAI wraps reader failures in RuntimeError
-        raise BadInputError(f"cannot preprocess ({str(error).splitlines()[0]})", image_path) from error
+        raise BadInputError(f"cannot preprocess ({_preprocessing_error(error)})", image_path) from error
     logits = predict_logits(network, data["image"], inferer, device, amp)
     resampled = data.pop("image")
     del data
@@ -390,68 +403,137 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def check_inputs(volumes: Sequence[InputVolume], preset: Preset | str, force: bool = False) -> dict[str, list[str]]:
+    """Run ``data check``'s own image checks (:func:`spleenkit.data.checks.inspect_image`) on every input before
+    anything is written: a problem anywhere is refused, naming each file; intensities that do not look like CT
+    are refused unless ``force``. Returns the warnings per input name (recorded in the manifest)."""
+    from spleenkit.data.checks import inspect_image, read_input
+
+    problems: list[str] = []
+    warnings_: dict[str, list[str]] = {}
+    not_ct: list[str] = []
+    for volume in volumes:
+        try:
+            if volume.kind == "nifti":
+                read_nifti(volume.path)  # the header first: its messages are the clearest
+            image, data = read_input(volume.path)
+        except BadInputError as error:
+            problems.append(str(error))
+            continue
+        found = inspect_image(image, data, preset)
+        del image, data
+        problems += [f"{volume.path}: {message}" for message in found.problems]
+        warnings_[volume.name] = list(found.warnings)
+        if found.not_ct:
+            not_ct.append(f"{volume.path}: {found.not_ct}")
+    if problems:
+        raise BadInputError(problems[0] if len(problems) == 1 else
+                            f"{len(problems)} input(s) cannot be segmented: " + "; ".join(problems))
+    if not_ct and not force:
+        raise BadInputError("; ".join(not_ct) + ". The model was trained on CT: pass force=True / --force to "
+                            "segment it anyway (the warning is recorded in the manifest)")
+    for lines in warnings_.values():
+        for line in lines:
+            log.warning(line)
+    return warnings_
+
+
+def _preprocessing_error(error: BaseException) -> str:
+    """The innermost cause of a MONAI transform failure ("applying transform <LoadImaged ...>" says nothing)."""
+    while error.__cause__ is not None or (error.__context__ is not None and "applying transform" in str(error)):
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir: str | os.PathLike[str],
           preset: Preset | str | None = None, device: str = "auto", amp: bool | None = None,
           largest_component: bool = False, fill_holes: bool = False, overlap: float | None = None,
           sw_batch_size: int | None = None, blend: str = "constant", stitch_device: str = "cpu",
-          overlay: bool = True) -> InferenceResult:
+          overlay: bool = True, force: bool = False) -> InferenceResult:
     """Segment the spleen in every volume under ``input`` and write masks, overlays and a manifest.
 
     For each input ``NAME`` the output folder gets ``NAME_spleen.nii.gz`` (uint8, the input's
     exact shape and affine) and ``NAME_overlay.png``; ``manifest.json`` lists them with the
-    settings, timings, peak memory and any orientation warnings. The preset defaults to the one
-    in the model's run folder (else "seed").
+    settings, timings, peak memory, any orientation or input warnings and the folder entries skipped.
+    The preset defaults to the one in the model's run folder (else "seed").
+
+    Before anything is written every input gets ``data check``'s checks (:func:`check_inputs`; ``force``
+    segments images whose values do not look like CT) and the model's weights must be finite. If a case
+    fails or the run is interrupted, the masks already written stay and the manifest lists them.
     """
     from spleenkit.devices import pick_device
     from spleenkit.evaluation import inference_amp, inference_network, make_inferer, run_preset, voxel_spacing
     from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.model import load_model
+    from spleenkit.model import check_finite_weights, load_model
+    from spleenkit.runs import output_folder
 
     model = Path(model)
-    volumes = find_inputs(input)
-    for volume in volumes:  # fail on a bad header before writing anything
-        if volume.kind == "nifti":
-            read_nifti(volume.path)
-    out = check_writable(out_dir)
+    volumes, skipped = scan_inputs(input)
+    for entry in skipped:
+        log.warning("%s: skipped %s", input, entry)
     preset = run_preset(model.parent) if preset is None else get_preset(preset)
+    input_warnings = check_inputs(volumes, preset, force)
     device_ = pick_device(device)
     amp = inference_amp(preset, device_, amp)
-    network = inference_network(load_model(model, preset, device_), device_, preset.channels_last)
+    network = load_model(model, preset, device_)
+    check_finite_weights(network, model)
+    network = inference_network(network, device_, preset.channels_last)
     inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
     settings = {"model": str(model), "input": str(input), "preset": preset.name, "device": str(device_), "amp": amp,
                 "roi_size": list(preset.validation_roi_size), "overlap": inferer.overlap,
                 "sw_batch_size": inferer.sw_batch_size, "blend": blend, "stitch_device": stitch_device,
-                "largest_component": largest_component, "fill_holes": fill_holes}
+                "largest_component": largest_component, "fill_holes": fill_holes, "force": force}
     started = now()
     cases: list[CaseOutput] = []
-    for volume in volumes:
-        begun = time.perf_counter()
-        image = load_volume(volume)
-        with tempfile.TemporaryDirectory(prefix="spleenkit-") as scratch:
-            if volume.kind == "dicom":
-                image_path = Path(scratch) / f"{volume.name}.nii.gz"
-                image.to_filename(image_path)
-            else:
-                image_path = volume.path
-            mask = predict_mask(network, image_path, preset, inferer, device_, amp, largest_component, fill_holes)
-        warnings_ = orientation_warnings(image, mask, name=str(volume.path))
-        for warning in warnings_:
-            log.warning(warning)
-        mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
-        overlay_path = None
-        if overlay:
-            from spleenkit.visualization import save_figure, three_plane
-
-            figure = three_plane(np.asanyarray(image.dataobj).reshape(image.shape[:3]), mask, affine=image.affine,
-                                 title=f"{volume.name}: predicted spleen")
-            overlay_path = str(save_figure(figure, out / f"{volume.name}{OVERLAY_SUFFIX}"))
-        volume_ml = float(mask.sum()) * float(np.prod(voxel_spacing(image.affine))) / 1000
-        seconds = round(time.perf_counter() - begun, 2)
-        log.info("%s: spleen %.1f mL -> %s (%.1f s)", volume.name, volume_ml, mask_path, seconds)
-        cases.append(CaseOutput(volume.name, str(volume.path), str(mask_path), overlay_path, list(mask.shape),
-                                round(volume_ml, 2), seconds, warnings_))
-    peak = peak_memory_mib()
-    manifest = build_manifest(settings, device=str(device_), started=started, finished=now(),
-                              preset=preset.to_dict(), peak_rss_mib=peak, cases=[asdict(c) for c in cases])
-    manifest_path = write_manifest(out, manifest)
+    with output_folder(out_dir) as out:
+        check_writable(out)
+        try:
+            for volume in volumes:
+                cases.append(_infer_one(volume, out, network, preset, inferer, device_, amp, largest_component,
+                                        fill_holes, overlay, input_warnings.get(volume.name, []), voxel_spacing))
+        except BaseException as error:
+            if cases:  # what finished is described, and why the rest is missing
+                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error) or type(error).__name__
+                write_manifest(out, build_manifest(
+                    settings, device=str(device_), started=started, finished=None, preset=preset.to_dict(),
+                    cases=[asdict(c) for c in cases], skipped=skipped, stopped=reason,
+                    not_done=[v.name for v in volumes[len(cases):]]))
+            raise
+        peak = peak_memory_mib()
+        manifest = build_manifest(settings, device=str(device_), started=started, finished=now(),
+                                  preset=preset.to_dict(), peak_rss_mib=peak, cases=[asdict(c) for c in cases],
+                                  skipped=skipped)
+        manifest_path = write_manifest(out, manifest)
     return InferenceResult(cases, out, manifest_path, peak)
+
+
+def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset: Preset, inferer: Any,
+               device_: torch.device, amp: bool, largest_component: bool, fill_holes: bool, overlay: bool,
+               input_warnings: list[str], voxel_spacing: Any) -> CaseOutput:
+    """Segment one input and write its mask (and overlay)."""
+    begun = time.perf_counter()
+    image = load_volume(volume)
+    with tempfile.TemporaryDirectory(prefix="spleenkit-") as scratch:
+        if volume.kind == "dicom":
+            image_path = Path(scratch) / f"{volume.name}.nii.gz"
+            image.to_filename(image_path)
+        else:
+            image_path = volume.path
+        mask = predict_mask(network, image_path, preset, inferer, device_, amp, largest_component, fill_holes)
+    warnings_ = orientation_warnings(image, mask, name=str(volume.path))
+    for warning in warnings_:
+        log.warning(warning)
+    mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
+    overlay_path = None
+    if overlay:
+        from spleenkit.visualization import save_figure, three_plane
+
+        figure = three_plane(np.asanyarray(image.dataobj).reshape(image.shape[:3]), mask, affine=image.affine,
+                             title=f"{volume.name}: predicted spleen")
+        overlay_path = str(save_figure(figure, out / f"{volume.name}{OVERLAY_SUFFIX}"))
+    volume_ml = float(mask.sum()) * float(np.prod(voxel_spacing(image.affine))) / 1000
+    seconds = round(time.perf_counter() - begun, 2)
+    log.info("%s: spleen %.1f mL -> %s (%.1f s)", volume.name, volume_ml, mask_path, seconds)
+    return CaseOutput(volume.name, str(volume.path), str(mask_path), overlay_path, list(mask.shape),
+                      round(volume_ml, 2), seconds, warnings_ + input_warnings)

@@ -59,12 +59,9 @@ def build_manifest(parameters: dict[str, Any], device: str | None = None, **extr
 
 def write_manifest(run_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` into the run folder atomically and return its path."""
-    path = Path(run_dir) / MANIFEST_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
-    return path
+    from spleenkit.io import write_json
+
+    return write_json(Path(run_dir) / MANIFEST_NAME, manifest)
 
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

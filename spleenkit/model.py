@@ -8,6 +8,7 @@ written atomically (a temporary file renamed into place), so a crash never leave
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +42,14 @@ def count_parameters(network: torch.nn.Module) -> int:
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` through the kit's one atomic writer (:func:`spleenkit.io.atomic_write`)."""
+def atomic_save(obj: Any, path: str | os.PathLike[str], *, check: Callable[[Path], None] | None = None) -> Path:
+    """``torch.save`` through the kit's one atomic writer (:func:`spleenkit.io.atomic_write`); ``check`` (e.g.
+    :func:`check_saved_weights`) inspects the written file before it replaces an earlier one."""
     import torch
 
     from spleenkit.io import atomic_write
 
-    with atomic_write(path, "wb") as stream:
+    with atomic_write(path, "wb", check=check) as stream:
         torch.save(obj, stream)
     return Path(path)
 
@@ -72,6 +74,38 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise BadInputError(f"corrupt or truncated checkpoint ({str(error).splitlines()[0]})", path) from error
+    except Exception as error:  # noqa: BLE001 - a text or other non-checkpoint file fails deep in the unpickler
+        raise BadInputError(f"not a PyTorch checkpoint (a model.pt written by torch.save); reading it failed with "
+                            f"{type(error).__name__}", path) from error
+
+
+def non_finite_weights(network: torch.nn.Module) -> list[str]:
+    """Names of the floating-point weights and buffers holding NaN or infinity (empty when all are finite)."""
+    return _non_finite(getattr(network, "module", network).state_dict())  # (a DDP wrapper's network)
+
+
+def _non_finite(state: dict[str, Any]) -> list[str]:
+    import torch
+
+    return [name for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def check_finite_weights(network: torch.nn.Module, source: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a network whose weights hold NaN or infinity (a diverged training): its masks would be empty
+    and its exports meaningless."""
+    broken = non_finite_weights(network)
+    if broken:
+        raise BadInputError(f"the model's weights hold NaN or infinity ({len(broken)} tensor(s), e.g. {broken[0]}): "
+                            "a diverged training? Use an earlier model.pt", source)
+
+
+def check_saved_weights(path: str | os.PathLike[str]) -> None:
+    """The file reads back safely (weights_only) and its weights are finite: the check a model.pt or a
+    checkpoint passes before it replaces the previous one."""
+    broken = _non_finite(extract_state_dict(load_checkpoint(path), path))
+    if broken:
+        raise BadInputError(f"refusing to save weights holding NaN or infinity (e.g. {broken[0]})", path)
 
 
 def extract_state_dict(checkpoint: Any, path: str | os.PathLike[str] = "checkpoint") -> dict[str, torch.Tensor]:

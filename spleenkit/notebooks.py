@@ -16,7 +16,6 @@ beside the executed copies.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 from spleenkit import __version__
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
+from spleenkit.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,25 @@ def notebook_parameters(notebook: Path, profile: dict[str, Any],
     return parameters
 
 
+def check_overrides(overrides: dict[str, Any], notebooks: Sequence[Path]) -> None:
+    """Refuse an override no notebook to run declares in its parameters cell (a typo such as ``data_dri``
+    would otherwise be dropped and the run would use the default), suggesting the closest declared name."""
+    import difflib
+
+    import papermill
+
+    if not overrides:
+        return
+    declared: set[str] = set()
+    for notebook in notebooks:
+        declared |= set(papermill.inspect_notebook(notebook))
+    for name in sorted(set(overrides) - declared):
+        close = difflib.get_close_matches(name, sorted(declared), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise BadInputError(f"--set {name}: no notebook to run declares a parameter {name!r}; {hint}"
+                            f"the parameters are {', '.join(sorted(declared)) or 'none'}")
+
+
 # --------------------------------------------------------------------------- running
 @dataclass
 class NotebookResult:
@@ -291,7 +310,7 @@ def this_python_kernel() -> Iterator[str]:
         spec_dir.mkdir(parents=True)
         spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "Python 3 (spleenkit)", "language": "python"}
-        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        write_json(spec_dir / "kernel.json", spec, indent=1)
         jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
         with _environment({"JUPYTER_PATH": jupyter_path}):
             yield "python3"
@@ -319,9 +338,10 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     notebooks = select_notebooks(list_notebooks(notebook_dir), only)
     if not notebooks:
         raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
+    shared_overrides = _resolve_paths(dict(overrides or {}), repo)
+    check_overrides(shared_overrides, notebooks)
     out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
-    shared_overrides = _resolve_paths(dict(overrides or {}), repo)
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
 
@@ -370,11 +390,7 @@ def _named_kernel(name: str) -> Iterator[str]:
 
 def write_summary(summary: RunSummary) -> Path:
     """Write ``summary.json`` into the output folder (atomically) and return its path."""
-    path = Path(summary.output_dir) / "summary.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_json(Path(summary.output_dir) / "summary.json", summary.to_dict())
 
 
 def format_table(results: Sequence[NotebookResult]) -> str:
@@ -498,8 +514,16 @@ def strip_notebooks(paths: Iterable[str | os.PathLike[str]], check: bool = False
         if strip_notebook(notebook):
             changed.append(path)
             if not check:
-                nbformat.write(notebook, path)
+                write_notebook(notebook, path)
     return changed
+
+
+def write_notebook(notebook: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a notebook as ``nbformat.write`` formats it, through the kit's atomic writer."""
+    import nbformat
+
+    text = nbformat.writes(notebook)
+    return write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 def notebooks_with_kept_outputs(notebook_dir: str | os.PathLike[str]) -> list[Path]:
@@ -545,7 +569,7 @@ def refresh_kept_outputs(path: str | os.PathLike[str], kernel_name: str | None =
             cell.execution_count = twin.execution_count
             stored.append(index)
     strip_notebook(notebook)
-    nbformat.write(notebook, path)
+    write_notebook(notebook, path)
     return stored
 
 

@@ -9,7 +9,8 @@ float16 with a gradient scaler on CUDA, bfloat16 autocast on the CPU — ``monai
 
 A run folder holds ``model.pt`` (best validation Dice, a plain state dict like the bundle's),
 ``checkpoint_last.pt`` (everything needed to resume, rewritten atomically at every epoch end),
-``metrics.jsonl`` (one line per epoch), ``manifest.json`` and ``tensorboard/``.
+``metrics.jsonl`` (one line per epoch), ``manifest.json`` and ``tensorboard/``; while a run writes
+it, ``run.lock`` names the process (see :mod:`spleenkit.runs`, which holds the layout and the lock).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist, split_datalist
 from spleenkit.distributed import mean_over_ranks, unwrap_model
-from spleenkit.errors import BadInputError
+from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.io import write_text
 from spleenkit.presets import Preset, get_preset
+from spleenkit.runs import (  # noqa: F401 - the run-folder layout, importable from here as before
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    MODEL_NAME,
+    TENSORBOARD_DIR,
+    RunLock,
+    output_folder,
+    prepare_run_dir,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -42,11 +52,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "model.pt"
-CHECKPOINT_NAME = "checkpoint_last.pt"
-METRICS_NAME = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_FORMAT = 1
+#: The largest patch side accepted (the UNet trains on crops; a whole resampled MSD image is about 340 voxels).
+MAX_PATCH_SIDE = 512
+#: Training memory per input voxel of one patch in float32: 167 bytes kept for the backward pass by the bundle's
+#: UNet (measured with saved-tensor hooks), doubled for the gradients and the forward's passing maps.
+ACTIVATION_BYTES_PER_VOXEL = 350
+#: Preset settings that may change when a run is resumed; any other change is refused (see check_resume_recipe).
+RESUMABLE_SETTINGS = frozenset({"description", "epochs", "validation_interval", "cache_rate", "amp",
+                                "sliding_window_batch_size", "channels_last", "extra"})
 _CHECKPOINT_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "iteration",
                     "best_metric", "best_metric_epoch")
 
@@ -69,7 +83,47 @@ def resolve_preset(preset: Preset | str = "seed", **overrides: Any) -> Preset:
     if min(resolved.patch_size) < 16:
         raise BadInputError(f"patch size {tuple(resolved.patch_size)} is too small for the UNet's four poolings "
                             "(use at least 16 voxels per side, a multiple of 16)")
+    for name in ("patch_size", "validation_roi_size"):
+        size = tuple(getattr(resolved, name))
+        if max(size) > MAX_PATCH_SIDE:
+            raise BadInputError(f"{name.replace('_', ' ')} {size} is beyond {MAX_PATCH_SIDE} voxels per side; the "
+                                "network trains on crops (the bundle uses 96)")
+    rate = resolved.learning_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not math.isfinite(rate) or not 0 < rate <= 1:
+        raise BadInputError(f"learning rate {rate!r} must be a finite number between 0 and 1 (the bundle uses 1e-4)")
     return resolved
+
+
+def estimate_step_memory(preset: Preset | str) -> int:
+    """Bytes one training step needs for its activations: patches per batch x voxels per patch x
+    :data:`ACTIVATION_BYTES_PER_VOXEL`, scaled by the network's width (float32, the upper bound)."""
+    preset = get_preset(preset)
+    patches = preset.batch_size * preset.num_samples
+    width = preset.channels[0] / 16
+    return int(patches * math.prod(preset.patch_size) * ACTIVATION_BYTES_PER_VOXEL * width)
+
+
+def check_step_fits(preset: Preset | str, device: torch.device) -> None:
+    """Refuse, before anything heavy starts, a patch whose training step cannot fit in the device's memory."""
+    from spleenkit.environment import total_memory_gib
+
+    preset = get_preset(preset)
+    if device.type == "cuda":
+        import torch
+
+        available = torch.cuda.get_device_properties(device).total_memory
+        where = f"{device}'s memory"
+    else:
+        memory = total_memory_gib()
+        if memory is None:
+            return
+        available, where = int(memory * 2**30), "this machine's memory"
+    needed = estimate_step_memory(preset)
+    if needed > 0.9 * available:
+        raise BadInputError(
+            f"a training step with {preset.batch_size} x {preset.num_samples} patches of {tuple(preset.patch_size)} "
+            f"needs about {needed / 2**30:.1f} GiB, more than {where} ({available / 2**30:.1f} GiB); use a smaller "
+            "--patch or batch")
 
 
 def default_num_workers() -> int:
@@ -212,6 +266,10 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
     estimate = estimate_cache_memory(train_items, preset, rate).combined(
         estimate_cache_memory(validation_items, preset, rate, padded=False))
     log.info("%s", estimate.describe())
+    if estimate.available_bytes and estimate.total_bytes > estimate.available_bytes:
+        suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
+        raise BadInputError(f"the cache cannot fit: {estimate.describe()}; lower the cache rate (e.g. "
+                            f"cache_rate={suggestion} / --cache-rate {suggestion}) or the spacing")
     if not estimate.fits:
         suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
         log.warning("the cache may not fit in memory; lower the cache rate (e.g. cache_rate=%s / --cache-rate %s)",
@@ -556,6 +614,51 @@ def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, prese
     return evaluator
 
 
+class NonFiniteTrainingError(SpleenkitError):
+    """Training produced a NaN or infinite loss or weights; the message names the epoch and iteration."""
+
+
+class StopOnNonFinite:
+    """Stop training at the first NaN or infinite loss (checked every iteration) or weights (checked at every
+    epoch end, before validation and the checkpoint), so the last checkpoint and model.pt stay good."""
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.check_loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.check_weights)
+
+    def _stop(self, engine: SupervisedTrainer, what: str) -> None:
+        epoch, iteration = engine.state.epoch, engine.state.iteration
+        kept = ""
+        if self.run_dir is not None:
+            kept = (f"; {self.run_dir / CHECKPOINT_NAME} (epoch {epoch - 1}) and model.pt are kept as they were"
+                    if epoch > 1 else "; no checkpoint had been written yet")
+        raise NonFiniteTrainingError(
+            f"training stopped: {what} at epoch {epoch}, iteration {iteration}{kept}. The learning rate "
+            f"({float(engine.optimizer.param_groups[0]['lr']):.3g}) may be too high, or the data holds NaN")
+
+    def check_loss(self, engine: SupervisedTrainer) -> None:
+        from monai.utils.enums import CommonKeys as Keys
+
+        output = engine.state.output
+        if isinstance(output, list):
+            output = output[0]
+        loss = float(output[Keys.LOSS])
+        if not math.isfinite(loss):
+            self._stop(engine, f"the loss is {loss}")
+
+    def check_weights(self, engine: SupervisedTrainer) -> None:
+        from spleenkit.model import non_finite_weights
+
+        broken = non_finite_weights(engine.network)
+        if broken:
+            self._stop(engine, f"{len(broken)} weight tensor(s) hold NaN or infinity (e.g. {broken[0]})")
+
+
 class ValidateAndKeepBest:
     """At the end of every ``interval``-th epoch (and the last): run the evaluator, record the Dice in
     ``trainer.state.val_dice`` and save the weights to ``model_path`` when it is the best so far."""
@@ -579,7 +682,7 @@ class ValidateAndKeepBest:
         return epoch % self.interval == 0 or epoch == engine.state.max_epochs
 
     def __call__(self, engine: SupervisedTrainer) -> None:
-        from spleenkit.model import atomic_save
+        from spleenkit.model import atomic_save, non_finite_weights
 
         if not self.due(engine):
             return
@@ -589,6 +692,10 @@ class ValidateAndKeepBest:
         if engine.state.best_metric_epoch == -1 or dice > engine.state.best_metric:
             engine.state.best_metric, engine.state.best_metric_epoch = dice, engine.state.epoch
             if self.write and self.model_path is not None:
+                broken = non_finite_weights(engine.network)  # (checked in memory: reading the file back costs more)
+                if broken:
+                    raise NonFiniteTrainingError(f"refusing to replace {self.model_path}: the weights hold NaN or "
+                                                 f"infinity (e.g. {broken[0]}) at epoch {engine.state.epoch}")
                 atomic_save(unwrap_model(engine.network).state_dict(), self.model_path)  # plain UNet keys, no DDP
                 log.debug("new best validation Dice %.4f at epoch %d: saved %s", dice, engine.state.epoch,
                           self.model_path)
@@ -661,14 +768,14 @@ class RunRecorder:
                  record["seconds"])
         if not self.write:
             return
-        with (self.run_dir / METRICS_NAME).open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+        lines = [json.dumps(line) for line in read_metrics(self.run_dir)] + [json.dumps(record)]
+        write_text(self.run_dir / METRICS_NAME, "\n".join(lines) + "\n")  # whole lines only, even after a crash
         if self.writer is not None:
             self.writer.add_scalar("epoch_loss", loss, epoch)
             self.writer.add_scalar("lr", lr, epoch)
             if val_dice is not None:
                 self.writer.add_scalar("val_dice", val_dice, epoch)
-        atomic_save(self.checkpoint(engine), self.run_dir / CHECKPOINT_NAME)
+        atomic_save(self.checkpoint(engine), self.run_dir / CHECKPOINT_NAME)  # weights checked by StopOnNonFinite
 
     def checkpoint(self, engine: SupervisedTrainer) -> dict[str, Any]:
         """Everything needed to resume after this epoch, as tensors and plain data only."""
@@ -717,6 +824,7 @@ def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: S
         return float(output[Keys.LOSS])
 
     handlers: list[Any] = [
+        StopOnNonFinite(run_dir),  # first: before validation and the checkpoint see broken weights
         ValidateAndKeepBest(evaluator, preset.validation_interval,
                             None if run_dir is None else Path(run_dir) / MODEL_NAME, write=write),
     ]
@@ -809,6 +917,47 @@ def restore_checkpoint(trainer: SupervisedTrainer, checkpoint: dict[str, Any],
     return epoch
 
 
+def recipe_differences(old: dict[str, Any], new: Preset) -> list[str]:
+    """The preset settings (other than :data:`RESUMABLE_SETTINGS`) that differ between a run's recorded
+    preset (``manifest["parameters"]["preset"]``) and ``new``, as "name: old -> new" lines."""
+    current = json.loads(json.dumps(new.to_dict(), default=str))
+    changes = []
+    for key in sorted(set(old) | set(current)):
+        if key in RESUMABLE_SETTINGS:
+            continue
+        if old.get(key) != current.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def check_resume_recipe(run_dir: str | os.PathLike[str], preset: Preset, checkpoint: dict[str, Any],
+                        anyway: bool = False) -> list[str]:
+    """Refuse to resume a run with another recipe: a different preset, preprocessing, patch, network, loss or
+    optimiser would train one model under two recipes, and ``infer`` would preprocess with the wrong one.
+
+    Returns the differences (empty when none); with ``anyway`` they are logged and returned, not refused.
+    """
+    from spleenkit.manifest import read_manifest
+
+    try:
+        recorded = read_manifest(run_dir).get("parameters", {}).get("preset")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict):
+        changes = recipe_differences(recorded, preset)
+    else:  # no manifest: the checkpoint still names its preset
+        name = checkpoint.get("preset")
+        changes = [] if name in (None, preset.name) else [f"name: {name!r} -> {preset.name!r}"]
+    if changes and not anyway:
+        listed = "\n  ".join(changes)
+        raise BadInputError(f"cannot resume: this run was trained with another recipe; the differences:\n  {listed}"
+                            "\nresume with the run's own settings, train into a new --out, or pass "
+                            "--resume-anyway (resume_anyway=True) to continue regardless", run_dir)
+    if changes:
+        log.warning("resuming %s with a changed recipe (recorded in the manifest): %s", run_dir, "; ".join(changes))
+    return changes
+
+
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The epochs recorded in a run folder's ``metrics.jsonl`` (an unfinished last line is skipped)."""
     path = Path(run_dir) / METRICS_NAME
@@ -826,44 +975,10 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """Keep only metrics lines up to ``last_epoch`` (the checkpoint's), rewriting the file atomically."""
     kept = [record for record in read_metrics(run_dir) if record.get("epoch", 0) <= last_epoch]
-    path = run_dir / METRICS_NAME
-    temporary = path.with_suffix(".jsonl.tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(temporary, path)
+    write_text(run_dir / METRICS_NAME, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 # --------------------------------------------------------------------------- run folder
-def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Path:
-    """Create the run folder and check it is writable.
-
-    A fresh run in a folder that holds an earlier run moves that run's files into a
-    ``previous-<time>`` subfolder, so that a repeated command never destroys a trained model.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BadInputError("the output folder is a file", run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as error:
-        raise BadInputError(f"cannot write to the output folder ({error.strerror})", run_dir) from error
-    for stale in run_dir.glob(".*.tmp"):  # left by a process killed while saving
-        stale.unlink(missing_ok=True)
-    if not resume:
-        old = [run_dir / name for name in (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME) if (run_dir / name).exists()]
-        tensorboard = run_dir / TENSORBOARD_DIR
-        old += sorted(tensorboard.glob("events.out.tfevents.*")) if tensorboard.is_dir() else []
-        if old:
-            keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-            keep.mkdir(exist_ok=True)
-            for path in old:
-                path.rename(keep / path.name)
-            log.warning("%s held an earlier run: its files were moved to %s (pass resume=True / --resume to "
-                        "continue a run instead)", run_dir, keep)
-    return run_dir
-
-
 def _labelled_split(data_dir: str | os.PathLike[str], preset: Preset) -> tuple[Datalist, Datalist]:
     items = load_datalist(data_dir, "training")
     unlabelled = [record["image"] for record in items if "label" not in record]
@@ -901,7 +1016,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
           epochs: int | None = None, device: str = "auto", amp: bool | None = None, resume: bool = False,
           seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
           progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
-          scale_lr: str = "none", **preset_overrides: Any) -> TrainingResult:
+          scale_lr: str = "none", resume_anyway: bool = False, **preset_overrides: Any) -> TrainingResult:
     """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
 
     Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
@@ -910,27 +1025,18 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
 
     ``preset_overrides`` are any :class:`~spleenkit.presets.Preset` settings (``patch_size=64``,
     ``learning_rate=1e-3``, ``validation_interval=1`` ...). ``resume=True`` continues from
-    ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs).
-    """
-    from monai.utils import set_determinism
+    ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs); a recipe other than
+    the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest).
 
-    from spleenkit.devices import amp_dtype, describe_device, pick_device, use_fast_layout
-    from spleenkit.distributed import (
-        broadcast_object,
-        check_sync_bn,
-        describe_training,
-        gather_objects,
-        scale_learning_rate,
-        share_training_data,
-        training_handlers,
-        unwrap_model,
-        validation_handlers,
-        workers_per_process,
-        wrap_model,
-    )
-    from spleenkit.environment import peak_memory_mib
-    from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
-    from spleenkit.model import build_unet
+    Refused before anything heavy starts: a non-finite or absurd learning rate, a patch beyond
+    :data:`MAX_PATCH_SIDE` or whose step (or the cache) cannot fit in memory, a run folder another run
+    holds (:class:`~spleenkit.runs.RunLock`). Training stops at the first NaN or infinite loss or weights
+    (:class:`NonFiniteTrainingError`), keeping the last good checkpoint. A run that fails before writing
+    any file leaves no empty folder behind.
+    """
+    from spleenkit.devices import pick_device
+    from spleenkit.distributed import check_sync_bn, scale_learning_rate
+    from spleenkit.manifest import now
 
     started_at, started = now(), time.perf_counter()
     preset = resolve_preset(preset, epochs=epochs, amp=amp, seed=seed, cache_rate=cache_rate, **preset_overrides)
@@ -939,6 +1045,37 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     torch_device = pick_device(device) if distributed is None else distributed.device
     if sync_bn:
         check_sync_bn(torch_device)
+    check_step_fits(preset, torch_device)
+    with output_folder(run_dir, lock=is_main_process()):
+        return _train_in_folder(
+            data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
+            resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
+            sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started)
+
+
+def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset,
+                     torch_device: torch.device, *, amp: bool | None, base_learning_rate: float, resume: bool,
+                     resume_anyway: bool, num_workers: int | None, progress: bool,
+                     distributed: DistributedContext | None, sync_bn: bool, scale_lr: str, started_at: str,
+                     started: float) -> TrainingResult:
+    """The body of :func:`train`, run while this process holds the run folder's lock."""
+    from monai.utils import set_determinism
+
+    from spleenkit.devices import amp_dtype, describe_device, use_fast_layout
+    from spleenkit.distributed import (
+        broadcast_object,
+        describe_training,
+        gather_objects,
+        share_training_data,
+        training_handlers,
+        validation_handlers,
+        workers_per_process,
+        wrap_model,
+    )
+    from spleenkit.environment import peak_memory_mib
+    from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
+    from spleenkit.model import build_unet
+
     # float32 on a CPU without native bfloat16, or where its bfloat16 gradients are wrong; ``amp`` forces it
     precision = training_precision(preset, torch_device, amp)
     validation = validation_precision(preset, torch_device, amp)
@@ -960,6 +1097,15 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
                          preset.epochs)
         else:
             log.warning("no %s in %s: nothing to resume, starting afresh", CHECKPOINT_NAME, run_path)
+    recipe_changes: list[str] | BadInputError = []
+    if checkpoint is not None:
+        try:
+            recipe_changes = check_resume_recipe(run_path, preset, checkpoint, anyway=resume_anyway)
+        except BadInputError as error:
+            recipe_changes = error
+    recipe_changes = broadcast_object(recipe_changes)  # every rank refuses alike
+    if isinstance(recipe_changes, BadInputError):
+        raise recipe_changes
     checkpoint = broadcast_object(checkpoint)  # every rank resumes from what rank 0 read
     start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
 
@@ -1013,6 +1159,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         "num_workers": workers,
         "cache_rate": preset.cache_rate,
         "resume": resume,
+        "resume_anyway": resume_anyway,
         "distributed": describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
                                          base_learning_rate=base_learning_rate, share=share),
     }
@@ -1031,12 +1178,18 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
                  "validation_cases": [Path(r["image"]).name for r in validation_items]},
         cache_estimate_gib=round(datasets.estimate.gib, 3),
         started=started_at, finished=None, resumed_from_epoch=start_epoch, previous_runs=previous_runs,
+        recipe_changes_on_resume=recipe_changes,
     )
     if write:
         write_manifest(run_path, manifest)
     try:
         if start_epoch < preset.epochs:
             trainer.run()
+    except NonFiniteTrainingError as error:
+        if write:
+            manifest.update(finished=now(), error=str(error))
+            write_manifest(run_path, manifest)
+        raise
     finally:
         if writer is not None:
             writer.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,22 +49,9 @@ def new_figure(width: float = 10.0, height: float = 4.0, **kwargs: Any) -> KitFi
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Save ``figure`` as a PNG atomically (a temporary file renamed into place) and return the path."""
-    from spleenkit.errors import BadInputError
+    from spleenkit.io import write_with
 
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror or error})", path.parent) from error
-    try:
-        figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_with(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _rgb(colour: str) -> np.ndarray:

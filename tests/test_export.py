@@ -59,8 +59,12 @@ def test_export_refuses_broken_weights(model_file: Path, tmp_path: Path) -> None
     state = load_checkpoint(model_file)
     state["model.1.submodule.0.conv.unit0.conv.weight"][0, 0, 0, 0, 0] = float("nan")  # as a diverged training leaves
     broken = atomic_save(state, tmp_path / "broken.pt")
-    with pytest.raises(SpleenkitError, match="outputs NaN or infinity"):
+    good = export_model(model_file, tmp_path / "model.ts", check=False)["torchscript"]
+    before = Path(good).read_bytes()
+    with pytest.raises(SpleenkitError, match="weights hold NaN or infinity"):
         export_model(broken, tmp_path / "model.ts")
+    assert Path(good).read_bytes() == before  # the earlier export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "model.ts"]
 
 
 def test_export_refuses_another_architecture(tmp_path: Path) -> None:

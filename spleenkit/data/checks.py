@@ -16,10 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from spleenkit.data.datalist import listed_path
 from spleenkit.errors import BadInputError
 
 #: Affines of an image and its label may differ by this much (mm) and still match.
 AFFINE_TOLERANCE = 1e-3
+#: Voxel sizes (mm) a CT can have; outside this range the header is broken (a zero pixdim, say).
+VOXEL_SIZE_RANGE = (0.05, 30.0)
+#: A body CT in Hounsfield units holds air (-1000) and fat (about -100): its lowest value lies below this.
+CT_LOWEST_BELOW = -500.0
 
 
 @dataclass
@@ -110,19 +115,125 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     return image, data
 
 
+@dataclass
+class ImageFindings:
+    """What :func:`inspect_image` found: problems (the image cannot be used), warnings, and whether its
+    intensities look like CT (``not_ct`` holds the reason when they do not)."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    not_ct: str | None = None
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = None
+    hu_min: float | None = None
+    hu_max: float | None = None
+
+
+def inspect_image(image: Any, data: np.ndarray | None = None, preset: Any = None) -> ImageFindings:
+    """The one check of an input CT, used by ``data check`` and by ``infer`` alike: 3D, a usable affine
+    (not singular), voxel sizes a CT can have (zero or absurd ones are header errors), finite values,
+    not smaller than one sliding window of ``preset`` on every axis, and intensities that look like CT
+    in HU (otherwise a warning in ``not_ct``: an MR image, or CT without its rescale)."""
+    from nibabel.affines import voxel_sizes
+
+    from spleenkit.presets import get_preset
+
+    found = ImageFindings()
+    data = np.asanyarray(image.dataobj) if data is None else data
+    shape = tuple(int(n) for n in data.shape)
+    found.shape = shape
+    while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1) is a 3D volume
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 2:
+        found.problems.append(f"is {len(shape) if min(shape) > 1 else 2}D (shape {found.shape}); a 3D CT volume is "
+                              "expected")
+        return found
+    data = data.reshape(shape)
+    found.spacing, found.orientation = _geometry(image)
+    affine = np.asarray(image.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        found.problems.append(f"its affine (the voxel-to-millimetre matrix) is singular or not finite "
+                              f"({np.round(affine[:3, :3], 3).tolist()}): the image cannot be placed in space; "
+                              "fix its header (sform/qform)")
+    else:
+        low, high = VOXEL_SIZE_RANGE
+        for label, sizes in (("header's voxel size (pixdim)", stored_voxel_sizes(image) or found.spacing),
+                             ("affine's voxel size", tuple(float(v) for v in voxel_sizes(affine)))):
+            if not all(low <= s <= high for s in sizes):
+                found.problems.append(f"the {label} is {' x '.join(f'{s:g}' for s in sizes)} mm, outside "
+                                      f"{low:g}..{high:g} mm: a broken header (volumes and resampling would be "
+                                      "wrong)")
+                break
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            found.problems.append(f"holds {bad} NaN or infinite voxel(s)")
+            finite = data[np.isfinite(data)]
+            if finite.size:
+                found.hu_min, found.hu_max = float(finite.min()), float(finite.max())
+            return found
+    found.hu_min, found.hu_max = float(data.min()), float(data.max())
+    if found.problems:
+        return found
+    preset = get_preset(preset or "seed")
+    extent = np.asarray(shape, dtype=float) * np.asarray(voxel_sizes(affine), dtype=float)
+    window = np.asarray(preset.validation_roi_size, dtype=float) * np.asarray(preset.spacing, dtype=float)
+    if np.all(extent < np.sort(window)[0]):
+        found.problems.append(f"covers only {' x '.join(f'{e:.0f}' for e in extent)} mm, less than one sliding "
+                              f"window ({' x '.join(f'{w:.0f}' for w in window)} mm for the {preset.name} preset) "
+                              "on every axis: not an abdominal CT")
+    if found.hu_max - found.hu_min < 1:
+        found.warnings.append("is constant")
+    elif found.hu_min > CT_LOWEST_BELOW:
+        found.not_ct = (f"its values ({found.hu_min:g}..{found.hu_max:g}) do not look like CT in Hounsfield units: "
+                        f"nothing below {CT_LOWEST_BELOW:g} (air is -1000 HU, fat about -100); an MR or PET image, "
+                        "or CT stored without its rescale slope and intercept?")
+        found.warnings.append(found.not_ct)
+    return found
+
+
+def stored_voxel_sizes(image: Any) -> tuple[float, ...] | None:
+    """The voxel sizes as stored in a NIfTI file's header, before nibabel's silent fix-ups (it turns a pixdim
+    of 0 into 1 mm with only a log line); None for an image that does not come from a NIfTI file."""
+    import nibabel as nib
+
+    filename = image.get_filename() if hasattr(image, "get_filename") else None
+    header_class = type(getattr(image, "header", None))
+    if not filename or not issubclass(header_class, nib.Nifti1Header):
+        return None
+    try:
+        with nib.openers.ImageOpener(filename) as stream:
+            header = header_class.from_fileobj(stream, check=False)
+    except Exception:  # noqa: BLE001 - the full read reports an unreadable file
+        return None
+    return tuple(float(s) for s in header["pixdim"][1:4])
+
+
 def _geometry(image: Any) -> tuple[tuple[float, ...], str]:
     import nibabel as nib
 
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
     try:
         orientation = "".join(nib.aff2axcodes(image.affine))
-    except ValueError:
+    except (ValueError, TypeError, np.linalg.LinAlgError):  # a singular affine has no axis codes
         orientation = "?"
     return spacing, orientation
 
 
+def read_input(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
+    """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a folder holding one DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        from spleenkit.inference import read_dicom_series
+
+        image = read_dicom_series(path)
+        return image, np.asanyarray(image.dataobj)
+    return read_volume(path)
+
+
 def _missing(path: Path, report: DatasetReport) -> bool:
-    if path.is_file():
+    if path.is_file() or path.is_dir():  # a folder: a DICOM series
         return False
     report.problems.append(Problem(str(path), "listed in dataset.json but missing"))
     return True
@@ -132,28 +243,17 @@ def _check_image(path: Path, summary: CaseSummary, report: DatasetReport) -> Any
     if _missing(path, report):
         return None
     try:
-        image, data = read_volume(path)
+        image, data = read_input(path)
     except BadInputError as error:
         report.problems.append(Problem(str(path), str(error).removeprefix(f"{path}: ")))
         return None
-    summary.shape = tuple(int(n) for n in data.shape)
-    if data.ndim != 3:
-        report.problems.append(Problem(str(path), f"is {data.ndim}D (shape {data.shape}); a 3D CT volume is "
-                                                  "expected"))
-        return None
-    summary.spacing, summary.orientation = _geometry(image)
-    if np.issubdtype(data.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            report.problems.append(Problem(str(path), f"holds {bad} NaN or infinite voxel(s)"))
-            finite = data[np.isfinite(data)]
-            if finite.size:
-                summary.hu_min, summary.hu_max = float(finite.min()), float(finite.max())
-            return None
-    summary.hu_min, summary.hu_max = float(data.min()), float(data.max())
-    if summary.hu_max - summary.hu_min < 1:
-        report.warnings.append(Problem(str(path), "is constant"))
-    return image
+    found = inspect_image(image, data)
+    summary.shape = found.shape
+    summary.spacing, summary.orientation = found.spacing, found.orientation
+    summary.hu_min, summary.hu_max = found.hu_min, found.hu_max
+    report.problems.extend(Problem(str(path), message) for message in found.problems)
+    report.warnings.extend(Problem(str(path), message) for message in found.warnings)
+    return None if found.problems else image
 
 
 def _check_label(path: Path, image: Any, summary: CaseSummary, report: DatasetReport) -> bool:
@@ -228,12 +328,17 @@ def check_dataset(dataset_dir: str | os.PathLike[str],
             if not isinstance(record, dict) or "image" not in record:
                 report.problems.append(Problem(str(manifest), f"bad {section} entry {entry!r}"))
                 continue
-            image_path = root / record["image"]
+            try:
+                image_path = listed_path(root, record["image"], "image")
+                label_path = listed_path(root, record["label"], "label") if "label" in record else None
+            except BadInputError as error:
+                report.problems.append(Problem(str(manifest), str(error).removeprefix(f"{manifest}: ")))
+                continue
             summary = CaseSummary(Path(record["image"]).name.removesuffix(".nii.gz"), section)
             before = len(report.problems)
             image = _check_image(image_path, summary, report)
-            if "label" in record:
-                _check_label(root / record["label"], image, summary, report)
+            if label_path is not None:
+                _check_label(label_path, image, summary, report)
             summary.ok = len(report.problems) == before
             report.cases.append(summary)
     return report

@@ -12,6 +12,20 @@ from spleenkit.errors import BadInputError
 Datalist = list[dict[str, str]]
 
 
+def listed_path(root: str | os.PathLike[str], relative: object, key: str = "image") -> Path:
+    """The file a dataset.json entry names, which must lie inside the dataset folder: an absolute path or
+    one whose ``..`` leaves the folder is refused (judged on the path as written; links inside are fine)."""
+    root = Path(root).absolute()
+    manifest = root / "dataset.json"
+    if not isinstance(relative, str) or not relative.strip():
+        raise BadInputError(f"{key} entry {relative!r} is not a file name", manifest)
+    path = Path(os.path.normpath(root / relative))
+    if Path(relative).is_absolute() or not path.is_relative_to(Path(os.path.normpath(root))):
+        raise BadInputError(f"{key} {relative!r} lies outside the dataset folder; dataset.json may only name files "
+                            "inside it (such as ./imagesTr/case.nii.gz)", manifest)
+    return path
+
+
 def load_datalist(dataset_dir: str | os.PathLike[str], section: str = "training") -> Datalist:
     """Read ``dataset.json`` and return its ``section`` as absolute paths, sorted by image name.
 
@@ -32,12 +46,17 @@ def load_datalist(dataset_dir: str | os.PathLike[str], section: str = "training"
         raise BadInputError(f"has no {section!r} list", manifest)
     items: Datalist = []
     for entry in description[section]:
+        if not isinstance(entry, (str, dict)):
+            raise BadInputError(f"bad {section} entry {entry!r}", manifest)
         record = {"image": entry} if isinstance(entry, str) else dict(entry)
         for key, relative in list(record.items()):
-            path = (root / relative).resolve()
+            path = listed_path(root, relative, key)
+            if path.is_dir():
+                raise BadInputError(f"listed in dataset.json as {key} is a folder (a DICOM series?); training reads "
+                                    "NIfTI files: convert it first (spleenkit infer reads DICOM folders)", path)
             if not path.is_file():
                 raise BadInputError(f"listed in dataset.json as {key} but missing", path)
-            record[key] = str(path)
+            record[key] = str(path.resolve())
         items.append(record)
     return sorted(items, key=lambda record: Path(record["image"]).name)
 

@@ -11,11 +11,13 @@ download again when its result is already there and verifies does nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from spleenkit.errors import BadInputError, ChecksumError, SpleenkitError
+from spleenkit.io import write_text, write_with
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +179,31 @@ def _member_problem(member: tarfile.TarInfo, root: Path) -> str | None:
     return None
 
 
-def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str]) -> list[Path]:
-    """Extract a tar archive into ``root`` after checking every member; return the top-level paths.
+def _is_macos_metadata(top: str) -> bool:
+    """macOS ``._NAME`` AppleDouble files beside a folder: metadata, never data."""
+    return top.startswith("._")
+
+
+def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str], folder: str | None = None, *,
+                 check: Callable[[Path], None] | None = None) -> list[Path]:
+    """Extract a tar archive into ``root`` after checking every member; return the top-level paths placed.
 
     Refuses (with :class:`BadInputError` naming the archive and each bad member) archives
     holding absolute paths, ``..``, links that leave ``root`` or special files; uses
-    tarfile's ``data`` filter as well where Python has it. Extraction happens in a staging
-    folder inside ``root`` that is moved into place at the end, so nothing half-extracted
-    remains on failure. Existing top-level entries of the same name are replaced.
+    tarfile's ``data`` filter as well where Python has it. With ``folder`` (e.g. "Task09_Spleen")
+    every member must lie inside that folder (others are refused by name, macOS ``._`` files
+    skipped), and only ``root/folder`` is replaced. Without it, an existing top-level entry of the
+    same name is refused rather than replaced. Extraction happens in a staging folder inside
+    ``root`` that is removed at the end, so on success or failure nothing else under ``root``
+    is touched and nothing half-extracted remains. ``check(extracted_folder)`` may refuse each
+    extracted top-level folder before it replaces anything.
     """
     archive = Path(archive)
     root = Path(root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"cannot create the folder ({error.strerror or error})", root) from error
     root = root.resolve()
     try:
         tar = tarfile.open(archive, "r:*")
@@ -201,22 +217,40 @@ def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str]) 
         bad = [f"{m.name!r} {problem}" for m in members if (problem := _member_problem(m, root))]
         if bad:
             raise BadInputError("refusing to extract unsafe member(s): " + "; ".join(bad), archive)
-        staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+        members = [m for m in members if PurePosixPath(m.name).parts]
+        tops = sorted({PurePosixPath(m.name).parts[0] for m in members})
+        if folder is not None:
+            skipped = [m for m in members if _is_macos_metadata(PurePosixPath(m.name).parts[0])]
+            if skipped:
+                log.debug("skipping %d macOS metadata member(s) beside %s", len(skipped), folder)
+            members = [m for m in members if m not in skipped]
+            others = sorted({PurePosixPath(m.name).parts[0] for m in members} - {folder})
+            if others:
+                raise BadInputError(f"refusing to extract: besides {folder}/ the archive holds "
+                                    f"{', '.join(repr(o) for o in others)} at its top level, which could replace "
+                                    f"other folders in {root}; nothing was extracted", archive)
+            if folder not in tops:
+                raise BadInputError(f"the archive holds {', '.join(tops) or 'nothing'}, not {folder}/", archive)
+            tops = [folder]
+        else:
+            existing = [top for top in tops if (root / top).exists() or (root / top).is_symlink()]
+            if existing:
+                raise BadInputError(f"refusing to extract over {', '.join(existing)} already in {root}; "
+                                    "move it away first", archive)
         try:
+            staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+        except OSError as error:
+            raise BadInputError(f"cannot extract here ({error.strerror or error})", root) from error
+        try:
+            unpacked = staging / "new"
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, members=members, filter="data")
+                tar.extractall(unpacked, members=members, filter="data")
             else:  # Python without extraction filters: our own checks above are the guard
-                tar.extractall(staging, members=members)  # noqa: S202
-            tops = sorted({PurePosixPath(m.name).parts[0] for m in members if PurePosixPath(m.name).parts})
-            placed = []
-            for top in tops:
-                source, target = staging / top, root / top
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-                os.replace(source, target)
-                placed.append(target)
+                tar.extractall(unpacked, members=members)  # noqa: S202
+            if check is not None:
+                for top in tops:
+                    check(unpacked / top)
+            placed = [_swap_into_place(unpacked / top, root / top, staging) for top in tops]
         except (tarfile.TarError, EOFError) as error:
             raise BadInputError(f"truncated or corrupt tar archive ({error})", archive) from error
         except OSError as error:
@@ -224,6 +258,22 @@ def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str]) 
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return placed
+
+
+def _swap_into_place(source: Path, target: Path, staging: Path) -> Path:
+    """Rename the extracted folder ``source`` to ``target``; an earlier ``target`` goes into ``staging`` first
+    (and comes back if the second rename fails), so ``target`` is always whole: old or new."""
+    aside = staging / "old"
+    had_old = target.exists() or target.is_symlink()
+    if had_old:
+        os.replace(target, aside)  # folder rename (staging), not a file write
+    try:
+        os.replace(source, target)  # folder rename (staging), not a file write
+    except OSError:
+        if had_old:
+            os.replace(aside, target)
+        raise
+    return target
 
 
 # --------------------------------------------------------------------------- MSD Task09
@@ -251,14 +301,29 @@ def extracted_dataset_problems(dataset_dir: str | os.PathLike[str]) -> list[str]
     return problems
 
 
-def download_msd(root: str | os.PathLike[str], *, url: str = MSD_SPLEEN_URL, md5: str = MSD_SPLEEN_MD5,
+def check_md5(md5: str) -> str:
+    """``md5`` in lower case, or a BadInputError when it is not 32 hexadecimal digits (checked before downloading)."""
+    if not isinstance(md5, str) or not re.fullmatch(r"[0-9a-fA-F]{32}", md5.strip()):
+        raise BadInputError(f"--md5 {md5!r} is not an md5 checksum (32 hexadecimal digits)")
+    return md5.strip().lower()
+
+
+def download_msd(root: str | os.PathLike[str], *, url: str = MSD_SPLEEN_URL, md5: str | None = MSD_SPLEEN_MD5,
                  keep_archive: bool = True, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download and extract MSD Task09 Spleen under ``root``; return ``root/Task09_Spleen``.
 
     Does nothing when the extracted dataset is already there and complete. The archive
-    (about 1.5 GB) is verified against ``md5`` before extraction and kept as
-    ``root/Task09_Spleen.tar`` unless ``keep_archive`` is False.
+    (about 1.5 GB) is verified against ``md5`` before extraction (``md5=None``: not verified, for a
+    mirror whose checksum is unknown) and kept as ``root/Task09_Spleen.tar`` unless ``keep_archive``
+    is False. Only ``root/Task09_Spleen`` is ever replaced, and only by a complete extraction; an
+    archive holding other top-level folders is refused.
     """
+    if md5 is not None:
+        md5 = check_md5(md5)
+    elif url == MSD_SPLEEN_URL:
+        md5 = MSD_SPLEEN_MD5
+    else:
+        log.warning("downloading %s without verifying it (no md5 given)", url)
     root = Path(root).absolute()
     dataset = root / MSD_SPLEEN_FOLDER
     if dataset.is_dir() and not extracted_dataset_problems(dataset):
@@ -267,13 +332,15 @@ def download_msd(root: str | os.PathLike[str], *, url: str = MSD_SPLEEN_URL, md5
     archive = root / f"{MSD_SPLEEN_FOLDER}.tar"
     download_file(url, archive, md5=md5, progress=progress, timeout=timeout)
     log.info("extracting %s", archive)
-    placed = safe_extract(archive, root)
-    if dataset not in placed:
-        raise BadInputError(f"the archive holds {', '.join(p.name for p in placed) or 'nothing'}, "
-                            f"not {MSD_SPLEEN_FOLDER}/", archive)
-    problems = extracted_dataset_problems(dataset)
-    if problems:
-        raise BadInputError("extracted dataset is incomplete: " + "; ".join(problems), dataset)
+
+    def complete(extracted: Path) -> None:
+        problems = extracted_dataset_problems(extracted)
+        if problems:
+            shown = "; ".join(p.replace(str(extracted), MSD_SPLEEN_FOLDER) for p in problems[:5])
+            raise BadInputError(f"the archive's {MSD_SPLEEN_FOLDER} is incomplete, nothing was replaced: {shown}"
+                                + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""), archive)
+
+    safe_extract(archive, root, folder=MSD_SPLEEN_FOLDER, check=complete)
     if not keep_archive:
         archive.unlink()
     return dataset
@@ -416,13 +483,15 @@ def download_example(root: str | os.PathLike[str], *, local: str | os.PathLike[s
                         raise
                     log.warning("skipping the optional %s: %s", item.name, error)
         for item in files:
-            if (staging / item.name).is_file():
-                os.replace(staging / item.name, root / item.name)
+            made = staging / item.name
+            if made.is_file():
+                write_with(root / item.name, functools.partial(shutil.copyfile, made),
+                           check=functools.partial(verify_file, expected=item.sha256))
         rows = "\n".join(f"- {f.name}: {f.description} (from {f.urls[0]}, sha256 {f.sha256})" for f in files
                          if (root / f.name).is_file())
         readme = root / "README.md"
         if not readme.exists():
-            readme.write_text(_EXAMPLE_README.format(rows=rows))
+            write_text(readme, _EXAMPLE_README.format(rows=rows))
     except OSError as error:
         raise BadInputError(f"cannot write the example files ({error.strerror or error})", root) from error
     finally:
@@ -487,15 +556,11 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
             header = label_image.header.copy()
             header.set_data_dtype(np.uint8)
             fixed = nib.Nifti1Image(np.rint(data).astype(np.uint8), label_image.affine, header)
-            tmp = label_target.with_name(f".{name}.tmp.nii.gz")
-            nib.save(fixed, tmp)
-            os.replace(tmp, label_target)
+            write_with(label_target, fixed.to_filename)
         description = msd_description([name], [], "The TotalSegmentator example CT (not an MSD case) with a "
                                       f"predicted spleen mask ({mask}) as its label")
         description["name"] = "Spleen example"
-        tmp = out / ".dataset.json.tmp"
-        tmp.write_text(json.dumps(description, indent=4))
-        os.replace(tmp, out / "dataset.json")
+        write_text(out / "dataset.json", json.dumps(description, indent=4))
     except OSError as error:
         raise BadInputError(f"cannot write the example dataset ({error.strerror or error})", out) from error
     return out

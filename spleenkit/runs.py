@@ -1,0 +1,226 @@
+"""Run folders: their layout, a lock so that only one run writes a folder, and moving an earlier run aside.
+
+A run folder is the contract between every step (see the README). Two runs writing one folder at
+once would mix their metrics and overwrite each other's model, so a run holds an OS-level lock
+(``fcntl.flock`` on ``run.lock``, which records the pid, host and start time) for as long as it
+writes. The OS releases the lock when a process dies, so a lock file left by a killed run is
+taken over with a warning; a live holder is named in the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from spleenkit.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model.pt"
+CHECKPOINT_NAME = "checkpoint_last.pt"
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "run.lock"
+#: What a run writes; a fresh run moves these into ``previous-<time>/`` instead of overwriting them.
+RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME, MANIFEST_NAME)
+
+
+# --------------------------------------------------------------------------- the lock
+class RunLock:
+    """An exclusive lock on a folder, held while a run writes it (use as a context manager).
+
+    ``RunLock(folder).acquire()`` raises :class:`BadInputError` naming the holder (pid, host, start
+    time) when another live process holds it.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._stream: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise naming who holds it."""
+        import fcntl
+
+        while True:
+            try:
+                stream = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+            except OSError as error:
+                raise BadInputError(f"cannot create the run lock ({error.strerror or error})", self.path) from error
+            try:
+                fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # no locks on this file system
+                    log.warning("%s: cannot lock the run folder here (%s); make sure no other run writes it",
+                                self.folder, error.strerror or error)
+                    break
+                holder = _read_holder(stream)
+                stream.close()
+                raise BadInputError(f"another run is writing this folder ({describe_holder(holder)}); wait for it "
+                                    "to finish, or choose another --out", self.folder) from None
+            # the file may have been removed (released) between open() and flock(): then lock the new one
+            try:
+                same = os.fstat(stream.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            stream.close()
+        earlier = _read_holder(stream)
+        if earlier:
+            log.warning("%s: taking over a stale lock left by a run that ended without releasing it (%s)",
+                        self.folder, describe_holder(earlier))
+        stream.seek(0)
+        stream.truncate()
+        stream.write(json.dumps(holder_info()) + "\n")
+        stream.flush()
+        self._stream = stream
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock."""
+        if self._stream is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._stream.close()
+        self._stream = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder_info() -> dict[str, Any]:
+    """What a lock records about the process holding it."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def _read_holder(stream: IO[str]) -> dict[str, Any]:
+    stream.seek(0)
+    try:
+        holder = json.loads(stream.read() or "{}")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """'pid 123 on host h since 2026-...' from a lock's record (or 'an unknown process')."""
+    if not holder:
+        return "an unknown process"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+
+
+def read_lock(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record of the run holding ``folder``'s lock, or None when no live process holds it."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as stream:
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_holder(stream)  # type: ignore[arg-type]
+        fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+# --------------------------------------------------------------------------- the folder
+def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Path:
+    """Create the run folder and check it is writable.
+
+    A fresh run in a folder that holds an earlier run moves that run's files into a
+    ``previous-<time>`` subfolder, so that a repeated command never destroys a trained model.
+    Call it while holding the folder's :class:`RunLock` (as :func:`spleenkit.training.train` does).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInputError("the output folder is a file", run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise BadInputError(f"cannot write to the output folder ({error.strerror})", run_dir) from error
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
+    if not resume:
+        move_earlier_run_aside(run_dir)
+    return run_dir
+
+
+def move_earlier_run_aside(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Move an earlier run's files (model, checkpoint, metrics, manifest, TensorBoard events) into
+    ``previous-<time>/``; return that folder, or None when there was nothing to move."""
+    run_dir = Path(run_dir)
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    tensorboard = run_dir / TENSORBOARD_DIR
+    old += sorted(tensorboard.glob("events.out.tfevents.*")) if tensorboard.is_dir() else []
+    if not old:
+        return None
+    keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    suffix = 1
+    while keep.exists():
+        keep = keep.with_name(f"{keep.name.split('.')[0]}.{suffix}")
+        suffix += 1
+    keep.mkdir()
+    for path in old:
+        path.rename(keep / path.name)
+    log.warning("%s held an earlier run: its files were moved to %s (pass resume=True / --resume to "
+                "continue a run instead)", run_dir, keep)
+    return keep
+
+
+def holds_files(folder: str | os.PathLike[str], ignore: tuple[str, ...] = (LOCK_NAME,)) -> bool:
+    """True when ``folder`` or a folder under it holds a file (other than ``ignore``)."""
+    return any(path.is_file() and path.name not in ignore for path in Path(folder).rglob("*"))
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iterator[Path]:
+    """Use ``folder`` for a command's output (optionally under a :class:`RunLock`); if the command fails
+    and the folder did not exist before and holds no file, remove it: a failed run leaves no empty folder."""
+    import shutil
+
+    folder = Path(folder)
+    created = None  # the outermost folder this call creates
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        created = candidate
+    holder = None
+    try:
+        if lock:
+            if folder.exists() and not folder.is_dir():
+                raise BadInputError("the output folder is a file", folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise BadInputError(f"cannot create the output folder ({error.strerror or error})", folder) from error
+            holder = RunLock(folder).acquire()
+        yield folder
+    except BaseException:
+        if holder is not None:
+            holder.release()
+            holder = None
+        if created is not None and created.is_dir() and not holds_files(created):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        if holder is not None:
+            holder.release()
