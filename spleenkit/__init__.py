@@ -41,6 +41,7 @@ SURFACE: dict[str, str] = {
     "split_datalist": "spleenkit.data",
     "write_synthetic_dataset": "spleenkit.data",
     # devices and precision
+    "choose_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
@@ -82,6 +83,7 @@ SURFACE: dict[str, str] = {
     # model
     "build_unet": "spleenkit.model",
     "count_parameters": "spleenkit.model",
+    "feature_map_sizes": "spleenkit.model",
     "load_model": "spleenkit.model",
     # notebooks
     "environment_rows": "spleenkit.notebooks",
@@ -101,6 +103,7 @@ SURFACE: dict[str, str] = {
     "make_iteration_update": "spleenkit.training",
     "make_loss": "spleenkit.training",
     "make_optimizer": "spleenkit.training",
+    "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
     "read_metrics": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
@@ -113,6 +116,7 @@ SURFACE: dict[str, str] = {
     "training_transforms": "spleenkit.transforms",
     "validation_transforms": "spleenkit.transforms",
     # visualization
+    "augmented_crops": "spleenkit.visualization",
     "compare_runs": "spleenkit.visualization",
     "crop_samples": "spleenkit.visualization",
     "data_parallel_diagram": "spleenkit.visualization",
@@ -123,6 +127,7 @@ SURFACE: dict[str, str] = {
     "montage": "spleenkit.visualization",
     "per_case_metrics": "spleenkit.visualization",
     "show_3d": "spleenkit.visualization",
+    "tensorboard_scalars": "spleenkit.visualization",
     "three_plane": "spleenkit.visualization",
     "training_curves": "spleenkit.visualization",
     "transform_steps": "spleenkit.visualization",

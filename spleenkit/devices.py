@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spleenkit.errors import BadInputError
@@ -104,3 +106,44 @@ def describe_device(device: torch.device) -> dict[str, object]:
     else:
         info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return info
+
+
+# --------------------------------------------------------------------------- precision choice
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype for a device (None: float32), why it was chosen, and the CPU's capability."""
+
+    dtype: torch.dtype | None
+    reason: str
+    capability: str = ""
+
+
+def _cpu_has_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), and the capability's name."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    for flag, name in (("amx_bf16", "AMX_BF16"), ("avx512_bf16", "AVX512_BF16")):
+        if flag in flags:
+            return True, name
+    return False, "AVX2" if "avx2" in flags else "unknown"
+
+
+def choose_precision(device: torch.device, requested: bool | None = None, *, purpose: str = "training") -> Precision:
+    """The mixed-precision dtype for ``purpose`` on ``device``: float16 on CUDA, bfloat16 on a CPU that
+    computes it natively, float32 (``dtype=None``) otherwise. ``requested``: None picks the fastest
+    correct choice, True forces mixed precision, False is float32."""
+    import torch
+
+    if requested is False:
+        return Precision(None, f"float32 for {purpose}, as requested")
+    if device.type == "cuda":
+        return Precision(torch.float16, f"float16 autocast with a gradient scaler for {purpose} on the GPU", "CUDA")
+    native, capability = _cpu_has_native_bf16()
+    if native or requested:
+        why = "computes it natively" if native else "has no native bfloat16 (forced: slower than float32 here)"
+        return Precision(torch.bfloat16, f"bfloat16 autocast for {purpose}: this CPU {why}", capability)
+    return Precision(None, "this CPU has no native bfloat16: float32, which is faster here", capability)
