@@ -670,15 +670,17 @@ def crop_samples(samples: Sequence[Mapping[str, Any]], columns: int = 4,
 
 
 def augmented_crops(crops: Mapping[str, Mapping[str, Any]], save: str | os.PathLike[str] | None = None) -> Figure:
-    """One crop as each random transform leaves it: the middle sagittal slice (anterior to the right,
-    superior up) with the spleen outlined and the intensity range in the title, on one 0..1 grey scale,
-    so that flips and rotations show as moved anatomy and intensity changes as brighter or darker."""
+    """One crop as each random transform leaves it: the sagittal slice through the spleen of the first crop
+    (anterior to the right, superior up) with the spleen outlined and the intensity range in the title, on
+    one 0..1 grey scale, so that flips and rotations show as moved anatomy and intensity changes as brighter
+    or darker. (Augmentations that keep left and right keep that slice.)"""
     figure = new_figure(2.5 * len(crops), 3.0)
     axes = np.atleast_1d(figure.subplots(1, len(crops), squeeze=False)).ravel()
+    first = _array(next(iter(crops.values()))["label"]) > 0.5
+    middle = centre_of(first, first.shape)[0]
     for ax, (name, crop) in zip(axes, crops.items(), strict=True):
         image = _array(crop["image"]).astype(np.float32)
         label = _array(crop["label"]) > 0.5
-        middle = image.shape[0] // 2
         ax.imshow(image[middle].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
         _outline(ax, label[middle].T, COLOURS["mask"], width=1.0)
         ax.set_title(f"{name}\nvalues {image.min():.2f}..{image.max():.2f}", fontsize=8)

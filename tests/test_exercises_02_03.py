@@ -161,3 +161,23 @@ def test_tensorboard_scalars_reads_back_what_a_summary_writer_wrote(tmp_path: Pa
     assert tensorboard_scalars(tmp_path, "train_loss") == [0.75, 0.5, 0.25]
     assert tensorboard_scalars(tmp_path, "val_dice") == []
     assert tensorboard_scalars(tmp_path / "missing") == []
+
+
+def test_a_chain_that_has_run_still_equals_a_fresh_one(synthetic_dataset: Path) -> None:
+    from spleenkit.compare import compare_transforms
+    from spleenkit.data import load_datalist
+
+    used = training_transforms("quick")
+    used(load_datalist(synthetic_dataset)[0])
+    assert compare_transforms(used, training_transforms("quick"))
+
+
+def test_the_augmentation_figure_shows_one_panel_per_transform() -> None:
+    from spleenkit.visualization import augmented_crops
+
+    label = torch.zeros(1, 16, 16, 16)
+    label[:, 10:14, 4:8, 4:8] = 1  # off the middle: the panels cut through it, not through the middle
+    crop = {"image": torch.rand(1, 16, 16, 16), "label": label}
+    figure = augmented_crops({"the crop": crop, "RandFlipd": {"image": crop["image"].flip(-1), "label": label.flip(-1)}})
+    assert len(figure.axes) == 2 and figure.axes[1].get_title().startswith("RandFlipd")
+    assert figure.axes[0].lines or figure.axes[0].collections  # the spleen outline is drawn on the slice
