@@ -698,10 +698,10 @@ def tensorboard_scalars(run_dir: str | os.PathLike[str], tag: str = "train_loss"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = Path(run_dir) / "tensorboard"
-    if not folder.is_dir():
-        return []
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    if tag not in events.Tags().get("scalars", []):
-        return []
-    return [float(event.value) for event in sorted(events.Scalars(tag), key=lambda event: event.step)]
+    found: dict[int, float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []:
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # file by file: no folder watcher
+        events.Reload()
+        if tag in events.Tags().get("scalars", []):
+            found.update({int(event.step): float(event.value) for event in events.Scalars(tag)})
+    return [found[step] for step in sorted(found)]
