@@ -31,11 +31,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spleenkit.errors import BadInputError, SpleenkitError
+
+if TYPE_CHECKING:
+    from spleenkit.presets import Preset
 
 STRICT_ENV = "SPLEENKIT_STRICT_EXERCISES"
 RESULTS_ENV = "SPLEENKIT_EXERCISE_RESULTS"
@@ -319,7 +322,7 @@ def _resampled_shape(answer: Any, spatial_shape: Sequence[int], stored_shape: Se
 
 @exercise("02-chain", "write the tutorial's training chain",
           "Set my_chain to a monai.transforms.Compose of the tutorial preset's training transforms.")
-def _chain(answer: Any, preset: str) -> str:
+def _chain(answer: Any, preset: Preset | str) -> str:
     from spleenkit.compare import compare_transforms
     from spleenkit.transforms import training_transforms
 
@@ -327,6 +330,7 @@ def _chain(answer: Any, preset: str) -> str:
     if not isinstance(steps, (list, tuple)) or not all(callable(step) for step in steps):
         raise Hint(f"expected Compose([...]) of MONAI transforms, got {_short(answer)}")
     reference = training_transforms(preset)
+    preset = getattr(preset, "name", preset)
     verdict = compare_transforms(answer, reference)
     if not verdict:
         names = " -> ".join(type(step).__name__ for step in reference.transforms)
@@ -409,7 +413,7 @@ def _tiny_batch(seed: int = 0, side: int = 16) -> tuple[Any, Any]:
 
 @exercise("03-network", "write the bundle's UNet",
           "Set my_network = UNet(spatial_dims=3, in_channels=..., ...) from monai.networks.nets.")
-def _network(answer: Any, preset: str) -> str:
+def _network(answer: Any, preset: Preset | str) -> str:
     import torch
 
     from spleenkit.compare import compare_networks, compare_objects
@@ -434,7 +438,7 @@ def _network(answer: Any, preset: str) -> str:
 
 @exercise("03-loss", "write the bundle's loss",
           "Set my_loss = DiceCELoss(...) from monai.losses with the bundle's settings.")
-def _loss(answer: Any, preset: str) -> str:
+def _loss(answer: Any, preset: Preset | str) -> str:
     import torch
 
     from spleenkit.compare import compare_numbers, compare_objects
@@ -456,7 +460,7 @@ def _loss(answer: Any, preset: str) -> str:
     return f"the bundle's DiceCELoss: every setting, and {value:.4f} on a fixed batch with an empty crop."
 
 
-def reference_training_losses(preset: str = "seed", steps: int = 3,
+def reference_training_losses(preset: Preset | str = "seed", steps: int = 3,
                               step: Callable[..., Any] | None = None) -> list[float]:
     """The losses of ``steps`` float32 training steps of the preset's UNet, loss and optimiser on a fixed
     small batch, each made by ``step(network, inputs, labels, loss_function, optimizer, scaler, precision)``
@@ -486,7 +490,7 @@ def reference_training_losses(preset: str = "seed", steps: int = 3,
 
 @exercise("03-train-step", "complete the training step",
           "Define my_training_step(network, inputs, labels, loss_function, optimizer, scaler, precision) -> loss.")
-def _train_step(answer: Any, preset: str, steps: int = 3) -> str:
+def _train_step(answer: Any, preset: Preset | str, steps: int = 3) -> str:
     from spleenkit.compare import compare_numbers
 
     if not callable(answer):

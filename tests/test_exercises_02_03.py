@@ -178,6 +178,19 @@ def test_the_augmentation_figure_shows_one_panel_per_transform() -> None:
     label = torch.zeros(1, 16, 16, 16)
     label[:, 10:14, 4:8, 4:8] = 1  # off the middle: the panels cut through it, not through the middle
     crop = {"image": torch.rand(1, 16, 16, 16), "label": label}
-    figure = augmented_crops({"the crop": crop, "RandFlipd": {"image": crop["image"].flip(-1), "label": label.flip(-1)}})
+    flipped = {"image": crop["image"].flip(-1), "label": label.flip(-1)}
+    figure = augmented_crops({"the crop": crop, "RandFlipd": flipped})
     assert len(figure.axes) == 2 and figure.axes[1].get_title().startswith("RandFlipd")
     assert figure.axes[0].lines or figure.axes[0].collections  # the spleen outline is drawn on the slice
+
+
+# --------------------------------------------------------------------------- 03: the best epoch (kept)
+def test_the_best_epoch_check_knows_the_last_and_the_lowest_loss_slips() -> None:
+    metrics = [{"epoch": 1, "loss": 0.9, "val_dice": 0.2}, {"epoch": 2, "loss": 0.7, "val_dice": None},
+               {"epoch": 3, "loss": 0.6, "val_dice": 0.8}, {"epoch": 4, "loss": 0.5, "val_dice": 0.7}]
+    assert check("03-best-epoch", 3, metrics=metrics)
+    assert check("03-best-epoch", None, metrics=metrics).status == "unanswered"
+    last = check("03-best-epoch", 4, metrics=metrics)  # the last epoch, which here is also the lowest loss
+    assert not last and "last epoch is not always the best" in last.message
+    assert "looks like a Dice" in check("03-best-epoch", 0.8, metrics=metrics).message
+    assert check("03-best-epoch", 1, metrics=[{"epoch": 1, "loss": 1.0, "val_dice": None}]).status == "skipped"
