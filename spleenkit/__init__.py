@@ -42,6 +42,7 @@ SURFACE: dict[str, str] = {
     "write_synthetic_dataset": "spleenkit.data",
     # devices and precision
     "choose_precision": "spleenkit.devices",
+    "describe_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
