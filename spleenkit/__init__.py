@@ -91,6 +91,7 @@ SURFACE: dict[str, str] = {
     # model
     "build_unet": "spleenkit.model",
     "count_parameters": "spleenkit.model",
+    "feature_map_sizes": "spleenkit.model",
     "load_model": "spleenkit.model",
     # notebooks
     "environment_rows": "spleenkit.notebooks",
@@ -110,6 +111,7 @@ SURFACE: dict[str, str] = {
     "make_iteration_update": "spleenkit.training",
     "make_loss": "spleenkit.training",
     "make_optimizer": "spleenkit.training",
+    "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
     "read_metrics": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
@@ -123,6 +125,7 @@ SURFACE: dict[str, str] = {
     "training_transforms": "spleenkit.transforms",
     "validation_transforms": "spleenkit.transforms",
     # visualization
+    "augmented_crops": "spleenkit.visualization",
     "compare_runs": "spleenkit.visualization",
     "crop_samples": "spleenkit.visualization",
     "data_parallel_diagram": "spleenkit.visualization",
@@ -134,6 +137,7 @@ SURFACE: dict[str, str] = {
     "per_case_metrics": "spleenkit.visualization",
     "show_3d": "spleenkit.visualization",
     "slice_viewer": "spleenkit.visualization",
+    "tensorboard_scalars": "spleenkit.visualization",
     "three_plane": "spleenkit.visualization",
     "training_curves": "spleenkit.visualization",
     "transform_steps": "spleenkit.visualization",

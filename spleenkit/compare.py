@@ -14,9 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# attributes that hold state rather than settings: random generators, caches, bookkeeping
+# attributes that hold state rather than settings: random generators, caches, bookkeeping, and what a
+# transform records when it has run (``_tracing``; a reader's last ``filenames``), so that a chain that has
+# already processed data still equals a fresh one
 _IGNORED_ATTRIBUTES = frozenset({"R", "_rand_state", "randomize", "_do_transform", "_lazy", "_do_transform_flag",
-                                 "overrides", "_seed", "centers", "_idx", "_ratios", "fg_indices", "bg_indices"})
+                                 "overrides", "_seed", "centers", "_idx", "_ratios", "fg_indices", "bg_indices",
+                                 "_tracing", "filenames"})
 
 
 @dataclass(frozen=True)

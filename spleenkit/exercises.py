@@ -31,11 +31,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spleenkit.errors import BadInputError, SpleenkitError
+
+if TYPE_CHECKING:
+    from spleenkit.presets import Preset
 
 STRICT_ENV = "SPLEENKIT_STRICT_EXERCISES"
 RESULTS_ENV = "SPLEENKIT_EXERCISE_RESULTS"
@@ -317,19 +320,43 @@ def _resampled_shape(answer: Any, spatial_shape: Sequence[int], stored_shape: Se
                "recipe's voxel size.")
 
 
-@exercise("02-window-middle", "which HU value becomes 0.5", "Set my_hu to a value in HU.")
-def _window_middle(answer: Any, window: Sequence[float]) -> str:
-    import torch
-    from monai.transforms import ScaleIntensityRange
+@exercise("02-chain", "write the tutorial's training chain",
+          "Set my_chain to a monai.transforms.Compose of the tutorial preset's training transforms.")
+def _chain(answer: Any, preset: Preset | str) -> str:
+    from spleenkit.compare import compare_transforms
+    from spleenkit.transforms import training_transforms
 
-    value = _number(answer, "a value in HU")
-    low, high = float(window[0]), float(window[1])
-    scaled = float(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(
-        torch.tensor([value]))[0])
-    if abs(scaled - 0.5) >= 0.01:
-        raise Hint(f"{value:g} HU becomes {scaled:.3f}. The mapping is linear from {low:g} HU (0) to {high:g} HU (1): "
-                   "take the middle of the window.")
-    return f"{value:g} HU becomes {scaled:.3f}: the middle of the window, soft tissue."
+    steps = getattr(answer, "transforms", answer)
+    if not isinstance(steps, (list, tuple)) or not all(callable(step) for step in steps):
+        raise Hint(f"expected Compose([...]) of MONAI transforms, got {_short(answer)}")
+    reference = training_transforms(preset)
+    preset = getattr(preset, "name", preset)
+    verdict = compare_transforms(answer, reference)
+    if not verdict:
+        names = " -> ".join(type(step).__name__ for step in reference.transforms)
+        raise Hint(f"{verdict.difference}. The {preset!r} chain is {names}; its numbers are get_preset({preset!r})'s.")
+    return (f"your {len(reference.transforms)} steps equal spleenkit's training_transforms({preset!r}), argument "
+            "for argument: CropForegroundd trims the air around the body before the crops are drawn.")
+
+
+@exercise("02-no-spleen-batch", "a batch without a spleen-centred crop",
+          "Set my_probability: the chance that none of the batch's crop centres is drawn on spleen.")
+def _no_spleen_batch(answer: Any, positive: int, negative: int, crops: int) -> str:
+    value = _number(answer, "a probability between 0 and 1")
+    background = negative / (positive + negative)
+    expected = background**crops
+    if _close(value, expected, relative=0.02, absolute=1e-6):
+        return (f"{expected:.4f} (1 batch in {1 / expected:.0f}): each centre is spleen with probability "
+                f"{positive}/{positive + negative}, independently, so 'half the crops hold spleen' is true only on "
+                "average. (A background-centred crop can still hold spleen near its edge.)")
+    if value == 0:
+        raise Hint("the centres are drawn one by one, independently: nothing forces half of them onto spleen.")
+    if _close(value, background, relative=0.02):
+        raise Hint("that is the chance for one crop; every crop of the batch must miss the spleen.")
+    if _close(value, 1 - expected, relative=0.02):
+        raise Hint("that is the chance that at least one centre is on spleen; the question is the opposite.")
+    raise Hint(f"{value:g}. One centre is background with probability neg / (pos + neg); {crops} independent "
+               "centres all are with that probability to the power of the number of crops.")
 
 
 @exercise("02-cache-gib", "will the seed recipe's cache fit",
@@ -373,41 +400,124 @@ def _best_epoch(answer: Any, metrics: Sequence[dict[str, Any]]) -> str:
             "go on training but did not validate better).")
 
 
-@exercise("03-iterations", "iterations per epoch", "Set my_iterations to a whole number.")
-def _iterations(answer: Any, cases: int, batch_size: int, num_samples: int) -> str:
-    value = _number(answer)
-    expected = math.ceil(cases / batch_size)
-    if value == expected:
-        return (f"{expected} iterations: {cases} cases in batches of {batch_size} (the last one may be smaller), "
-                f"each case giving {num_samples} crops, so {batch_size * num_samples} patches per full batch.")
-    if value in {math.ceil(cases * num_samples / batch_size), cases * num_samples // batch_size}:
-        raise Hint("the crops of one case travel in the same batch: num_samples multiplies the patches per "
-                   "iteration, not the number of iterations.")
-    if value == cases // batch_size:
-        raise Hint("the last, smaller batch is trained on too (the loader does not drop it).")
-    raise Hint(f"{answer}. One iteration takes one batch of batch_size cases; how many batches hold {cases} cases?")
+def _tiny_batch(seed: int = 0, side: int = 16) -> tuple[Any, Any]:
+    """A fixed small batch for the 03 checkers: two random images, one label with a cube of spleen, one empty."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 1, side, side, side, generator=generator)
+    labels = torch.zeros(2, 1, side, side, side)
+    labels[0, :, side // 4:side // 2, side // 4:side // 2, side // 4:side // 2] = 1.0
+    return images, labels
 
 
-@exercise("03-activation-mib", "what mixed precision saves",
-          "Set my_mib to a pair: (MiB in float32, MiB in a 16-bit type).")
-def _activation_mib(answer: Any, patches: int, channels: int, size: int) -> str:
+@exercise("03-network", "write the bundle's UNet",
+          "Set my_network = UNet(spatial_dims=3, in_channels=..., ...) from monai.networks.nets.")
+def _network(answer: Any, preset: Preset | str) -> str:
+    import torch
+
+    from spleenkit.compare import compare_networks, compare_objects
+    from spleenkit.model import BUNDLE_PARAMETER_COUNT, build_unet, count_parameters
+
+    if not isinstance(answer, torch.nn.Module):
+        raise Hint(f"expected a network (a torch.nn.Module such as monai.networks.nets.UNet), got {_short(answer)}")
+    reference = build_unet(preset)
+    count = count_parameters(answer)
+    weights = compare_networks(answer, reference)
+    if not weights:
+        raise Hint(f"{count:,} weights (the bundle's UNet has {count_parameters(reference):,}); first difference: "
+                   f"{weights.difference}. Check channels, strides, num_res_units and norm against the table.")
+    settings = compare_objects(answer, reference, "the network")
+    if not settings:
+        raise Hint(f"the weights match, but {settings.difference}: a setting without weights (activation, dropout, "
+                   "normalisation options) differs from the bundle's.")
+    bundle = " (the bundle's 4,808,917)" if count == BUNDLE_PARAMETER_COUNT else ""
+    return (f"{count:,} weights{bundle}, with the bundle's state-dict names and shapes: its released model.pt loads "
+            "into your network.")
+
+
+@exercise("03-loss", "write the bundle's loss",
+          "Set my_loss = DiceCELoss(...) from monai.losses with the bundle's settings.")
+def _loss(answer: Any, preset: Preset | str) -> str:
+    import torch
+
+    from spleenkit.compare import compare_numbers, compare_objects
+    from spleenkit.training import make_loss
+
+    if not callable(answer):
+        raise Hint(f"expected a loss object such as monai.losses.DiceCELoss(...), got {_short(answer)}")
+    reference = make_loss(preset)
+    settings = compare_objects(answer, reference, "the loss")
+    if not settings:
+        raise Hint(f"{settings.difference}. The table of section 3 gives each argument's value.")
+    images, labels = _tiny_batch()
+    logits = torch.cat([images, 1 - images], dim=1) * 4
+    value, expected = float(answer(logits, labels)), float(reference(logits, labels))
+    same = compare_numbers([value], [expected], what="loss")
+    if not same:
+        raise Hint(f"the settings match but the {same.difference} on a fixed batch; did you pass the logits and the "
+                   "label (not one-hot)?")
+    return f"the bundle's DiceCELoss: every setting, and {value:.4f} on a fixed batch with an empty crop."
+
+
+def reference_training_losses(preset: Preset | str = "seed", steps: int = 4,
+                              step: Callable[..., Any] | None = None) -> list[float]:
+    """The losses of ``steps`` float32 training steps with the preset's loss and optimiser on a fixed small
+    batch and a small UNet (the step is checked, not the network: a second, not a minute), each made by
+    ``step(network, inputs, labels, loss_function, optimizer, scaler, precision)`` (the kit's
+    :func:`~spleenkit.training.mixed_precision_step` when None): what the step exercise compares."""
+    import torch
+    from monai.networks.nets import UNet
+
+    from spleenkit.devices import choose_precision, grad_scaler
+    from spleenkit.presets import get_preset
+    from spleenkit.training import make_loss, make_optimizer, mixed_precision_step
+
+    device = torch.device("cpu")
+    precision = choose_precision(device, False, purpose="the exercise")  # float32: the same numbers everywhere
+    torch.manual_seed(0)
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2),
+                   num_res_units=1, norm=get_preset(preset).norm)
+    loss_function, optimizer = make_loss(preset), make_optimizer(preset, network.parameters())
+    scaler = grad_scaler(device, False)
+    inputs, labels = _tiny_batch()
+    losses = []
+    for _ in range(steps):
+        if step is None:
+            losses.append(float(mixed_precision_step(network, inputs, labels, loss_function, optimizer, scaler,
+                                                     device, False)[1]))
+        else:
+            losses.append(float(step(network, inputs, labels, loss_function, optimizer, scaler, precision)))
+    return losses
+
+
+@exercise("03-train-step", "complete the training step",
+          "Define my_training_step(network, inputs, labels, loss_function, optimizer, scaler, precision) -> loss.")
+def _train_step(answer: Any, preset: Preset | str, steps: int = 4) -> str:
+    from spleenkit.compare import compare_numbers
+
+    if not callable(answer):
+        raise Hint(f"expected a function, got {_short(answer)}")
     try:
-        full, half = (float(value) for value in answer)
-    except (TypeError, ValueError) as error:
-        raise Hint(f"expected a pair of numbers (float32, 16-bit), got {_short(answer)}") from error
-    elements = patches * channels * size**3
-    expected = (elements * 4 / 2**20, elements * 2 / 2**20)
-    if _close(full, expected[0], relative=0.01) and _close(half, expected[1], relative=0.01):
-        return (f"{expected[0]:.0f} MiB in float32, {expected[1]:.0f} MiB in 16 bits, for ONE activation: the UNet "
-                "keeps dozens for the backward pass, which is why mixed precision lets a GPU hold the 96³ patches.")
-    if _close(full, expected[1], relative=0.01) and _close(half, expected[0], relative=0.01):
-        raise Hint("the pair is swapped: float32 first, then the 16-bit type (half the size).")
-    if _close(full, elements * 4 / 1e6, relative=0.01):
-        raise Hint("those are megabytes (10**6 bytes); 1 MiB = 2**20 bytes.")
-    if _close(full, expected[1], relative=0.01) or _close(full, elements / 2**20, relative=0.01):
-        raise Hint("a float32 takes 4 bytes; the 16-bit types 2.")
-    raise Hint(f"({full:.1f}, {half:.1f}). Elements = patches x channels x size³; multiply by the bytes per "
-               "element, divide by 2**20.")
+        losses = reference_training_losses(preset, steps, answer)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
+        raise Hint(f"the step raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+                   "It takes (network, inputs, labels, loss_function, optimizer, scaler, precision).") from error
+    expected = reference_training_losses(preset, steps)
+    same = compare_numbers(losses, expected, relative=1e-6, absolute=1e-7, what="loss")  # float32, one machine
+    if same:
+        return (f"{steps} steps give the kit's losses ({', '.join(f'{v:.4f}' for v in losses)}): forward under "
+                "autocast, loss in float32, scaled backward, optimiser step.")
+    if len(set(round(v, 6) for v in losses)) == 1:
+        raise Hint("the loss never changes: the weights are not updated (scaler.step(optimizer), then "
+                   "scaler.update()).")
+    if _close(losses[0], expected[0], relative=1e-4) and _close(losses[1], expected[1], relative=1e-4):
+        raise Hint(f"{same.difference}: the first steps agree, then yours drift: are the gradients cleared "
+                   "(optimizer.zero_grad) before each backward pass?")
+    if not _close(losses[0], expected[0], relative=1e-4):
+        raise Hint(f"{same.difference} already at the first step: the loss of the network's output (logits) and "
+                   "the labels, as loss_function(logits.float(), labels).")
+    raise Hint(f"{same.difference}. Compare your step with the loop of section 4.")
 
 
 # --------------------------------------------------------------------------- 04 several GPUs

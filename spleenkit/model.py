@@ -8,7 +8,7 @@ written atomically (a temporary file renamed into place), so a crash never leave
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,3 +143,23 @@ def load_model(path: str | os.PathLike[str], preset: Preset | str = "seed",
     """Build the preset's UNet, load ``path`` into it strictly, move it to ``device`` and set eval mode."""
     network = load_weights(build_unet(preset), path)
     return network.to(device).eval()
+
+
+def feature_map_sizes(patch_sizes: Sequence[int] = (96, 64), preset: Preset | str = "seed") -> list[dict[str, Any]]:
+    """One row per UNet level: its channels and the side of its feature maps for each patch side.
+
+    Each stride-2 level halves the side (rounding up); the decoder doubles it back and joins it with
+    the encoder's map of that level, so a side that is not a multiple of 2**levels (16 for the bundle)
+    does not come back to its own size and the join fails. A side of 2 at the bottom is the size whose
+    bfloat16 weight gradients PyTorch's CPU kernels get wrong (see ``training.cpu_bf16_training_ok``).
+    """
+    preset = get_preset(preset)
+    strides = [*(int(s) for s in preset.strides), 1]  # the first level already has stride 2; the bottom 1
+    rows: list[dict[str, Any]] = []
+    sides = [int(p) for p in patch_sizes]
+    for level, (channels, stride) in enumerate(zip(preset.channels, strides, strict=True), start=1):
+        sides = [-(-side // stride) for side in sides]
+        row: dict[str, Any] = {"level": level, "channels": int(channels)}
+        row.update({f"{patch}³ patch": f"{side}³" for patch, side in zip(patch_sizes, sides, strict=True)})
+        rows.append(row)
+    return rows

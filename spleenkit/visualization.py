@@ -723,3 +723,41 @@ def slice_viewer(image: Any, mask: Any | None = None, affine: np.ndarray | None 
                  spacing: Sequence[float] | None = None, **kwargs: Any) -> SliceViewer:
     """The offline interactive viewer (:class:`SliceViewer`): three planes, a slider each, a mask-outline toggle."""
     return SliceViewer(image, mask, affine=affine, spacing=spacing, **kwargs)
+
+
+def augmented_crops(crops: Mapping[str, Mapping[str, Any]], save: str | os.PathLike[str] | None = None) -> Figure:
+    """One crop as each random transform leaves it: the sagittal slice through the spleen of the first crop
+    (anterior to the right, superior up) with the spleen outlined and the intensity range in the title, on
+    one 0..1 grey scale, so that flips and rotations show as moved anatomy and intensity changes as brighter
+    or darker. (Augmentations that keep left and right keep that slice.)"""
+    figure = new_figure(2.5 * len(crops), 3.0)
+    axes = np.atleast_1d(figure.subplots(1, len(crops), squeeze=False)).ravel()
+    first = _array(next(iter(crops.values()))["label"]) > 0.5
+    middle = centre_of(first, first.shape)[0]
+    for ax, (name, crop) in zip(axes, crops.items(), strict=True):
+        image = _array(crop["image"]).astype(np.float32)
+        label = _array(crop["label"]) > 0.5
+        ax.imshow(image[middle].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
+        _outline(ax, label[middle].T, COLOURS["mask"], width=1.0)
+        ax.set_title(f"{name}\nvalues {image.min():.2f}..{image.max():.2f}", fontsize=8)
+        ax.set_xlabel("A →", fontsize=7)
+        ax.set_ylabel("S →", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.suptitle("one training crop through each augmentation (sagittal slice, spleen outlined)", fontsize=10)
+    return _finish(figure, save)
+
+
+def tensorboard_scalars(run_dir: str | os.PathLike[str], tag: str = "train_loss") -> list[float]:
+    """The values a run wrote to TensorBoard under ``tag``, in step order (``train_loss``: one per
+    iteration, as MONAI's TensorBoardStatsHandler writes it); empty when the run has none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(run_dir) / "tensorboard"
+    found: dict[int, float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []:
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # file by file: no folder watcher
+        events.Reload()
+        if tag in events.Tags().get("scalars", []):
+            found.update({int(event.step): float(event.value) for event in events.Scalars(tag)})
+    return [found[step] for step in sorted(found)]

@@ -14,6 +14,14 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 # notebook -> the MONAI names its code imports and uses in view
 REQUIRED: dict[str, list[str]] = {
+    "02_transforms": ["Compose", "LoadImaged", "EnsureChannelFirstd", "Orientationd", "Spacingd",
+                      "ScaleIntensityRanged", "EnsureTyped", "SpatialPadd", "RandCropByPosNegLabeld", "RandFlipd",
+                      "RandRotate90d", "RandScaleIntensityd", "RandShiftIntensityd", "Dataset", "CacheDataset",
+                      "PersistentDataset", "DataLoader"],
+    "03_training": ["UNet", "DiceCELoss", "DiceLoss", "CacheDataset", "ThreadDataLoader", "DataLoader",
+                    "set_determinism", "SupervisedTrainer", "SupervisedEvaluator", "SlidingWindowInferer", "MeanDice",
+                    "ValidationHandler", "CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler",
+                    "LrScheduleHandler"],
     "05_evaluation": ["DataLoader", "Dataset", "sliding_window_inference", "SlidingWindowInferer", "decollate_batch",
                       "Compose", "Activationsd", "Invertd", "AsDiscreted", "AsDiscrete", "LoadImage",
                       "KeepLargestConnectedComponentd", "DiceMetric", "HausdorffDistanceMetric"],

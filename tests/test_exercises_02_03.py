@@ -1,0 +1,196 @@
+"""The write-the-code and predict exercises of notebooks 02 and 03: each check passes the solution and fails the
+stub and the usual mistakes with a hint that names the mistake; and the package pieces those lessons show."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from spleenkit.exercises import RESULTS_ENV, STRICT_ENV, check
+from spleenkit.model import feature_map_sizes
+from spleenkit.transforms import training_transforms
+
+
+@pytest.fixture(autouse=True)
+def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+    monkeypatch.delenv(RESULTS_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------- 02: the tutorial's chain
+def _step(chain, name: str) -> int:
+    return next(i for i, step in enumerate(chain.transforms) if type(step).__name__ == name)
+
+
+def test_the_tutorial_chain_is_correct_and_a_stub_is_not_answered() -> None:
+    assert check("02-chain", training_transforms("tutorial"), preset="tutorial")
+    assert check("02-chain", None, preset="tutorial").status == "unanswered"
+
+
+def test_the_chain_check_names_the_first_wrong_step_or_argument() -> None:
+    from monai.transforms import Compose, Spacingd
+
+    seed_chain = training_transforms("seed")  # the usual slip: CropForegroundd forgotten
+    verdict = check("02-chain", seed_chain, preset="tutorial")
+    assert not verdict and "step 6 is EnsureTyped, expected CropForegroundd" in verdict.message
+
+    quick_numbers = list(training_transforms("quick").transforms)  # the chain of the lesson, its numbers unchanged
+    reference = list(training_transforms("tutorial").transforms)
+    mixed = Compose(quick_numbers[:5] + [reference[5]] + quick_numbers[5:])
+    verdict = check("02-chain", mixed, preset="tutorial")
+    assert not verdict and "step 4 (Spacingd)" in verdict.message and "pixdim" in verdict.message
+
+    steps = copy.deepcopy(list(reference))
+    steps[_step(Compose(steps), "Spacingd")] = Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 2.0),
+                                                        mode="bilinear")  # the label interpolated
+    verdict = check("02-chain", Compose(steps), preset="tutorial")
+    assert not verdict and "mode" in verdict.message and "'nearest'" in verdict.message
+
+    assert "expected Compose" in check("02-chain", ["LoadImaged", "Spacingd"], preset="tutorial").message
+
+
+# --------------------------------------------------------------------------- 02: a batch without spleen
+@pytest.mark.parametrize("answer, hint", [(0, "independently"), (0.5, "one crop"), (1 - 1 / 256, "at least one"),
+                                          (1 / 8, "power")])
+def test_the_no_spleen_batch_check_catches_the_usual_slips(answer: float, hint: str) -> None:
+    assert check("02-no-spleen-batch", 1 / 256, positive=1, negative=1, crops=8)
+    verdict = check("02-no-spleen-batch", answer, positive=1, negative=1, crops=8)
+    assert not verdict and hint in verdict.message
+
+
+# --------------------------------------------------------------------------- 03: the network
+def _unet(**changes: object) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    arguments = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                     strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
+    return UNet(**{**arguments, **changes})
+
+
+def test_the_network_check_counts_the_bundle_weights_and_names_the_first_difference() -> None:
+    verdict = check("03-network", _unet(), preset="seed")
+    assert verdict and "4,808,917" in verdict.message
+    assert check("03-network", None, preset="seed").status == "unanswered"
+    instance = check("03-network", _unet(norm="instance"), preset="seed")  # MONAI's default normalisation
+    assert not instance and "adn.N.weight" in instance.message
+    one_output = check("03-network", _unet(out_channels=1), preset="seed")
+    assert not one_output and "shape" in one_output.message
+    no_residuals = check("03-network", _unet(num_res_units=0), preset="seed")
+    assert not no_residuals and "weights" in no_residuals.message
+    dropout = check("03-network", _unet(dropout=0.1), preset="seed")  # same weights, another setting
+    assert not dropout and "dropout" in dropout.message
+    assert "expected a network" in check("03-network", "UNet", preset="seed").message
+
+
+# --------------------------------------------------------------------------- 03: the loss
+def test_the_loss_check_names_the_first_setting_that_differs() -> None:
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from spleenkit.training import make_loss
+
+    assert check("03-loss", make_loss("seed"), preset="seed")
+    assert check("03-loss", None, preset="seed").status == "unanswered"
+    bundle = dict(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
+                  smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
+    per_crop = check("03-loss", DiceCELoss(**{**bundle, "batch": False}), preset="seed")
+    assert not per_crop and "batch is False, expected True" in per_crop.message
+    background = check("03-loss", DiceCELoss(**{**bundle, "include_background": True}), preset="seed")
+    assert not background and "include_background" in background.message
+    dice_only = check("03-loss", DiceLoss(to_onehot_y=True, softmax=True), preset="seed")
+    assert not dice_only and "DiceLoss, expected DiceCELoss" in dice_only.message
+
+
+# --------------------------------------------------------------------------- 03: the training step
+def _step_function(*, zero_grad: bool = True, update: bool = True):
+    def step(network, inputs, labels, loss_function, optimizer, scaler, precision):
+        network.train()
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(inputs.device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+            logits = network(inputs)
+        loss = loss_function(logits.float(), labels)
+        scaler.scale(loss).backward()
+        if update:
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.item()
+
+    return step
+
+
+def test_the_training_step_check_compares_losses_and_names_the_missing_piece() -> None:
+    assert check("03-train-step", _step_function(), preset="seed")
+    assert check("03-train-step", None, preset="seed").status == "unanswered"
+    drifting = check("03-train-step", _step_function(zero_grad=False), preset="seed")
+    assert not drifting and "zero_grad" in drifting.message
+    frozen = check("03-train-step", _step_function(update=False), preset="seed")
+    assert not frozen and "never changes" in frozen.message
+    crashing = check("03-train-step", lambda network, inputs: 0.0, preset="seed")
+    assert not crashing and "TypeError" in crashing.message
+
+
+# --------------------------------------------------------------------------- what the lessons show
+def test_feature_map_sizes_follow_the_unet_and_show_the_two_voxel_level() -> None:
+    from spleenkit.model import build_unet
+
+    rows = feature_map_sizes((96, 64, 32), "seed")
+    assert [row["96³ patch"] for row in rows] == ["48³", "24³", "12³", "6³", "6³"]
+    assert rows[-1]["32³ patch"] == "2³" and rows[-1]["channels"] == 256
+    sizes: set[int] = set()
+    network = build_unet("seed")
+    hooks = [module.register_forward_hook(lambda module, inputs, output: sizes.add(int(output.shape[2])))
+             for module in network.modules() if isinstance(module, torch.nn.Conv3d)]
+    with torch.no_grad():
+        network.eval()(torch.zeros(1, 1, 32, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert {int(row["32³ patch"].rstrip("³")) for row in rows} == sizes - {32}
+
+
+def test_tensorboard_scalars_reads_back_what_a_summary_writer_wrote(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from spleenkit.visualization import tensorboard_scalars
+
+    with SummaryWriter(log_dir=str(tmp_path / "tensorboard")) as writer:
+        for step, value in ((2, 0.5), (1, 0.75), (3, 0.25)):
+            writer.add_scalar("train_loss", value, step)
+    assert tensorboard_scalars(tmp_path, "train_loss") == [0.75, 0.5, 0.25]
+    assert tensorboard_scalars(tmp_path, "val_dice") == []
+    assert tensorboard_scalars(tmp_path / "missing") == []
+
+
+def test_a_chain_that_has_run_still_equals_a_fresh_one(synthetic_dataset: Path) -> None:
+    from spleenkit.compare import compare_transforms
+    from spleenkit.data import load_datalist
+
+    used = training_transforms("quick")
+    used(load_datalist(synthetic_dataset)[0])
+    assert compare_transforms(used, training_transforms("quick"))
+
+
+def test_the_augmentation_figure_shows_one_panel_per_transform() -> None:
+    from spleenkit.visualization import augmented_crops
+
+    label = torch.zeros(1, 16, 16, 16)
+    label[:, 10:14, 4:8, 4:8] = 1  # off the middle: the panels cut through it, not through the middle
+    crop = {"image": torch.rand(1, 16, 16, 16), "label": label}
+    flipped = {"image": crop["image"].flip(-1), "label": label.flip(-1)}
+    figure = augmented_crops({"the crop": crop, "RandFlipd": flipped})
+    assert len(figure.axes) == 2 and figure.axes[1].get_title().startswith("RandFlipd")
+    assert figure.axes[0].lines or figure.axes[0].collections  # the spleen outline is drawn on the slice
+
+
+# --------------------------------------------------------------------------- 03: the best epoch (kept)
+def test_the_best_epoch_check_knows_the_last_and_the_lowest_loss_slips() -> None:
+    metrics = [{"epoch": 1, "loss": 0.9, "val_dice": 0.2}, {"epoch": 2, "loss": 0.7, "val_dice": None},
+               {"epoch": 3, "loss": 0.6, "val_dice": 0.8}, {"epoch": 4, "loss": 0.5, "val_dice": 0.7}]
+    assert check("03-best-epoch", 3, metrics=metrics)
+    assert check("03-best-epoch", None, metrics=metrics).status == "unanswered"
+    last = check("03-best-epoch", 4, metrics=metrics)  # the last epoch, which here is also the lowest loss
+    assert not last and "last epoch is not always the best" in last.message
+    assert "looks like a Dice" in check("03-best-epoch", 0.8, metrics=metrics).message
+    assert check("03-best-epoch", 1, metrics=[{"epoch": 1, "loss": 1.0, "val_dice": None}]).status == "skipped"
