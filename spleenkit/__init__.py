@@ -53,8 +53,8 @@ SURFACE: dict[str, str] = {
     "colab_setup": "spleenkit.environment",
     "environment_report": "spleenkit.environment",
     "is_interactive": "spleenkit.environment",
-    "notebook_model": "spleenkit.environment",
-    "stand_in_banner": "spleenkit.environment",
+    "notebook_model": "spleenkit.notebooks",
+    "stand_in_banner": "spleenkit.notebooks",
     "show_progress": "spleenkit.environment",
     # evaluation
     "case_name": "spleenkit.evaluation",

@@ -1,6 +1,5 @@
 """What the kit runs on: versions, device, cores, memory, GPUs, whether this is Colab or a live session;
-the setup every notebook does (Colab and Google Drive, progress lines); the memory of a process tree;
-and which model a later notebook works with (notebook 03's, or a stand-in it says it is using)."""
+the setup every notebook does (Colab and Google Drive, progress lines); and the memory of a process tree."""
 
 from __future__ import annotations
 
@@ -344,77 +343,3 @@ class PeakMemory:
             self.sample()  # whatever still runs now
 
 
-# --------------------------------------------------------------------------- the model of notebook 03
-STAND_IN_FOLDER = "stand-in"
-
-
-@dataclass(frozen=True)
-class NotebookModel:
-    """The model a later notebook (05, 06) works with: ``path`` to its ``model.pt``, and whether it is a
-    ``stand_in`` trained for a few epochs because the run of notebook 03 was not found (``banner`` then
-    says so, as Markdown, with how to get the real one; empty otherwise)."""
-
-    path: Path
-    stand_in: bool
-    banner: str = ""
-
-
-def stand_in_banner(expected: str | os.PathLike[str], stand_in: str | os.PathLike[str], epochs: int,
-                    colab: bool | None = None) -> str:
-    """The Markdown warning a notebook shows when it works with a stand-in model instead of notebook 03's.
-
-    It names the file that was looked for and the stand-in used, says what the stand-in's numbers are
-    worth, and how to get the real model (run 03 with the same ``runs_dir``; on Colab, where every
-    notebook gets its own runtime, keep ``runs_dir`` on Google Drive or run 03 in the same runtime first).
-    """
-    colab = on_colab() if colab is None else colab
-    lines = [
-        f"> **⚠ A stand-in model, not the one notebook 03 trained.** `{expected}` was not found, so this "
-        f"notebook uses `{stand_in}`, trained for {epochs} epoch(s) only: its scores and masks say nothing "
-        "about the recipe. The code and the lesson are the same.",
-        ">",
-        "> **To use the real model:** run `03_training.ipynb` first with the same `runs_dir` and `run_name`, "
-        "then run this notebook again (it picks the real model up by itself).",
-    ]
-    if colab:
-        lines += [">", "> **On Colab** every notebook runs in its own runtime, whose files vanish with it: the first "
-                  "cell's `colab_setup()` keeps data and runs on Google Drive (`My Drive/spleenkit`) unless the "
-                  "mount was refused or turned off (`drive=False`); run 03 with Drive mounted, or run 03 in this "
-                  "runtime before this notebook."]
-    return "\n".join(lines)
-
-
-def notebook_model(runs_dir: str | os.PathLike[str], run_name: str, data_dir: str | os.PathLike[str],
-                   preset: str = "quick", epochs: int = 2, device: str = "auto") -> NotebookModel:
-    """Notebook 03's model, ``<runs_dir>/<run_name>/model.pt``; when it is missing, a stand-in.
-
-    The stand-in is trained (``preset``, ``epochs``) into ``<runs_dir>/stand-in``, never into 03's run
-    folder, so that it is never mistaken for the real model later, and a second notebook reuses it
-    instead of training again. The result carries the banner a notebook displays (see
-    :func:`stand_in_banner`).
-    """
-    import logging
-
-    expected = Path(runs_dir) / run_name / "model.pt"
-    if expected.is_file():
-        return NotebookModel(expected, stand_in=False)
-    stand_in_dir = Path(runs_dir) / STAND_IN_FOLDER
-    model = stand_in_dir / "model.pt"
-    if not model.is_file():
-        from spleenkit.training import train
-
-        logging.getLogger(__name__).warning("%s does not exist (notebook 03 not run): training a stand-in for "
-                                            "%d epoch(s) into %s", expected, epochs, stand_in_dir)
-        train(data_dir, stand_in_dir, preset, epochs=epochs, device=device, progress=False)
-    banner = stand_in_banner(expected, model, _epochs_of(stand_in_dir, epochs))
-    return NotebookModel(model, stand_in=True, banner=banner)
-
-
-def _epochs_of(run_dir: Path, default: int) -> int:
-    """The epochs a run was trained for, from its manifest's preset (``default`` where it cannot be read)."""
-    from spleenkit.manifest import read_manifest
-
-    try:
-        return int(read_manifest(run_dir)["parameters"]["preset"]["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
