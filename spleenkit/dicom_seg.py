@@ -56,8 +56,9 @@ def write_dicom_seg(mask: np.ndarray, affine: np.ndarray, series: str | os.PathL
     """Write ``mask`` (0/1, the NIfTI geometry of the series in folder ``series``) as a binary DICOM
     Segmentation of that series.
 
-    The SEG is a new series in the source's study, with one frame per source instance (empty slices
-    included) and one segment, the spleen (SNOMED CT 78961009), found automatically by the kit's UNet.
+    The SEG is a new series in the source's study, with one frame per source instance that shows spleen
+    (every instance when none does) and one segment, the spleen (SNOMED CT 78961009), found automatically
+    by the kit's UNet.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -88,7 +89,7 @@ def write_dicom_seg(mask: np.ndarray, affine: np.ndarray, series: str | os.PathL
             segment_descriptions=[spleen], series_instance_uid=hd.UID(), series_number=source_series_number + 1000,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="spleenkit",
             manufacturer_model_name="spleenkit", software_versions=__version__, device_serial_number="none",
-            series_description="spleen (spleenkit)", omit_empty_frames=False)
+            series_description="spleen (spleenkit)", omit_empty_frames=bool(frames.any()))
     except (AttributeError, ValueError, TypeError) as error:  # the source lacks what a SEG must copy from it
         raise BadInputError(f"cannot make a DICOM Segmentation of this series ({error})",
                             getattr(headers[0], "filename", None)) from error
@@ -97,10 +98,12 @@ def write_dicom_seg(mask: np.ndarray, affine: np.ndarray, series: str | os.PathL
 
     def check(written: Path) -> None:  # read back: each frame (highdicom orders them) shows its instance's slice
         back = hd.seg.segread(written)
-        for frame, groups in zip(back.pixel_array.reshape(frames.shape), back.PerFrameFunctionalGroupsSequence,
-                                 strict=True):
+        for frame, groups in zip(back.pixel_array.reshape(-1, *frames.shape[1:]),
+                                 back.PerFrameFunctionalGroupsSequence, strict=True):
             source = str(groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
             if not np.array_equal(frame, expected.pop(source)):
                 raise RuntimeError(f"internal error: the DICOM Segmentation's frame of {source} differs from the mask")
+        if any(frame.any() for frame in expected.values()):
+            raise RuntimeError("internal error: the DICOM Segmentation lacks a frame that shows spleen")
 
     return write_with(path, lambda temporary: seg.save_as(temporary), check=check)

@@ -139,19 +139,22 @@ def test_infer_writes_a_dicom_seg_whose_frames_land_on_their_source_slices(
     assert {str(i.ReferencedSOPInstanceUID) for i in referenced_series.ReferencedInstanceSequence} == set(sources)
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Spleen"
 
-    # each frame: its source instance and position, and its pixels are that instance's own bright pixels
+    # each frame: its source instance and position, and its pixels are that instance's own bright pixels; only
+    # the slices that show no spleen have no frame
+    def bright(source: pydicom.Dataset) -> np.ndarray:
+        return (source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept) > HU_LEVEL)
+
     frames = seg.pixel_array.reshape(-1, first.Rows, first.Columns)
-    assert len(frames) == len(sources)
     covered = set()
     for frame, groups in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
         uid = str(groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         source = sources[uid]
         position = groups.PlanePositionSequence[0].ImagePositionPatient
         assert np.allclose([float(v) for v in position], [float(v) for v in source.ImagePositionPatient], atol=1e-3)
-        hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
-        assert np.array_equal(frame, (hu > HU_LEVEL).astype(np.uint8)), f"frame of {uid} shows another slice"
+        assert np.array_equal(frame, bright(source).astype(np.uint8)), f"frame of {uid} shows another slice"
         covered.add(uid)
-    assert covered == set(sources)
+    assert covered == {uid for uid, source in sources.items() if bright(source).any()}
+    assert 0 < len(covered) < len(sources)
 
     # and as a volume, in highdicom's own geometry, the SEG equals the NIfTI mask voxel for voxel
     volume = seg.get_volume(combine_segments=True)
@@ -182,3 +185,12 @@ def test_a_mask_on_another_grid_is_refused(series: Path, tmp_path: Path) -> None
     with pytest.raises(BadInputError, match="do not cover the mask's 10 slices"):
         write_dicom_seg(np.concatenate([mask, mask[:, :, :1]], axis=2), image.affine, series, tmp_path / "seg.dcm")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_mask_still_makes_a_seg_with_a_frame_per_instance(series: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    image = read_dicom_series(series)
+    path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm")
+    seg = hd.seg.segread(path)
+    assert int(seg.NumberOfFrames) == len(list(series.iterdir())) and not seg.pixel_array.any()
