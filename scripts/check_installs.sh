@@ -22,6 +22,13 @@ dev_extras="$(grep -o '\-e "$REPO_ROOT\[[a-z,]*\]"' "$REPO_ROOT/scripts/setup_en
 [[ -n "$torch_spec" && -n "$binder_extras" && -n "$dev_extras" ]] \
     || { echo "could not read torch's pin or the extras from setup_env.sh and binder/postBuild" >&2; exit 1; }
 
+installs=("$@")
+[[ ${#installs[@]} -gt 0 ]] || installs=(core notebooks binder dev)
+for name in "${installs[@]}"; do
+    [[ " core notebooks binder dev " == *" $name "* ]] \
+        || { echo "unknown install '$name': core, notebooks, binder or dev" >&2; exit 2; }
+done
+
 if [[ -n "${SPLEENKIT_INSTALL_DIR:-}" ]]; then
     base="$SPLEENKIT_INSTALL_DIR"
     mkdir -p "$base"
@@ -44,15 +51,10 @@ declare -A INSTALL=(
     [binder]="-e $REPO_ROOT$binder_extras"
     [dev]="-e $REPO_ROOT$dev_extras"
 )
-installs=("$@")
-[[ ${#installs[@]} -gt 0 ]] || installs=(core notebooks binder dev)
-for name in "${installs[@]}"; do
-    [[ -n "${INSTALL[$name]:-}" ]] || { echo "unknown install '$name': core, notebooks, binder or dev" >&2; exit 2; }
-done
 
 # run inside each environment, from a folder outside the checkout
 read -r -d '' SMOKE <<'PY' || true
-import contextlib, importlib.util, io, sys
+import contextlib, importlib.util, io, logging, sys
 from importlib import metadata
 from pathlib import Path
 
@@ -67,6 +69,7 @@ for args in (["--help"], ["info"]):
         except SystemExit as exit_:
             status = exit_.code
     assert not status, f"spleenkit {' '.join(args)} exited with {status}"
+logging.disable(logging.INFO)  # the command line turned on INFO logging; the encoders below chatter there
 import spleenkit.dicom_seg, spleenkit.inference, spleenkit.training  # noqa: E401,F401
 jupyter = sorted({m.split(".")[0] for m in sys.modules
                   if m.split(".")[0].startswith(("jupyter", "notebook", "nbformat", "nbclient", "papermill", "ipykernel",
@@ -92,7 +95,9 @@ else:
 wanted = {"binder": ["itkwidgets"], "dev": ["pytest", "ruff", "playwright", "onnx", "gdcm", "jpeg_ls"]}
 for module in wanted.get(install, []):
     assert importlib.util.find_spec(module), f"{install} lacks {module}"
-for module in {"binder": ["pytest", "ruff", "repo2docker"], "notebooks": ["itkwidgets", "pytest"]}.get(install, []):
+# (pytest comes with nbval, a notebook tool; the dev tools do not)
+for module in {"binder": ["ruff", "repo2docker", "playwright", "onnx"],
+               "notebooks": ["itkwidgets", "ruff", "repo2docker", "playwright", "onnx"]}.get(install, []):
     assert importlib.util.find_spec(module) is None, f"{install} should not hold {module}"
 
 from spleenkit.bundle import bundle_source

@@ -23,6 +23,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # what an install without JupyterLab must not hold: the notebook server and the notebook tools
 NOTEBOOK_TOOLS = {"jupyterlab", "notebook", "jupyter-server", "papermill", "nbval", "nbclient", "nbformat", "ipykernel",
                   "ipywidgets"}
+# what only the dev extra declares (Binder still gets pytest, which nbval, a notebook tool, needs)
 DEV_TOOLS = {"pytest", "ruff", "jupyter-repo2docker", "playwright", "simpleitk", "python-gdcm", "pyjpegls", "onnx"}
 
 
