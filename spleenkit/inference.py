@@ -409,7 +409,7 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     For each input ``NAME`` the output folder gets ``NAME_spleen.nii.gz`` (uint8, the input's
     exact shape and affine) and ``NAME_overlay.png``; for a DICOM series also ``NAME_spleen_seg.dcm``, a DICOM
     Segmentation referencing the series' instances; ``manifest.json`` lists them with the
-    settings, timings, peak memory and any orientation warnings. The preset defaults to the one
+    settings, timings, peak memory and any warnings (orientation, DICOM Segmentation). The preset defaults to the one
     in the model's run folder (else "seed").
     """
     from spleenkit.devices import pick_device
