@@ -1,6 +1,8 @@
 # Sourced by run_all.sh and test.sh: use the active virtual environment, or create and activate
-# .venv, then install the kit. torch is installed FIRST and pinned: left to a plain `torch` or a
-# version range, pip would pull a CUDA build of several GB on a machine without a local wheel.
+# .venv, then install the kit with everything a developer needs: the dev tools (tests, linters, and the
+# notebooks and export extras) and the live 3D view (viewer). torch is installed FIRST and pinned: left
+# to a plain `torch` or a version range, pip would pull a CUDA build of several GB on a machine without
+# a local wheel.
 # Installing is skipped when this environment already holds the kit for the current pyproject.toml.
 
 TORCH_SPEC="${SPLEENKIT_TORCH:-torch==2.13.0}"
@@ -27,11 +29,11 @@ _wanted="$(cat "$REPO_ROOT/pyproject.toml" | sha256sum | cut -c1-16) $TORCH_SPEC
 if [[ -f "$_stamp" && "$(cat "$_stamp")" == "$_wanted" ]] && python -c "import spleenkit, torch" 2>/dev/null; then
     echo "== environment ready: $(python -c 'import sys; print(sys.prefix)') (delete $_stamp to reinstall)"
 else
-    echo "== installing $TORCH_SPEC, then the kit with its dev tools (a few minutes the first time)"
+    echo "== installing $TORCH_SPEC, then the kit with its dev tools and viewer (a few minutes the first time)"
     # -qq: pip reports errors only, so that the log shows what matters
     python -m pip install -qq --upgrade pip
     python -m pip install -qq "$TORCH_SPEC"
-    python -m pip install -qq -e "$REPO_ROOT[dev]"
+    python -m pip install -qq -e "$REPO_ROOT[dev,viewer]"
     echo "$_wanted" > "$_stamp"
 fi
 unset _stamp _wanted

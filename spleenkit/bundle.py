@@ -49,13 +49,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 
 # --------------------------------------------------------------------------- where the bundle is
 def bundle_source() -> Path:
-    """The bundle folder: $SPLEENKIT_BUNDLE_DIR, ``bundle/`` of the kit's checkout, or the installed copy."""
-    import site
-    import sysconfig
-
-    installed = [Path(base) / "share" / "spleenkit" / "bundle"
-                 for base in (sysconfig.get_path("data"), sys.prefix, site.USER_BASE) if base]
-    candidates = [os.environ.get("SPLEENKIT_BUNDLE_DIR"), Path(__file__).resolve().parents[1] / "bundle", *installed]
+    """The bundle folder: $SPLEENKIT_BUNDLE_DIR, ``bundle/`` of the kit's checkout, or the installed copy
+    (``spleenkit/_bundle``: pyproject.toml installs the checkout's bundle/ there as package data)."""
+    here = Path(__file__).resolve().parent
+    candidates = [os.environ.get("SPLEENKIT_BUNDLE_DIR"), here.parent / "bundle", here / "_bundle"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "configs" / "metadata.json").is_file():
             return Path(candidate)

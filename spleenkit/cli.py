@@ -344,6 +344,8 @@ def _infer(args: argparse.Namespace) -> int:
     for case in result.cases:
         print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
               + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
+        if case.segmentation:
+            print(f"{case.name}: {case.segmentation} (DICOM Segmentation of the series)")
     print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
     return 0
 

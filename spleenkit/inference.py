@@ -148,6 +148,23 @@ def scan_inputs(path: str | os.PathLike[str]) -> tuple[list[InputVolume], list[s
     return volumes, skipped
 
 
+def dicom_image_headers(folder: str | os.PathLike[str]) -> dict[str, list[tuple[Path, Any]]]:
+    """The headers (no pixel data) of the DICOM images in ``folder``, by SeriesInstanceUID, in file-name order."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    headers: dict[str, list[tuple[Path, Any]]] = {}
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+        if "ImagePositionPatient" not in header or "SeriesInstanceUID" not in header:
+            continue  # DICOMDIR, reports and other non-image objects
+        headers.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    return headers
+
+
 def read_dicom_series(folder: str | os.PathLike[str]) -> nib.Nifti1Image:
     """Read a folder holding exactly one DICOM series into a NIfTI image (RAS affine from the DICOM geometry).
 
@@ -156,18 +173,9 @@ def read_dicom_series(folder: str | os.PathLike[str]) -> nib.Nifti1Image:
     """
     import nibabel as nib
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     folder = Path(folder)
-    headers: dict[str, list[tuple[Path, Any]]] = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError):
-            continue
-        if "ImagePositionPatient" not in header or "SeriesInstanceUID" not in header:
-            continue  # DICOMDIR, reports and other non-image objects
-        headers.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    headers = dicom_image_headers(folder)
     if not headers:
         raise BadInputError("no DICOM images with a position (ImagePositionPatient) found", folder)
     if len(headers) > 1:
@@ -379,6 +387,7 @@ class CaseOutput:
     spleen_volume_ml: float
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    segmentation: str | None = None  # the DICOM Segmentation written for a DICOM series input
 
 
 @dataclass
@@ -454,8 +463,9 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     """Segment the spleen in every volume under ``input`` and write masks, overlays and a manifest.
 
     For each input ``NAME`` the output folder gets ``NAME_spleen.nii.gz`` (uint8, the input's
-    exact shape and affine) and ``NAME_overlay.png``; ``manifest.json`` lists them with the
-    settings, timings, peak memory, any orientation or input warnings and the folder entries skipped.
+    exact shape and affine) and ``NAME_overlay.png``; for a DICOM series also ``NAME_spleen_seg.dcm``, a DICOM
+    Segmentation referencing the series' instances; ``manifest.json`` lists them with the settings, timings,
+    peak memory, any warnings (orientation, input, DICOM Segmentation) and the folder entries skipped.
     The preset defaults to the one in the model's run folder (else "seed").
 
     Before anything is written every input gets ``data check``'s checks (:func:`check_inputs`; ``force``
@@ -525,6 +535,15 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     for warning in warnings_:
         log.warning(warning)
     mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
+    segmentation = None
+    if volume.kind == "dicom":  # and a DICOM Segmentation of the series, for viewers that read DICOM
+        from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
+
+        try:
+            segmentation = str(write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}"))
+        except BadInputError as error:
+            warnings_.append(f"{volume.name}: no DICOM Segmentation written: {error}")
+            log.warning(warnings_[-1])
     overlay_path = None
     if overlay:
         from spleenkit.visualization import save_figure, three_plane
@@ -536,4 +555,4 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     seconds = round(time.perf_counter() - begun, 2)
     log.info("%s: spleen %.1f mL -> %s (%.1f s)", volume.name, volume_ml, mask_path, seconds)
     return CaseOutput(volume.name, str(volume.path), str(mask_path), overlay_path, list(mask.shape),
-                      round(volume_ml, 2), seconds, warnings_ + input_warnings)
+                      round(volume_ml, 2), seconds, warnings_ + input_warnings, segmentation)

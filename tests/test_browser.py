@@ -1,24 +1,27 @@
 """The kit as a student meets it: JupyterLab in a real browser, the student copy of 01_data.ipynb, Run All.
 
 JupyterLab runs on 127.0.0.1 (a free port, a random token, settings and workspaces in a temporary
-folder, no news or update checks) with a kernel running this Python; Debian's Chromium (headless,
-driven by playwright-core from tests/browser) opens the notebook, clicks Run > Run All Cells and waits
-until every cell has run. Then no cell may show an error, the figures must be images, and each
-exercise's check must say "not answered yet" instead of crashing. The screenshot is kept in
-runs/browser/ (a CI artifact). Needs `apt-get install chromium` and `npm ci --prefix tests/browser`
-(.ci/run does both); without them the test fails and says so.
+folder, no news or update checks) with a kernel running this Python; Debian's Chromium (headless, a
+fresh profile, driven by the Python Playwright package, which downloads no browser of its own) opens
+the notebook, clicks Run > Run All Cells and waits until every cell has run. Then no cell may show an
+error, the figures must be images, and each exercise's check must say "not answered yet" instead of
+crashing. The screenshot is kept in runs/browser/ (a CI artifact). Needs `apt-get install chromium`
+(.ci/run does it) and `playwright` (the dev extra); without them the test fails and says so.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +31,6 @@ from spleenkit.course import build_student_copies
 from spleenkit.notebooks import this_python_kernel
 
 REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "browser" / "run_notebook.mjs"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "runs" / "browser"
 NOTEBOOK = "01_data.ipynb"
@@ -68,24 +70,132 @@ def _wait_for_server(base: str, token: str, server: subprocess.Popen, log: Path,
     pytest.fail(f"JupyterLab did not answer on {base} within {seconds:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def _browser_tools() -> str:
-    """The node executable; fails (never skips) with the command to run when something is missing."""
-    node = shutil.which("node")
+def _check_browser_tools() -> None:
+    """Fails (never skips) with the command to run when Chromium or Playwright is missing."""
     missing = []
     if not Path(CHROMIUM).is_file():
         missing.append(f"Chromium at {CHROMIUM} (apt-get update && apt-get install -y chromium)")
-    if node is None:
-        missing.append("Node.js (apt-get install -y nodejs npm)")
-    if not (REPO / "tests" / "browser" / "node_modules" / "playwright-core").is_dir():
-        missing.append("playwright-core (npm ci --prefix tests/browser)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright package (pip install -e '.[dev]')")
     if missing:
         pytest.fail("the browser test needs " + "; ".join(missing))
-    return node  # type: ignore[return-value]
+
+
+# what the page shows, read in the browser: the open notebook's cells, prompts, images and outputs
+NOTEBOOK_PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+KERNEL_IDLE = """() => [...document.querySelectorAll(".jp-StatusBar-TextItem")]
+    .some((item) => /\\| Idle$/.test(item.textContent.trim()) && !item.textContent.startsWith("No Kernel"))"""
+ALL_CELLS_RUN = """(panel) => {
+    const prompts = [...document.querySelectorAll(`${panel} .jp-CodeCell .jp-InputArea-prompt`)];
+    const indicator = document.querySelector(`${panel} .jp-Notebook-ExecutionIndicator`);
+    const failed = [...document.querySelectorAll(`${panel} [data-mime-type="application/vnd.jupyter.stderr"]`)]
+      .some((e) => e.textContent.includes("Traceback"));
+    return indicator !== null && indicator.getAttribute("data-status") === "idle"
+      && (failed || (prompts.length > 0 && prompts.every((p) => /\\[\\d+\\]/.test(p.textContent))));
+}"""
+WHAT_IS_SHOWN = """(panel) => {
+    const cells = [...document.querySelectorAll(`${panel} .jp-CodeCell`)];
+    const outputs = [...document.querySelectorAll(`${panel} .jp-OutputArea-output`)];
+    const stderr = [...document.querySelectorAll('.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]')];
+    return {
+      code_cells: cells.length,
+      prompts: cells.map((c) => c.querySelector(".jp-InputArea-prompt")?.textContent.trim()),
+      images: [...document.querySelectorAll(`${panel} .jp-OutputArea-output img`)]
+        .map((img) => ({ width: img.naturalWidth, height: img.naturalHeight, complete: img.complete })),
+      stderr: stderr.map((e) => e.innerText.slice(0, 2000)),
+      texts: outputs.map((o) => o.innerText.slice(0, 500)),
+    };
+}"""
+
+
+def run_all_cells(url: str, screenshot: Path, timeout: float = 150) -> dict:
+    """Open ``url`` (a notebook in JupyterLab) in headless Chromium, Run > Run All Cells as a student does, wait
+    until the kernel is idle and every code cell has run (or one failed), and return what the page shows."""
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    started = time.monotonic()
+    report: dict = {"url": re.sub(r"token=[^&]+", "token=...", url), "steps": [], "console_errors": [],
+                    "dialogs": [], "blocked": []}
+
+    def left_ms() -> float:
+        return max(1.0, timeout - (time.monotonic() - started)) * 1000
+
+    def step(name: str) -> None:
+        report["steps"].append({"name": name, "seconds": round(time.monotonic() - started, 1)})
+
+    server = urllib.parse.urlsplit(url).netloc
+
+    def only_this_server(route) -> None:  # nothing leaves this machine: the badges' images are refused
+        target = urllib.parse.urlsplit(route.request.url)
+        if target.netloc == server or target.scheme in ("data", "blob"):
+            route.continue_()
+        else:
+            report["blocked"].append(f"{target.scheme}://{target.netloc}")
+            route.abort()
+
+    with tempfile.TemporaryDirectory(prefix="spleenkit-chromium-") as profile, sync_playwright() as playwright:
+        # as root, with no network but loopback: no sandbox, no GPU, none of Chromium's own traffic, no name look-ups
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 900},
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"])
+        context.route("**/*", only_this_server)
+        page = context.pages[0] if context.pages else context.new_page()
+        page.on("console", lambda message: report["console_errors"].append(message.text[:300])
+                if message.type == "error" else None)
+
+        def answer_dialogs() -> bool:  # a student answers a dialog (which kernel?) with its default button
+            dialog = page.locator(".jp-Dialog")
+            if not dialog.is_visible():
+                return False
+            report["dialogs"].append(dialog.locator(".jp-Dialog-header").inner_text().strip())
+            dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+            dialog.wait_for(state="detached", timeout=left_ms())
+            return True
+
+        def until(what: str, predicate: str) -> None:
+            while time.monotonic() - started < timeout:
+                if answer_dialogs():
+                    continue
+                if page.evaluate(predicate, NOTEBOOK_PANEL):
+                    return step(what)
+                page.wait_for_timeout(500)
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for: {what}")
+
+        try:
+            page.goto(url, timeout=left_ms())
+            page.locator(f"{NOTEBOOK_PANEL} .jp-Cell").first.wait_for(timeout=left_ms())
+            # the kernel is ready when the status bar says "<kernel> | Idle" (the toolbar's execution indicator
+            # also says idle while the status bar still reads "No Kernel | Initializing")
+            until("notebook open, kernel idle", KERNEL_IDLE)
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            step("Run All Cells clicked")
+            until("all cells run (or one failed), kernel idle", ALL_CELLS_RUN)
+            report.update(page.evaluate(WHAT_IS_SHOWN, NOTEBOOK_PANEL))
+            # the picture: the three-plane figure with the cell that drew it
+            figure = page.locator(f"{NOTEBOOK_PANEL} .jp-OutputArea-output img").first
+            if figure.count():
+                figure.evaluate("(img) => img.closest('.jp-Cell').scrollIntoView({ block: 'center' })")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(screenshot))
+            step("screenshot taken")
+        except (PlaywrightError, TimeoutError) as error:
+            report["error"] = str(error)[:3000]
+            try:
+                page.screenshot(path=str(screenshot))
+            except PlaywrightError:
+                pass
+        finally:
+            context.close()
+    return report
 
 
 @pytest.mark.slow
 def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
-    node = _browser_tools()
+    _check_browser_tools()
     # the course folder a student gets: notebooks/ (student copies) beside data/ (the repository's, so the
     # synthetic phantoms are made once per checkout and shared with the other notebook tests)
     course = tmp_path / "course"
@@ -118,10 +228,7 @@ def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
             stdout=log_stream, stderr=subprocess.STDOUT, env=environment, cwd=course)
         try:
             _wait_for_server(base, token, server, log)
-            run = subprocess.run(
-                [node, str(DRIVER), "--url", f"{base}/lab/tree/notebooks/{NOTEBOOK}?token={token}",
-                 "--screenshot", str(screenshot), "--timeout", "150", "--chromium", CHROMIUM],
-                capture_output=True, text=True, timeout=200, cwd=DRIVER.parent)
+            report = run_all_cells(f"{base}/lab/tree/notebooks/{NOTEBOOK}?token={token}", screenshot)
         finally:
             server.terminate()
             try:
@@ -129,11 +236,6 @@ def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    try:
-        report = json.loads(run.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        pytest.fail(f"the browser driver reported nothing (status {run.returncode}):\n{run.stdout}\n{run.stderr}"
-                    f"\nJupyterLab's log:\n{log.read_text()[-3000:]}")
     (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=1))
     assert "error" not in report, f"{report['error']}\nJupyterLab's log:\n{log.read_text()[-3000:]}"
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
