@@ -2,7 +2,7 @@
 
 Training is assembled from the public pieces that :func:`spleenkit.training.train` uses (cached
 datasets, loaders, UNet, optimiser, schedule, evaluator, trainer with its run-folder recorder),
-so that a timer can be attached; inference calls :func:`spleenkit.inference.predict_mask`.
+so that a timer can be attached; inference calls :func:`spleenkit.predict.predict_mask`.
 """
 
 from __future__ import annotations
@@ -97,11 +97,10 @@ def inference(params: dict[str, Any]) -> dict[str, Any]:
     """``spleenkit infer``'s prediction on one image (file to mask on its grid), with the seed preset."""
     import numpy as np
 
-    import spleenkit.evaluation as evaluation
+    import spleenkit.predict as prediction
     from spleenkit.devices import amp_dtype, pick_device
-    from spleenkit.evaluation import inference_amp, inference_network, make_inferer
-    from spleenkit.inference import predict_mask
     from spleenkit.model import load_model
+    from spleenkit.predict import inference_amp, inference_network, make_inferer, predict_mask
 
     device = pick_device(params["device"])
     preset = _preset(params)
@@ -109,7 +108,7 @@ def inference(params: dict[str, Any]) -> dict[str, Any]:
     network = inference_network(load_model(params["weights"], preset, device), device)  # as `spleenkit infer`
     inferer = make_inferer(preset, device=device)
     window = {"seconds": 0.0}
-    predict_logits = evaluation.predict_logits
+    predict_logits = prediction.predict_logits
 
     def timed_logits(*args: Any, **kwargs: Any) -> Any:  # to report the sliding window's share
         begun = time.perf_counter()
@@ -118,11 +117,11 @@ def inference(params: dict[str, Any]) -> dict[str, Any]:
         window["seconds"] += time.perf_counter() - begun
         return logits
 
-    evaluation.predict_logits = timed_logits
+    prediction.predict_logits = timed_logits
     started = time.perf_counter()
     mask = predict_mask(network, params["image"], preset, inferer, device, amp)
     seconds = time.perf_counter() - started
-    evaluation.predict_logits = predict_logits
+    prediction.predict_logits = predict_logits
     np.save(params["mask_out"], mask)
     dtype = amp_dtype(device, amp)
     return {"settings": preset.to_dict(), "seconds": round(seconds, 3), "window_seconds": round(window["seconds"], 3),

@@ -89,8 +89,8 @@ def inference(params: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from spleenkit.devices import autocast, pick_device
-    from spleenkit.evaluation import inference_network
     from spleenkit.model import build_unet
+    from spleenkit.predict import inference_network
 
     device = pick_device(params["device"])
     size, batch = params["roi"], params["batch"]

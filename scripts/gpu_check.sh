@@ -61,7 +61,7 @@ spleenkit evaluate --model "$work/run/model.pt" --data "$work/data" --split all 
     --no-save-predictions --device cuda >"$work/evaluate-single.log" 2>&1
 python - "$work/eval-single/per_case.csv" "$work/eval-distributed/per_case.csv" <<'PY'
 import sys
-from spleenkit.evaluation import read_rows_csv
+from spleenkit.metrics import read_rows_csv
 single, multi = (read_rows_csv(p) for p in sys.argv[1:3])
 assert [(r["case"], r["space"]) for r in single] == [(r["case"], r["space"]) for r in multi]
 worst = max(abs(a["dice"] - b["dice"]) for a, b in zip(single, multi))

@@ -25,12 +25,12 @@ SURFACE: dict[str, str] = {
     "bundle_source": "spleenkit.bundle",
     "format_command": "spleenkit.bundle",
     "run_command": "spleenkit.bundle",
-    # comparing an in-view construction with the package's
-    "Comparison": "spleenkit.compare",
+    # compare
     "compare_networks": "spleenkit.compare",
     "compare_numbers": "spleenkit.compare",
     "compare_objects": "spleenkit.compare",
     "compare_transforms": "spleenkit.compare",
+    "Comparison": "spleenkit.compare",
     "describe": "spleenkit.compare",
     # data
     "check_dataset": "spleenkit.data",
@@ -40,7 +40,7 @@ SURFACE: dict[str, str] = {
     "load_datalist": "spleenkit.data",
     "split_datalist": "spleenkit.data",
     "write_synthetic_dataset": "spleenkit.data",
-    # devices and precision
+    # devices
     "choose_precision": "spleenkit.devices",
     "describe_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
@@ -53,41 +53,35 @@ SURFACE: dict[str, str] = {
     "colab_setup": "spleenkit.environment",
     "environment_report": "spleenkit.environment",
     "is_interactive": "spleenkit.environment",
-    "notebook_model": "spleenkit.notebooks",
-    "stand_in_banner": "spleenkit.notebooks",
     "show_progress": "spleenkit.environment",
-    # evaluation
-    "case_name": "spleenkit.evaluation",
-    "compare_mask_files": "spleenkit.evaluation",
-    "evaluate_run": "spleenkit.evaluation",
-    "format_summary": "spleenkit.evaluation",
-    "inference_network": "spleenkit.evaluation",
-    "keep_largest_component": "spleenkit.evaluation",
-    "label_round_trip": "spleenkit.evaluation",
-    "make_inferer": "spleenkit.evaluation",
-    "mask_metrics": "spleenkit.evaluation",
-    "postprocessing": "spleenkit.evaluation",
-    "predict_logits": "spleenkit.evaluation",
-    "read_binary_mask": "spleenkit.evaluation",
-    "read_rows_csv": "spleenkit.evaluation",
-    "run_preset": "spleenkit.evaluation",
-    "select_cases": "spleenkit.evaluation",
-    "voxel_spacing": "spleenkit.evaluation",
     # errors
     "BadInputError": "spleenkit.errors",
     "SpleenkitError": "spleenkit.errors",
+    # evaluation
+    "case_name": "spleenkit.evaluation",
+    "evaluate_run": "spleenkit.evaluation",
+    "label_round_trip": "spleenkit.evaluation",
+    "select_cases": "spleenkit.evaluation",
     # exercises
     "check": "spleenkit.exercises",
     "sliding_window_count": "spleenkit.exercises",
     # export
-    "TOLERANCE": "spleenkit.export",
     "export_model": "spleenkit.export",
     "onnx_available": "spleenkit.export",
+    "TOLERANCE": "spleenkit.export",
+    # images
+    "read_binary_mask": "spleenkit.images",
+    "voxel_spacing": "spleenkit.images",
     # inference
     "infer": "spleenkit.inference",
     "orientation_warnings": "spleenkit.inference",
     # manifest
     "read_manifest": "spleenkit.manifest",
+    # metrics
+    "compare_mask_files": "spleenkit.metrics",
+    "format_summary": "spleenkit.metrics",
+    "mask_metrics": "spleenkit.metrics",
+    "read_rows_csv": "spleenkit.metrics",
     # model
     "build_unet": "spleenkit.model",
     "count_parameters": "spleenkit.model",
@@ -96,16 +90,26 @@ SURFACE: dict[str, str] = {
     # notebooks
     "environment_rows": "spleenkit.notebooks",
     "markdown_table": "spleenkit.notebooks",
+    "notebook_model": "spleenkit.notebooks",
+    "stand_in_banner": "spleenkit.notebooks",
+    # predict
+    "inference_network": "spleenkit.predict",
+    "keep_largest_component": "spleenkit.predict",
+    "make_inferer": "spleenkit.predict",
+    "postprocessing": "spleenkit.predict",
+    "predict_logits": "spleenkit.predict",
     # presets
-    "PRESETS": "spleenkit.presets",
-    "Preset": "spleenkit.presets",
     "get_preset": "spleenkit.presets",
+    "Preset": "spleenkit.presets",
     "preset_table": "spleenkit.presets",
+    "PRESETS": "spleenkit.presets",
     # pretrained
-    "PretrainedUnavailableError": "spleenkit.pretrained",
     "download_instructions": "spleenkit.pretrained",
     "fetch_pretrained": "spleenkit.pretrained",
     "load_pretrained": "spleenkit.pretrained",
+    "PretrainedUnavailableError": "spleenkit.pretrained",
+    # runs
+    "run_preset": "spleenkit.runs",
     # training
     "estimate_cache_memory": "spleenkit.training",
     "make_iteration_update": "spleenkit.training",

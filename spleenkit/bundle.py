@@ -299,7 +299,7 @@ class OriginalLabeld:
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
-        from spleenkit.evaluation import read_binary_mask
+        from spleenkit.images import read_binary_mask
 
         item = dict(data)
         for key in self.keys:

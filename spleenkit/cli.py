@@ -309,7 +309,8 @@ def _window_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from spleenkit.evaluation import evaluate_run, format_summary
+    from spleenkit.evaluation import evaluate_run
+    from spleenkit.metrics import format_summary
 
     with _process_group(args) as context:
         result = evaluate_run(args.model, args.data, out_dir=args.out, preset=args.preset, split=args.split,
@@ -328,7 +329,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _evaluate_masks(args: argparse.Namespace) -> int:
     import json
 
-    from spleenkit.evaluation import compare_mask_files
+    from spleenkit.metrics import compare_mask_files
 
     print(json.dumps(compare_mask_files(args.prediction, args.reference), indent=2))
     return 0

@@ -64,7 +64,7 @@ def write_dicom_seg(mask: np.ndarray, affine: np.ndarray, series: str | os.PathL
     from pydicom.sr.codedict import codes
 
     from spleenkit import __version__
-    from spleenkit.inference import dicom_image_headers
+    from spleenkit.images import dicom_image_headers
     from spleenkit.io import write_with
 
     found = dicom_image_headers(series)

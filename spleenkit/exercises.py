@@ -606,7 +606,7 @@ def _metric_means(answer: Any, predictions: dict[str, Any], cases: dict[str, Any
                    "(1, 2, x, y, z) (AsDiscrete(to_onehot=2), then [None]), then aggregate().")
     if _close(hd95, original["hd_mm"]["mean"], relative=1e-4):
         raise Hint("that is the plain Hausdorff distance (the maximum): HausdorffDistanceMetric(percentile=95).")
-    from spleenkit.evaluation import mask_metrics
+    from spleenkit.metrics import mask_metrics
 
     in_voxels = [mask_metrics(p, r, (1.0,) * p.ndim)["hd95_mm"] for p, r in _mask_pairs(predictions, cases)]
     if None not in in_voxels and _close(hd95, float(np.mean(in_voxels)), relative=1e-4):
@@ -623,7 +623,7 @@ def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(prediction, label) masks per case; ``cases`` maps a case to its label file or to its datalist item."""
-    from spleenkit.evaluation import read_binary_mask
+    from spleenkit.images import read_binary_mask
 
     labels = {name: case["label"] if isinstance(case, dict) else case for name, case in cases.items()}
     return [(read_binary_mask(predictions[name])[0], read_binary_mask(labels[name])[0]) for name in labels]
@@ -634,7 +634,7 @@ def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tupl
           "KeepLargestConnectedComponentd.")
 def _largest_component_chain(answer: Any, preprocessing: Any) -> str:
     from spleenkit.compare import compare_transforms
-    from spleenkit.evaluation import postprocessing
+    from spleenkit.predict import postprocessing
 
     if not hasattr(answer, "transforms") and not isinstance(answer, (list, tuple)):
         raise Hint(f"expected a Compose of transforms, got {_short(answer)}")
@@ -727,7 +727,7 @@ def _header_lies(answer: Any, image: Any, mask: Any) -> str:
 def _sliding_window(answer: Any, image: Any, network: Any, preset: Any, device: Any = "cpu") -> str:
     import torch
 
-    from spleenkit.evaluation import make_inferer, predict_logits
+    from spleenkit.predict import make_inferer, predict_logits
 
     logits = torch.as_tensor(answer.detach() if hasattr(answer, "detach") else answer).float().cpu()
     expected = predict_logits(network, image, make_inferer(preset, device=device), device, amp=False).cpu()

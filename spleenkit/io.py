@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -84,9 +85,20 @@ def write_text(path: str | os.PathLike[str], text: str, *, check: Callable[[Path
     return Path(path)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so that every JSON reader accepts the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2) -> Path:
-    """Write ``data`` as JSON (sorted by insertion, a final newline) atomically; returns the path."""
-    return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+    """Write ``data`` as JSON (insertion order, a final newline; NaN and infinity as null) atomically."""
+    return write_text(path, json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from spleenkit.errors import BadInputError
+from spleenkit.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -224,3 +225,22 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
     finally:
         if holder is not None:
             holder.release()
+
+
+def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed") -> Preset:
+    """The preset a run was trained with, read from its manifest (``parameters.preset``), else ``fallback``."""
+    from spleenkit.manifest import read_manifest
+
+    try:
+        parameters = read_manifest(run_dir).get("parameters", {})
+    except (OSError, ValueError):
+        return get_preset(fallback)
+    stored = parameters.get("preset")
+    try:
+        if isinstance(stored, str):
+            return get_preset(stored)
+        if isinstance(stored, dict) and stored.get("name"):
+            return Preset.from_dict(stored)
+    except BadInputError as error:
+        log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
+    return get_preset(fallback)

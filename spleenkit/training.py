@@ -30,6 +30,7 @@ from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist
 from spleenkit.distributed import mean_over_ranks, unwrap_model
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.io import write_text
+from spleenkit.predict import autocast_inferer
 from spleenkit.presets import Preset, get_preset
 from spleenkit.runs import (  # noqa: F401 - the run-folder layout, importable from here as before
     CHECKPOINT_NAME,
@@ -488,26 +489,6 @@ class TrainingStep:
 def make_iteration_update(device: torch.device, amp: bool = True) -> TrainingStep:
     """The mixed-precision iteration for ``SupervisedTrainer(iteration_update=...)`` (bundle configs use this)."""
     return TrainingStep(device, amp)
-
-
-def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> Any:
-    """Wrap a MONAI inferer so that the forward passes run under the device's autocast; returns float32."""
-    from monai.inferers import Inferer
-
-    from spleenkit.devices import autocast
-
-    class AutocastInferer(Inferer):
-        """``inferer`` under autocast (float16 on CUDA, bfloat16 on CPU), output cast back to float32."""
-
-        def __init__(self) -> None:
-            self.inferer, self.device, self.amp = inferer, device, amp
-
-        def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
-            with autocast(self.device, self.amp):
-                output = self.inferer(inputs, network, *args, **kwargs)
-            return output.float() if hasattr(output, "float") else output
-
-    return AutocastInferer()
 
 
 def measure_step_seconds(preset: Preset | str = "quick", device: str | torch.device = "auto", *, steps: int = 3,

@@ -103,7 +103,7 @@ def to_ras(volume: Any, affine: np.ndarray | None = None,
 
 def load_ras(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a NIfTI file and return its voxels in RAS order with the voxel size in mm."""
-    from spleenkit.inference import read_nifti
+    from spleenkit.images import read_nifti
 
     image = read_nifti(path)
     return to_ras(image, image.affine)
@@ -388,7 +388,7 @@ def per_case_metrics(rows: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
                      title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
     """One panel per metric, one column per case (sorted by original-space Dice), one marker per space."""
     if isinstance(rows, (str, os.PathLike)):
-        from spleenkit.evaluation import read_rows_csv
+        from spleenkit.metrics import read_rows_csv
 
         rows = read_rows_csv(rows)
     rows = list(rows)
@@ -432,7 +432,7 @@ def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     from matplotlib.patches import Patch
     from scipy import ndimage
 
-    from spleenkit.evaluation import mask_metrics
+    from spleenkit.metrics import mask_metrics
 
     a, b = np.asarray(pred) > 0.5, np.asarray(ref) > 0.5
     scores = mask_metrics(a, b, spacing)

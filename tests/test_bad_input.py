@@ -411,7 +411,8 @@ def test_a_cache_beyond_memory_is_refused_with_a_suggested_rate(synthetic_datase
 def test_training_stops_at_the_first_nan_loss_keeping_the_last_good_checkpoint(
         synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from spleenkit import training
-    from spleenkit.training import CHECKPOINT_NAME, NonFiniteTrainingError, read_last_checkpoint, read_metrics
+    from spleenkit.runs import CHECKPOINT_NAME
+    from spleenkit.training import NonFiniteTrainingError, read_last_checkpoint, read_metrics
 
     real = training.make_loss
     calls = {"n": 0}
@@ -550,7 +551,7 @@ def test_truncated_nifti_in_infer_is_explained_not_a_transform_repr(tiny_model: 
 
 
 def test_preprocessing_failures_name_the_real_cause() -> None:
-    from spleenkit.inference import _preprocessing_error
+    from spleenkit.predict import _preprocessing_error
 
     try:
         try:
@@ -567,7 +568,8 @@ def test_a_folder_with_nifti_files_and_a_dicom_series_processes_both_and_names_w
         tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from test_inference import write_dicom_series
 
-    from spleenkit.inference import infer, scan_inputs
+    from spleenkit.images import scan_inputs
+    from spleenkit.inference import infer
 
     folder = tmp_path / "inputs"
     folder.mkdir()

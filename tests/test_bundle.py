@@ -300,8 +300,8 @@ def trained(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_training_command_writes_the_best_model(trained: Path) -> None:
     import torch
 
-    from spleenkit.evaluation import run_preset
     from spleenkit.model import load_model
+    from spleenkit.runs import run_preset
 
     network = load_model(trained / "models" / "model.pt")  # a plain UNet state dict, strict keys, weights only
     assert all(torch.isfinite(value).all() for value in network.state_dict().values() if value.is_floating_point()), \

@@ -135,8 +135,8 @@ def test_the_fixtures_are_the_official_structure() -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_train_config_builds_the_packages_pipeline(preset: str, synthetic_dataset: Path, tmp_path: Path) -> None:
     from spleenkit.compare import compare_networks, compare_objects, compare_transforms
-    from spleenkit.evaluation import make_inferer
     from spleenkit.model import build_unet
+    from spleenkit.predict import make_inferer
     from spleenkit.training import make_loss, make_optimizer, make_scheduler
     from spleenkit.transforms import (
         deterministic_transforms,
@@ -179,8 +179,8 @@ def test_train_config_builds_the_packages_pipeline(preset: str, synthetic_datase
 @pytest.mark.parametrize("preset", PRESETS)
 def test_inference_config_builds_the_packages_pipeline(preset: str) -> None:
     from spleenkit.compare import compare_networks, compare_objects, compare_transforms
-    from spleenkit.evaluation import make_inferer, postprocessing
     from spleenkit.model import build_unet
+    from spleenkit.predict import make_inferer, postprocessing
     from spleenkit.transforms import inference_transforms
 
     parser = parser_for(["inference.json"], preset=preset)
@@ -313,9 +313,9 @@ def overridden_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.slow
 def test_monai_bundle_run_applies_deep_training_overrides(overridden_run: Path) -> None:
-    from spleenkit.evaluation import run_preset
     from spleenkit.model import load_model
     from spleenkit.presets import get_preset
+    from spleenkit.runs import run_preset
 
     recipe = run_preset(overridden_run / "models")  # the recipe the run recorded, read from the bundle's ids
     assert recipe.patch_size == (48, 48, 48) and recipe.validation_roi_size == (48, 48, 48)

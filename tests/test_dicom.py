@@ -15,7 +15,8 @@ from test_inference import tiny_model, write_dicom_series  # noqa: F401 - tiny_m
 import spleenkit.inference
 from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
 from spleenkit.errors import BadInputError
-from spleenkit.inference import infer, read_dicom_series
+from spleenkit.images import read_dicom_series
+from spleenkit.inference import infer
 
 HU_LEVEL = 150  # the stand-in prediction: voxels brighter than this
 # the transfer syntax, and the plugin of the core install that decodes it (the dev install adds gdcm and
@@ -26,7 +27,8 @@ CORE_DECODER = {RLELossless: "pydicom", JPEGLSLossless: "pylibjpeg", JPEG2000Los
 
 def phantom() -> tuple[np.ndarray, np.ndarray]:
     """A small CT-like volume (HU, NIfTI voxel order) with a bright off-centre blob, and an oblique-free LPS-stored
-    affine whose slices run from feet to head."""
+    affine whose slices run from feet to head; 4.5 mm columns, so that it spans one quick-preset window (inference
+    refuses an image smaller than a window on every axis)."""
     shape = (48, 40, 9)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
     blob = ((grid[0] - 30) / 9) ** 2 + ((grid[1] - 15) / 7) ** 2 + ((grid[2] - 5) / 3) ** 2 < 1
@@ -34,7 +36,7 @@ def phantom() -> tuple[np.ndarray, np.ndarray]:
     volume = np.where(blob, 250, 40) + noise
     volume[:4] = -1000  # air
     volume[:, :, 0] += 900  # something bright in the first slice only: a mislaid frame shows
-    affine = np.array([[-0.75, 0, 0, 170.0], [0, -0.8, 0, 140.0], [0, 0, 2.5, -310.0], [0, 0, 0, 1]])
+    affine = np.array([[-4.5, 0, 0, 170.0], [0, -0.8, 0, 140.0], [0, 0, 2.5, -310.0], [0, 0, 0, 1]])
     return volume.astype(np.int16), affine
 
 

@@ -292,8 +292,9 @@ def test_distributed_evaluation_equals_single_process(two_node_run: dict, synthe
     import numpy as np
     import torch
 
-    from spleenkit.evaluation import evaluate_run, read_rows_csv
-    from spleenkit.inference import read_nifti
+    from spleenkit.evaluation import evaluate_run
+    from spleenkit.images import read_nifti
+    from spleenkit.metrics import read_rows_csv
 
     runs = {}
     for name in ("one", "two"):

@@ -14,22 +14,13 @@ from scipy import ndimage
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
-from spleenkit.evaluation import (
-    compare_mask_files,
-    evaluate_run,
-    format_summary,
-    keep_largest_component,
-    label_round_trip,
-    make_inferer,
-    mask_metrics,
-    postprocessing,
-    read_rows_csv,
-    run_preset,
-    summarise,
-)
+from spleenkit.evaluation import evaluate_run, label_round_trip
 from spleenkit.manifest import build_manifest, write_manifest
+from spleenkit.metrics import compare_mask_files, format_summary, mask_metrics, read_rows_csv, summarise
 from spleenkit.model import atomic_save, build_unet
+from spleenkit.predict import keep_largest_component, make_inferer, postprocessing
 from spleenkit.presets import get_preset
+from spleenkit.runs import run_preset
 
 # untrained and coarse: enough to run every step quickly on a CPU
 TINY = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64), num_res_units=1,
@@ -303,7 +294,7 @@ def test_separable_resampling_equals_spatial_resample(permutation, flips) -> Non
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-    from spleenkit.evaluation import _axis_aligned, _separable_linear
+    from spleenkit.predict import _axis_aligned, _separable_linear
 
     generator = torch.Generator().manual_seed(0)
     source_affine = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -329,7 +320,7 @@ def test_separable_resampling_equals_spatial_resample(permutation, flips) -> Non
 
 
 def test_oblique_grids_are_not_taken_for_axis_aligned() -> None:
-    from spleenkit.evaluation import _axis_aligned
+    from spleenkit.predict import _axis_aligned
 
     angle = np.deg2rad(10)
     rotated = np.eye(4)
@@ -343,7 +334,7 @@ def test_oblique_original_grid_is_resampled_by_spatial_resample() -> None:
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-    from spleenkit.evaluation import original_space_mask
+    from spleenkit.predict import original_space_mask
 
     generator = torch.Generator().manual_seed(1)
     logits = MetaTensor(torch.randn(2, 16, 14, 10, generator=generator), affine=torch.diag(torch.tensor(

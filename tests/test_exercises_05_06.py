@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from spleenkit.evaluation import mask_metrics, postprocessing, summarise
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV, check, sliding_window_count
+from spleenkit.metrics import mask_metrics, summarise
+from spleenkit.predict import postprocessing
 from spleenkit.presets import get_preset
 from spleenkit.transforms import validation_transforms
 

@@ -13,18 +13,11 @@ import torch
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
-from spleenkit.evaluation import make_inferer
-from spleenkit.inference import (
-    find_inputs,
-    infer,
-    orientation_warnings,
-    predict_mask,
-    read_dicom_series,
-    read_nifti,
-    write_mask,
-)
+from spleenkit.images import find_inputs, read_dicom_series, read_nifti, write_mask
+from spleenkit.inference import infer, orientation_warnings
 from spleenkit.manifest import build_manifest, write_manifest
 from spleenkit.model import atomic_save, build_unet
+from spleenkit.predict import make_inferer, predict_mask
 from spleenkit.presets import get_preset
 
 # untrained and coarse: enough to run every step quickly on a CPU (geometry does not need a good model)
@@ -140,7 +133,7 @@ def test_qform_only_headers_are_preserved(example_ct_dir: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("flipped", [False, True], ids=["as stored", "x and z flipped"])
 def test_slab_resampling_for_large_images_equals_invertd(example_ct_dir: Path, tmp_path: Path, flipped: bool) -> None:
-    from spleenkit.evaluation import original_space_mask, predict_logits
+    from spleenkit.predict import original_space_mask, predict_logits
     from spleenkit.transforms import inference_transforms
 
     image = nib.load(example_ct_dir / "ct.nii.gz")

@@ -14,7 +14,7 @@ import torch
 
 from spleenkit import devices
 from spleenkit.devices import Precision, choose_precision, cpu_capability, describe_precision
-from spleenkit.evaluation import inference_amp
+from spleenkit.predict import inference_amp
 from spleenkit.presets import get_preset
 from spleenkit.training import measure_step_seconds, training_precision, validation_precision
 

@@ -16,16 +16,8 @@ import torch
 
 from spleenkit.errors import BadInputError
 from spleenkit.presets import get_preset
-from spleenkit.training import (
-    CHECKPOINT_NAME,
-    METRICS_NAME,
-    MODEL_NAME,
-    TrainingResult,
-    read_last_checkpoint,
-    read_metrics,
-    train,
-    training_precision,
-)
+from spleenkit.runs import CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME
+from spleenkit.training import TrainingResult, read_last_checkpoint, read_metrics, train, training_precision
 
 # small enough for a few seconds per run on two cores: 6 mm voxels, 48^3 patches, 2 iterations per epoch
 # (48, not 32: PyTorch's CPU bfloat16 Conv3d gradient is wrong on the 2-voxel bottom of a 32^3 patch)
@@ -328,7 +320,7 @@ def test_cpu_bfloat16_training_falls_back_where_its_gradients_are_wrong(monkeypa
 
 def test_a_fresh_run_keeps_the_earlier_runs_files(tmp_path: Path) -> None:
     """Training again into a run folder moves the earlier model aside instead of deleting it."""
-    from spleenkit.training import prepare_run_dir
+    from spleenkit.runs import prepare_run_dir
 
     (tmp_path / "model.pt").write_bytes(b"earlier weights")
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')

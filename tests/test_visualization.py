@@ -15,7 +15,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from spleenkit import environment, visualization
-from spleenkit.evaluation import mask_metrics, write_rows_csv
+from spleenkit.metrics import mask_metrics, write_rows_csv
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -225,7 +225,7 @@ def read_input(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a folder holding one DICOM series."""
     path = Path(path)
     if path.is_dir():
-        from spleenkit.inference import read_dicom_series
+        from spleenkit.images import read_dicom_series
 
         image = read_dicom_series(path)
         return image, np.asanyarray(image.dataobj)
