@@ -109,6 +109,7 @@ SURFACE: dict[str, str] = {
     "load_pretrained": "spleenkit.pretrained",
     "PretrainedUnavailableError": "spleenkit.pretrained",
     # runs
+    "read_metrics": "spleenkit.runs",
     "run_preset": "spleenkit.runs",
     # training
     "estimate_cache_memory": "spleenkit.training",
@@ -117,7 +118,6 @@ SURFACE: dict[str, str] = {
     "make_optimizer": "spleenkit.training",
     "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
-    "read_metrics": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
     "train": "spleenkit.training",
     "training_precision": "spleenkit.training",

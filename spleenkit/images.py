@@ -60,8 +60,9 @@ def _check_3d(shape: Sequence[int], path: str | os.PathLike[str]) -> None:
         raise BadInputError(f"a {len(shape)}D image (shape {tuple(shape)}); give one 3D CT volume", path)
 
 
-def read_nifti(path: str | os.PathLike[str]) -> nib.spatialimages.SpatialImage:
-    """Open a 3D NIfTI file (header only); a missing, corrupt, non-NIfTI or 2D file is a BadInputError."""
+def read_nifti(path: str | os.PathLike[str], *, require_3d: bool = True) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file (header only): the kit's one NIfTI reader. A missing, corrupt or non-NIfTI file (and,
+    unless ``require_3d`` is False, one that is not 3D) is a BadInputError naming the file."""
     import nibabel as nib
 
     path = Path(path)
@@ -78,7 +79,8 @@ def read_nifti(path: str | os.PathLike[str]) -> nib.spatialimages.SpatialImage:
                             path) from error
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInputError(f"not a NIfTI image ({type(image).__name__})", path)
-    _check_3d(image.shape, path)
+    if require_3d:
+        _check_3d(image.shape, path)
     return image
 
 

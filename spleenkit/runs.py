@@ -244,3 +244,31 @@ def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed")
     except BadInputError as error:
         log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
     return get_preset(fallback)
+
+
+def read_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The epochs recorded in ``metrics.jsonl`` (given directly, or the run folder holding it); none yet: [].
+
+    One policy for every reader: a torn last line (a run killed while writing it) is skipped with a
+    warning; a line that is not JSON anywhere else means the file was damaged, an error naming the line.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s: the last line is unfinished (a run stopped while writing it); skipped", path)
+                continue
+            raise BadInputError(f"line {number} is not JSON ({error.msg}): the file is damaged", path) from error
+    return records
+

@@ -40,6 +40,7 @@ from spleenkit.runs import (  # noqa: F401 - the run-folder layout, importable f
     RunLock,
     output_folder,
     prepare_run_dir,
+    read_metrics,
 )
 
 if TYPE_CHECKING:
@@ -183,11 +184,10 @@ def resampled_shape(path: str | os.PathLike[str], preset: Preset | str = "seed")
     import nibabel as nib
     import numpy as np
 
+    from spleenkit.images import read_nifti
+
     preset = get_preset(preset)
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises many types for unreadable files
-        raise BadInputError(f"cannot read the image header ({error})", path) from error
+    image = read_nifti(path)
     shape = np.asarray(image.shape[:3], dtype=float)
     zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
     # axis i of the file becomes axis ornt[i, 0] after reorientation to RAS (the only orientation used)
@@ -937,20 +937,6 @@ def check_resume_recipe(run_dir: str | os.PathLike[str], preset: Preset, checkpo
     if changes:
         log.warning("resuming %s with a changed recipe (recorded in the manifest): %s", run_dir, "; ".join(changes))
     return changes
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The epochs recorded in a run folder's ``metrics.jsonl`` (an unfinished last line is skipped)."""
-    path = Path(run_dir) / METRICS_NAME
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:

@@ -12,7 +12,6 @@ undone for display, exactly as a viewer such as 3D Slicer would do.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -324,29 +323,22 @@ def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = Non
 
 
 # --------------------------------------------------------------------------- figures of runs and metrics
-def read_metrics_jsonl(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The epochs of a run: ``metrics.jsonl`` given directly or inside a run folder."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
+def _read_run_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The epochs of a run (:func:`spleenkit.runs.read_metrics`); a run with none yet is an error for a figure."""
     from spleenkit.errors import BadInputError
+    from spleenkit.runs import METRICS_NAME, read_metrics
 
-    if not path.is_file():
-        raise BadInputError("no metrics.jsonl (has the run trained an epoch yet?)", path)
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise BadInputError(f"line {number} is not JSON ({error.msg})", path) from error
+    records = read_metrics(source)
+    if not records:
+        path = Path(source) / METRICS_NAME if Path(source).is_dir() else Path(source)
+        raise BadInputError("no epochs in metrics.jsonl (has the run trained an epoch yet?)", path)
     return records
 
 
 def training_curves(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]], title: str | None = None,
                     save: str | os.PathLike[str] | None = None) -> Figure:
     """Loss and validation Dice per epoch (and the learning rate when it changes) from ``metrics.jsonl``."""
-    records = read_metrics_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    records = _read_run_metrics(source) if isinstance(source, (str, os.PathLike)) else list(source)
 
     def series(key: str) -> tuple[list[float], list[float]]:
         pairs = [(r.get("epoch", i + 1), r.get(key)) for i, r in enumerate(records)]
@@ -582,7 +574,7 @@ def compare_runs(runs: Mapping[str, str | os.PathLike[str] | Iterable[Mapping[st
     names = list(runs)
     for index, name in enumerate(names):
         source = runs[name]
-        records = read_metrics_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
+        records = _read_run_metrics(source) if isinstance(source, (str, os.PathLike)) else list(source)
         epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(records)]
         colour = palette[index % len(palette)]
         loss_ax.plot(epochs, [float(r["loss"]) for r in records], marker=".", color=colour, label=name)

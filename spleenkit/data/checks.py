@@ -99,14 +99,15 @@ class DatasetReport:
 
 def read_volume(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     """Load a NIfTI file fully; a missing, truncated or corrupt file raises :class:`BadInputError`."""
-    import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+
+    from spleenkit.images import read_nifti
 
     path = Path(path)
     if not path.is_file():
         raise BadInputError("missing", path)
+    image = read_nifti(path, require_3d=False)  # the shape is one of the findings of inspect_image
     try:
-        image = nib.load(path)
         data = np.asanyarray(image.dataobj)
     except (EOFError, zlib.error) as error:
         raise BadInputError(f"truncated or corrupt compressed file ({error})", path) from error

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from spleenkit.errors import BadInputError, ChecksumError, SpleenkitError
+from spleenkit.images import read_nifti
 from spleenkit.io import write_text, write_with
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ def _label_one(source: Path, target: Path) -> None:
     import nibabel as nib
     import numpy as np
 
-    image = nib.load(source)
+    image = read_nifti(source)
     mask = (np.asanyarray(image.dataobj) == 1).astype(np.uint8)
     nib.save(nib.Nifti1Image(mask, image.affine, image.header), target)
 
@@ -366,7 +367,7 @@ def _resave(source: Path, target: Path) -> None:
     import nibabel as nib
     import numpy as np
 
-    image = nib.load(source)
+    image = read_nifti(source)
     nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header), target)
 
 
@@ -546,7 +547,7 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         image_target = out / "imagesTr" / name
         if not image_target.exists():
             _link_or_copy(example / "ct.nii.gz", image_target)
-        label_image = nib.load(example / mask)
+        label_image = read_nifti(example / mask)
         label_target = out / "labelsTr" / name
         if label_image.get_data_dtype() == np.uint8:
             if not label_target.exists():
