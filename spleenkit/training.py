@@ -1025,37 +1025,63 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
                      resume_anyway: bool, num_workers: int | None, progress: bool,
                      distributed: DistributedContext | None, sync_bn: bool, scale_lr: str, started_at: str,
                      started: float) -> TrainingResult:
-    """The body of :func:`train`, run while this process holds the run folder's lock."""
-    from monai.utils import set_determinism
-
-    from spleenkit.devices import amp_dtype, describe_device, use_fast_layout
-    from spleenkit.distributed import (
-        broadcast_object,
-        describe_training,
-        gather_objects,
-        share_training_data,
-        training_handlers,
-        validation_handlers,
-        workers_per_process,
-        wrap_model,
-    )
-    from spleenkit.environment import peak_memory_mib
-    from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
-    from spleenkit.model import build_unet
+    """The body of :func:`train`, run while this process holds the run folder's lock: choose the precision,
+    find where to resume, build the engines, write the manifest, train, record the result."""
+    from spleenkit.distributed import describe_training, workers_per_process
+    from spleenkit.manifest import write_manifest
 
     # float32 on a CPU without native bfloat16, or where its bfloat16 gradients are wrong; ``amp`` forces it
     precision = training_precision(preset, torch_device, amp)
     validation = validation_precision(preset, torch_device, amp)
     log.info("training precision: %s (%s)", precision.name, precision.reason)
-    train_amp = precision.enabled
-    progress = progress and is_main_process()
     workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
     if workers < 0:
         raise BadInputError(f"number of workers must be 0 or more (got {workers})")
     train_items, validation_items = _labelled_split(data_dir, preset)
     run_path = prepare_run_dir(run_dir, resume) if is_main_process() else Path(run_dir)
-    checkpoint_path = run_path / CHECKPOINT_NAME
+    checkpoint, recipe_changes = _resume_point(run_path, preset, resume, resume_anyway)
+    start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
+    engines = _build_engines(train_items, validation_items, preset, torch_device, run_path, start_epoch,
+                             precision=precision, validation=validation, workers=workers,
+                             progress=progress and is_main_process(), distributed=distributed, sync_bn=sync_bn)
+    if checkpoint is not None:
+        restore_checkpoint(engines.trainer, checkpoint, run_path / CHECKPOINT_NAME)
+        if is_main_process():
+            _truncate_metrics(run_path, start_epoch)
+        if engines.trainer.run_recorder is not None:
+            engines.trainer.run_recorder.elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        log.info("resuming from %s at epoch %d", run_path / CHECKPOINT_NAME, start_epoch)
+    parameters = _training_parameters(
+        data_dir, run_path, preset, torch_device, precision, validation, workers, resume, resume_anyway,
+        describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
+                          base_learning_rate=base_learning_rate, share=engines.share))
+    manifest = _training_manifest(parameters, run_path, torch_device, data_dir, train_items, validation_items,
+                                  engines, started_at, start_epoch, checkpoint is not None, recipe_changes)
+    if is_main_process():
+        write_manifest(run_path, manifest)
+    _run_trainer(engines, preset, start_epoch, manifest, run_path)
+    return _record_result(engines, run_path, preset, torch_device, precision, start_epoch, started, manifest,
+                          distributed)
+
+
+@dataclass
+class _Engines:
+    """What :func:`_build_engines` made for one training run."""
+
+    trainer: Any
+    writer: Any
+    share: Any
+    estimate: CacheEstimate
+
+
+def _resume_point(run_path: Path, preset: Preset, resume: bool,
+                  resume_anyway: bool) -> tuple[dict[str, Any] | None, list[str]]:
+    """The checkpoint to resume from (None: start afresh) and the recipe changes allowed on resume; rank 0
+    reads and checks, every rank gets the same answer (and refuses alike)."""
+    from spleenkit.distributed import broadcast_object
+
     checkpoint = None
+    checkpoint_path = run_path / CHECKPOINT_NAME
     if resume and is_main_process():
         if checkpoint_path.exists():
             checkpoint = read_last_checkpoint(checkpoint_path)
@@ -1073,11 +1099,22 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
     recipe_changes = broadcast_object(recipe_changes)  # every rank refuses alike
     if isinstance(recipe_changes, BadInputError):
         raise recipe_changes
-    checkpoint = broadcast_object(checkpoint)  # every rank resumes from what rank 0 read
-    start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
+    return broadcast_object(checkpoint), recipe_changes  # every rank resumes from what rank 0 read
+
+
+def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Preset, torch_device: torch.device,
+                   run_path: Path, start_epoch: int, *, precision: Precision, validation: Precision, workers: int,
+                   progress: bool, distributed: DistributedContext | None, sync_bn: bool) -> _Engines:
+    """Cached datasets and loaders for this process's share, the UNet (fast layout, DDP), optimiser and schedule,
+    the evaluator and the trainer with the run folder's handlers (TensorBoard on rank 0)."""
+    from monai.handlers import TensorBoardStatsHandler
+    from monai.utils import set_determinism
+
+    from spleenkit.devices import use_fast_layout
+    from spleenkit.distributed import share_training_data, training_handlers, validation_handlers, wrap_model
+    from spleenkit.model import build_unet
 
     set_determinism(seed=preset.seed + start_epoch)
-    fingerprint = dataset_fingerprint(train_items + validation_items)
     share = share_training_data(train_items, validation_items, distributed, preset.cache_rate, preset.seed)
     datasets = build_datasets(share.train_items, share.validation_items, preset, cache_rate=preset.cache_rate,
                               num_workers=max(1, workers), progress=progress)
@@ -1088,37 +1125,35 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
                          distributed, sync_bn)
     optimizer = make_optimizer(preset, network.parameters())
     scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
-    write = is_main_process()
     writer = None
-    if write:
+    if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run_path / TENSORBOARD_DIR))
-    from monai.handlers import TensorBoardStatsHandler
-
     evaluator_handlers: list[Any] = validation_handlers(network, distributed)
     if writer is not None:
         evaluator_handlers.append(TensorBoardStatsHandler(summary_writer=writer, iteration_log=False))
-    evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device, amp=validation.enabled,
-                                handlers=evaluator_handlers)
+    evaluator = build_evaluator(unwrap_model(network), validation_loader, preset, torch_device,
+                                amp=validation.enabled, handlers=evaluator_handlers)
     trainer = build_trainer(network, train_loader, evaluator, preset, torch_device, run_dir=run_path,
-                            optimizer=optimizer, scheduler=scheduler, amp=train_amp, progress=progress,
-                            writer=writer, write=write, extra_handlers=training_handlers(distributed))
-    if checkpoint is not None:
-        restore_checkpoint(trainer, checkpoint, checkpoint_path)
-        if write:
-            _truncate_metrics(run_path, start_epoch)
-        if trainer.run_recorder is not None:
-            trainer.run_recorder.elapsed_before = float(checkpoint.get("elapsed", 0.0))
-        log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
+                            optimizer=optimizer, scheduler=scheduler, amp=precision.enabled, progress=progress,
+                            writer=writer, write=is_main_process(), extra_handlers=training_handlers(distributed))
+    return _Engines(trainer, writer, share, datasets.estimate)
 
-    parameters = {
+
+def _training_parameters(data_dir: str | os.PathLike[str], run_path: Path, preset: Preset, torch_device: torch.device,
+                         precision: Precision, validation: Precision, workers: int, resume: bool, resume_anyway: bool,
+                         distributed: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``parameters``: everything that decides what this run computes."""
+    from spleenkit.devices import amp_dtype
+
+    return {
         "data_dir": str(Path(data_dir).resolve()),
         "run_dir": str(run_path.resolve()),
         "preset": preset.to_dict(),
         "device": str(torch_device),
         "amp": preset.amp,
-        "amp_dtype": str(amp_dtype(torch_device, train_amp)),
+        "amp_dtype": str(amp_dtype(torch_device, precision.enabled)),
         "validation_amp_dtype": str(amp_dtype(torch_device, validation.enabled)),
         "precision": precision.as_dict(),
         "validation_precision": validation.as_dict(),
@@ -1127,61 +1162,86 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
         "cache_rate": preset.cache_rate,
         "resume": resume,
         "resume_anyway": resume_anyway,
-        "distributed": describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
-                                         base_learning_rate=base_learning_rate, share=share),
+        "distributed": distributed,
     }
+
+
+def _training_manifest(parameters: dict[str, Any], run_path: Path, torch_device: torch.device,
+                       data_dir: str | os.PathLike[str], train_items: Datalist, validation_items: Datalist,
+                       engines: _Engines, started_at: str, start_epoch: int, resumed: bool,
+                       recipe_changes: list[str]) -> dict[str, Any]:
+    """The run's manifest as it starts: parameters, device, dataset and its fingerprint, earlier runs resumed."""
+    from spleenkit.devices import describe_device
+    from spleenkit.manifest import build_manifest, read_manifest
+
     previous_runs: list[Any] = []
-    if checkpoint is not None and (run_path / "manifest.json").is_file():
+    if resumed and (run_path / "manifest.json").is_file():
         try:
             old = read_manifest(run_path)
             previous_runs = old.get("previous_runs", []) + [{k: old.get(k) for k in ("started", "finished")}]
         except (OSError, json.JSONDecodeError):
             previous_runs = []
-    manifest = build_manifest(
+    fingerprint = dataset_fingerprint(train_items + validation_items)
+    return build_manifest(
         parameters, device=str(torch_device), kind="training",
         device_info=describe_device(torch_device),
         dataset={"dir": str(Path(data_dir).resolve()), "fingerprint": fingerprint,
                  "train_cases": [Path(r["image"]).name for r in train_items],
                  "validation_cases": [Path(r["image"]).name for r in validation_items]},
-        cache_estimate_gib=round(datasets.estimate.gib, 3),
+        cache_estimate_gib=round(engines.estimate.gib, 3),
         started=started_at, finished=None, resumed_from_epoch=start_epoch, previous_runs=previous_runs,
         recipe_changes_on_resume=recipe_changes,
     )
-    if write:
-        write_manifest(run_path, manifest)
+
+
+def _run_trainer(engines: _Engines, preset: Preset, start_epoch: int, manifest: dict[str, Any],
+                 run_path: Path) -> None:
+    """Train to the preset's epochs; a non-finite stop is recorded in the manifest before it is raised."""
+    from spleenkit.manifest import now, write_manifest
+
     try:
         if start_epoch < preset.epochs:
-            trainer.run()
+            engines.trainer.run()
     except NonFiniteTrainingError as error:
-        if write:
+        if is_main_process():
             manifest.update(finished=now(), error=str(error))
             write_manifest(run_path, manifest)
         raise
     finally:
-        if writer is not None:
-            writer.close()
-    best_epoch = trainer.state.best_metric_epoch if trainer.state.best_metric_epoch != -1 else None
+        if engines.writer is not None:
+            engines.writer.close()
+
+
+def _record_result(engines: _Engines, run_path: Path, preset: Preset, torch_device: torch.device,
+                   precision: Precision, start_epoch: int, started: float, manifest: dict[str, Any],
+                   distributed: DistributedContext | None) -> TrainingResult:
+    """The result of a finished run, also written into the manifest (with every rank's peak memory)."""
+    from spleenkit.distributed import gather_objects
+    from spleenkit.environment import peak_memory_mib
+    from spleenkit.manifest import now, write_manifest
+
+    state = engines.trainer.state
+    best_epoch = state.best_metric_epoch if state.best_metric_epoch != -1 else None
     result = TrainingResult(
         run_dir=run_path,
         model_path=run_path / MODEL_NAME,
-        checkpoint_path=checkpoint_path,
+        checkpoint_path=run_path / CHECKPOINT_NAME,
         metrics_path=run_path / METRICS_NAME,
-        best_dice=float(trainer.state.best_metric) if best_epoch is not None else None,
+        best_dice=float(state.best_metric) if best_epoch is not None else None,
         best_epoch=best_epoch,
-        epochs=int(trainer.state.epoch),
+        epochs=int(state.epoch),
         seconds=round(time.perf_counter() - started, 2),
         device=str(torch_device),
-        amp_dtype=None if amp_dtype(torch_device, train_amp) is None else str(amp_dtype(torch_device, train_amp)),
+        amp_dtype=None if precision.dtype is None else str(precision.dtype),
         preset=preset.name,
         resumed_from_epoch=start_epoch,
-        cache_estimate=datasets.estimate,
+        cache_estimate=engines.estimate,
     )
     if distributed is not None:  # every rank takes part; rank 0 receives the list
         manifest["peak_memory_mib_per_rank"] = gather_objects(peak_memory_mib())
-    if write:
+    if is_main_process():
         manifest.update(finished=now(), result={"best_dice": result.best_dice, "best_epoch": result.best_epoch,
                                                 "epochs": result.epochs, "seconds": result.seconds,
                                                 "model": MODEL_NAME})
         write_manifest(run_path, manifest)
     return result
-
