@@ -25,14 +25,7 @@ from spleenkit.errors import BadInputError
 from spleenkit.images import check_writable, read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
 from spleenkit.io import write_json
 from spleenkit.metrics import mask_metrics, summarise, write_rows_csv
-from spleenkit.predict import (
-    inference_amp,
-    inference_network,
-    make_inferer,
-    original_space_mask,
-    postprocessing,
-    predict_logits,
-)
+from spleenkit.predict import original_space_mask, postprocessing, predict_logits, prepare_prediction
 from spleenkit.presets import Preset, get_preset
 from spleenkit.runs import run_preset
 
@@ -167,7 +160,6 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     from spleenkit.devices import pick_device
     from spleenkit.distributed import distributed_map
     from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.model import load_model
     from spleenkit.transforms import validation_transforms
 
     model = Path(model)
@@ -177,19 +169,17 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     if distributed is None or distributed.is_main:
         check_writable(out)
     device_ = pick_device(device) if distributed is None else distributed.device
-    amp = inference_amp(preset, device_, amp)
-    network = inference_network(load_model(model, preset, device_), device_, preset.channels_last)
+    prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,
+                                    blend=blend, stitch_device=stitch_device, largest_component=largest_component,
+                                    fill_holes=fill_holes)
+    amp, network, inferer = prediction.amp, prediction.network, prediction.inferer
     cases = select_cases(data_dir, preset, split)
     if max_cases is not None:
         cases = cases[:max_cases]
     if not cases:
         raise BadInputError(f"no labelled cases in the {split} split", data_dir)
-    inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
     preprocessing = validation_transforms(preset)
-    settings = {"model": str(model), "data_dir": str(data_dir), "preset": preset.name, "split": split,
-                "device": str(device_), "amp": amp, "roi_size": list(preset.validation_roi_size),
-                "overlap": inferer.overlap, "sw_batch_size": inferer.sw_batch_size, "blend": blend,
-                "stitch_device": stitch_device, "largest_component": largest_component, "fill_holes": fill_holes}
+    settings = {**prediction.settings, "data_dir": str(data_dir), "split": split}
     if distributed is not None:
         settings["processes"] = distributed.world_size
     started = now()

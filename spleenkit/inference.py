@@ -32,7 +32,7 @@ from spleenkit.images import (
     voxel_spacing,
     write_mask,
 )
-from spleenkit.predict import inference_amp, inference_network, make_inferer, predict_mask
+from spleenkit.predict import predict_mask, prepare_prediction
 from spleenkit.presets import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -199,7 +199,6 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     """
     from spleenkit.devices import pick_device
     from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.model import check_finite_weights, load_model
     from spleenkit.runs import output_folder, run_preset
 
     model = Path(model)
@@ -209,15 +208,11 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     preset = run_preset(model.parent) if preset is None else get_preset(preset)
     input_warnings = check_inputs(volumes, preset, force)
     device_ = pick_device(device)
-    amp = inference_amp(preset, device_, amp)
-    network = load_model(model, preset, device_)
-    check_finite_weights(network, model)
-    network = inference_network(network, device_, preset.channels_last)
-    inferer = make_inferer(preset, overlap, sw_batch_size, blend, device_, stitch_device)
-    settings = {"model": str(model), "input": str(input), "preset": preset.name, "device": str(device_), "amp": amp,
-                "roi_size": list(preset.validation_roi_size), "overlap": inferer.overlap,
-                "sw_batch_size": inferer.sw_batch_size, "blend": blend, "stitch_device": stitch_device,
-                "largest_component": largest_component, "fill_holes": fill_holes, "force": force}
+    prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,
+                                    blend=blend, stitch_device=stitch_device, largest_component=largest_component,
+                                    fill_holes=fill_holes)
+    amp, network, inferer = prediction.amp, prediction.network, prediction.inferer
+    settings = {**prediction.settings, "input": str(input), "force": force}
     started = now()
     cases: list[CaseOutput] = []
     with output_folder(out_dir) as out:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -126,13 +127,10 @@ def predict_logits(network: torch.nn.Module, image: torch.Tensor, inferer: Slidi
     """
     import torch
 
-    from spleenkit.devices import autocast
-
-    device = torch.device(device)
     network.eval()
-    with torch.no_grad(), autocast(device, enabled=amp):
-        logits = inferer(image[None], network)
-    return logits[0].float()
+    with torch.no_grad():
+        logits = autocast_inferer(inferer, torch.device(device), amp)(image[None], network)
+    return logits[0]
 
 
 def postprocessing(largest_component: bool = False, fill_holes: bool = False, invert: Compose | None = None,
@@ -322,6 +320,39 @@ def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> An
             return output.float() if hasattr(output, "float") else output
 
     return AutocastInferer()
+
+
+@dataclass
+class Prediction:
+    """Everything a prediction run needs, set up once: the preset, the device, whether it autocasts, the
+    network prepared for inference, the sliding-window inferer, and these settings for a manifest."""
+
+    preset: Preset
+    device: torch.device
+    amp: bool
+    network: torch.nn.Module
+    inferer: SlidingWindowInferer
+    settings: dict[str, Any]
+
+
+def prepare_prediction(model: str | os.PathLike[str], preset: Preset, device: torch.device, amp: bool | None = None,
+                       *, overlap: float | None = None, sw_batch_size: int | None = None, blend: str = "constant",
+                       stitch_device: str = "auto", largest_component: bool = False,
+                       fill_holes: bool = False) -> Prediction:
+    """The set-up shared by ``spleenkit evaluate`` and ``spleenkit infer``: load ``model`` strictly (its weights
+    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting."""
+    from spleenkit.model import check_finite_weights, load_model
+
+    amp = inference_amp(preset, device, amp)
+    network = load_model(model, preset, device)
+    check_finite_weights(network, model)
+    network = inference_network(network, device, preset.channels_last)
+    inferer = make_inferer(preset, overlap, sw_batch_size, blend, device, stitch_device)
+    settings = {"model": str(model), "preset": preset.name, "device": str(device), "amp": amp,
+                "roi_size": list(preset.validation_roi_size), "overlap": inferer.overlap,
+                "sw_batch_size": inferer.sw_batch_size, "blend": blend, "stitch_device": stitch_device,
+                "largest_component": largest_component, "fill_holes": fill_holes}
+    return Prediction(preset, device, amp, network, inferer, settings)
 
 
 def _preprocessing_error(error: BaseException) -> str:
