@@ -61,6 +61,14 @@ class DistributedRunError(SpleenkitError):
 
 
 # --------------------------------------------------------------------------- the process group
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0, or the only process without torch.distributed); the kit's
+    one rank test (a :class:`DistributedContext` answers the same for its own rank: ``is_main``)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     """Where this process stands in a job: its rank among all, its rank on this machine, its device."""

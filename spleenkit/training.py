@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist, split_datalist
-from spleenkit.distributed import mean_over_ranks, unwrap_model
+from spleenkit.distributed import is_main_process, mean_over_ranks, unwrap_model
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.io import write_text
 from spleenkit.predict import autocast_inferer
@@ -134,13 +134,6 @@ def default_num_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files (rank 0, or the only process without torch.distributed)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # --------------------------------------------------------------------------- cache memory estimate
