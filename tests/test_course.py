@@ -425,8 +425,7 @@ TROUBLES = {  # section heading -> (words the kit prints, the file that prints t
     '"not a synthetic dataset made by spleenkit"': ("not a synthetic dataset made by spleenkit",
                                                     "data/synthetic.py"),
     "No GPU on Colab": ("for full-scale training choose Runtime > Change runtime type > GPU", "environment.py"),
-    "A stand-in model was trained": ("does not exist (notebook 03 not run): training a stand-in",
-                                     "../notebooks/05_evaluation.ipynb"),
+    "A stand-in model was trained": ("does not exist (notebook 03 not run): training a stand-in", "notebooks.py"),
     "Everything is slow on my CPU": (None, None),
     "The orientation warning on MSD headers": ("MONAI model-zoo issue 766", "inference.py"),
 }
