@@ -76,7 +76,8 @@ def setup_cell_source() -> str:
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
+        # the core and ONNX export (notebook 07): Colab brings torch, Jupyter and widgets itself
+        f'    %pip install -q "spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
         "from spleenkit import colab_setup, show_progress\n\n"
         "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"

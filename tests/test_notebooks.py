@@ -88,7 +88,8 @@ def test_first_cell_has_title_objectives_duration_and_badges(path: Path) -> None
 def test_badges_and_the_colab_install_point_at_one_release_and_each_notebooks_own_path() -> None:
     assert GITHUB_REF == f"v{__version__}", "the notebooks and the library Colab installs come from one tag"
     setup = setup_cell_source()
-    assert f'"spleenkit @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"' in setup
+    # the lean core plus ONNX export: no JupyterLab server or test tools on Colab
+    assert f'"spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"' in setup
     assert setup.index('if "google.colab" in sys.modules:') < setup.index("%pip install")  # only on Colab
     assert setup.rstrip().endswith("colab_setup()"), "the Colab logic lives in spleenkit.environment.colab_setup"
     for path in NOTEBOOKS:
