@@ -45,6 +45,7 @@ SURFACE: dict[str, str] = {
     "use_fast_layout": "spleenkit.devices",
     # distributed
     "default_nproc": "spleenkit.distributed",
+    "train_sampler": "spleenkit.distributed",
     "launch_torchrun": "spleenkit.distributed",
     "torchrun_command": "spleenkit.distributed",
     # environment
@@ -104,6 +105,7 @@ SURFACE: dict[str, str] = {
     "measure_step_seconds": "spleenkit.training",
     "read_metrics": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
+    "summarize_run": "spleenkit.training",
     "train": "spleenkit.training",
     # transforms
     "deterministic_transforms": "spleenkit.transforms",
@@ -113,6 +115,7 @@ SURFACE: dict[str, str] = {
     "training_transforms": "spleenkit.transforms",
     "validation_transforms": "spleenkit.transforms",
     # visualization
+    "compare_learning_curves": "spleenkit.visualization",
     "compare_runs": "spleenkit.visualization",
     "crop_samples": "spleenkit.visualization",
     "data_parallel_diagram": "spleenkit.visualization",

@@ -85,25 +85,42 @@ def run_command(command: str, overrides: Mapping[str, Any] | None = None,
                 timeout: float | None = None) -> str:
     """Run one of the seed's commands in a new process from the bundle folder; return its output.
 
-    A failure raises :class:`~spleenkit.errors.SpleenkitError` with the command and the last lines
-    of its output (the notebooks and tests show the bundle working exactly as its users run it).
+    Each line the command prints is written to ``sys.stdout`` as it comes (a notebook cell shows the
+    bundle's log live instead of sitting silent for minutes). A failure raises
+    :class:`~spleenkit.errors.SpleenkitError` with the command and the last lines of its output (the
+    notebooks and tests show the bundle working exactly as its users run it); a timeout or an
+    interrupt stops the command and its child processes.
     """
     import subprocess
+    import threading
 
+    from spleenkit.distributed import _read_lines, _stop
     from spleenkit.errors import SpleenkitError
 
     folder = Path(bundle_dir) if bundle_dir else bundle_source()
     args = bundle_command(command, overrides=overrides, processes=processes)
-    environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
+                   "PYTHONUNBUFFERED": "1"}
     logger.info("running in %s: %s", folder, format_command(args))
+    process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, env=environment, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=_read_lines, args=(process, lines, sys.stdout.write), daemon=True)
+    reader.start()
     try:
-        result = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=timeout, env=environment)
-    except subprocess.TimeoutExpired as error:
-        raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            _stop(process)
+            raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
+        reader.join(timeout=10)
+    except BaseException:  # an interrupted notebook cell: stop the command too
+        _stop(process)
+        raise
+    output = "".join(lines)
+    if process.returncode != 0:
         tail = "\n".join(output.splitlines()[-40:])
-        raise SpleenkitError(f"the bundle command failed (exit status {result.returncode}):\n"
+        raise SpleenkitError(f"the bundle command failed (exit status {process.returncode}):\n"
                              f"{format_command(args)}\n...\n{tail}")
     return output
 

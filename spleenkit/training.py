@@ -789,6 +789,42 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def summarize_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """One row describing a run folder, from its manifest and metrics: the recipe's main settings, where
+    the weights started, the epochs, the best validation Dice and its epoch, the last loss and the time.
+
+    Rows of several runs make the table that compares them (notebooks 07 and 08); a folder without a
+    manifest is a :class:`~spleenkit.errors.BadInputError` naming it.
+    """
+    from spleenkit.manifest import read_manifest
+
+    run_path = Path(run_dir)
+    if not (run_path / "manifest.json").is_file():
+        raise BadInputError("no manifest.json: not a run folder, or its training has not started", run_path)
+    manifest = read_manifest(run_path)
+    parameters = manifest.get("parameters", {})
+    preset = parameters.get("preset", {})
+    records = read_metrics(run_path)
+    validated = [r for r in records if r.get("val_dice") is not None]
+    best = max(validated, key=lambda r: r["val_dice"]) if validated else None
+    patch = preset.get("patch_size")
+    init = parameters.get("init_weights")
+    return {
+        "run": run_path.name,
+        "preset": preset.get("name"),
+        "patch": "x".join(str(int(n)) for n in patch) if patch else None,
+        "loss": preset.get("loss"),
+        "learning rate": preset.get("learning_rate"),
+        "start": "random" if not init else f"{Path(init).parent.name}/{Path(init).name}",
+        "epochs": len(records),
+        "best val Dice": None if best is None else round(float(best["val_dice"]), 4),
+        "best epoch": None if best is None else int(best["epoch"]),
+        "last loss": round(float(records[-1]["loss"]), 4) if records else None,
+        "seconds": round(float(records[-1].get("elapsed", 0.0)), 1) if records else None,
+        "validation cases": len(manifest.get("dataset", {}).get("validation_cases", [])),
+    }
+
+
 def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """Keep only metrics lines up to ``last_epoch`` (the checkpoint's), rewriting the file atomically."""
     kept = [record for record in read_metrics(run_dir) if record.get("epoch", 0) <= last_epoch]
@@ -867,7 +903,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
           epochs: int | None = None, device: str = "auto", amp: bool | None = None, resume: bool = False,
           seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
           progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
-          scale_lr: str = "none", **preset_overrides: Any) -> TrainingResult:
+          scale_lr: str = "none", init_weights: str | os.PathLike[str] | None = None,
+          **preset_overrides: Any) -> TrainingResult:
     """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
 
     Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
@@ -877,6 +914,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     ``preset_overrides`` are any :class:`~spleenkit.presets.Preset` settings (``patch_size=64``,
     ``learning_rate=1e-3``, ``validation_interval=1`` ...). ``resume=True`` continues from
     ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs).
+    ``init_weights`` fine-tunes: the network starts from these weights (a kit run's ``model.pt`` or
+    MONAI's released ``model.pt``, loaded strictly) instead of a random initialisation.
     """
     from monai.utils import set_determinism
 
@@ -896,7 +935,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     )
     from spleenkit.environment import peak_memory_mib
     from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
-    from spleenkit.model import build_unet
+    from spleenkit.model import build_unet, load_weights
 
     started_at, started = now(), time.perf_counter()
     preset = resolve_preset(preset, epochs=epochs, amp=amp, seed=seed, cache_rate=cache_rate, **preset_overrides)
@@ -933,7 +972,10 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
                                                     distributed=distributed is not None and not share.partitioned)
     # the layout is set before DDP wraps the network (its gradient buckets follow the weights' layout)
-    network = wrap_model(use_fast_layout(build_unet(preset).to(torch_device), torch_device, preset.channels_last),
+    network = build_unet(preset)
+    if init_weights is not None:
+        load_weights(network, init_weights)  # strict: every tensor must find its place
+    network = wrap_model(use_fast_layout(network.to(torch_device), torch_device, preset.channels_last),
                          distributed, sync_bn)
     optimizer = make_optimizer(preset, network.parameters())
     scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
@@ -973,6 +1015,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         "num_workers": workers,
         "cache_rate": preset.cache_rate,
         "resume": resume,
+        "init_weights": None if init_weights is None else str(Path(init_weights).resolve()),
         "distributed": describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
                                          base_learning_rate=base_learning_rate, share=share),
     }
