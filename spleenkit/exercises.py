@@ -476,7 +476,7 @@ def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> st
                                                       even_divisible=False)]
     given = [names[int(item)] if isinstance(item, (int, np.integer)) else str(item) for item in answer]
     if given == expected:
-        return (f"rank {rank} scores {len(expected)} of {len(names)} cases: every {processes}th case from position "
+        return (f"rank {rank} scores {len(expected)} of {len(names)} cases: one in every {processes}, from position "
                 f"{rank}, none twice (training pads the shares instead, so that every rank takes as many steps).")
     padded = [names[i] for i in DistributedSampler(names, num_replicas=processes, rank=rank, shuffle=False,
                                                     even_divisible=True)]
