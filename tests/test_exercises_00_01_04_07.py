@@ -213,3 +213,32 @@ def test_run_summary_and_comparison_figure_from_run_folders(tmp_path: Path) -> N
     assert [line.get_label() for line in dice_ax.get_lines()] == ["baseline", "variant"]
     assert list(dice_ax.get_lines()[0].get_ydata()) == [0.5, 0.6]  # epochs without validation are left out
     assert len(loss_ax.get_lines()[1].get_xdata()) == 3
+
+
+# --------------------------------------------------------------------------- 07 fine-tuning
+def test_training_starts_from_the_given_weights_and_refuses_another_network(synthetic_dataset: Path,
+                                                                             tmp_path: Path) -> None:
+    import torch
+
+    from spleenkit.model import atomic_save, build_unet, load_checkpoint
+    from spleenkit.training import summarize_run, train
+
+    start = build_unet("quick")
+    with torch.no_grad():
+        for parameter in start.parameters():
+            parameter.fill_(0.01)
+    weights = atomic_save(start.state_dict(), tmp_path / "start" / "model.pt")
+    tiny = {"spacing": (6.0, 6.0, 6.0), "patch_size": 48, "num_samples": 1, "validation_cases": 2,
+            "sliding_window_overlap": 0.25, "epochs": 1, "validation_interval": 1, "progress": False,
+            "num_workers": 0}
+    # a learning rate of 0: the weights stay where they started, so the saved model shows where that was
+    result = train(synthetic_dataset, tmp_path / "run", "quick", init_weights=weights, learning_rate=0.0, **tiny)
+    saved = load_checkpoint(result.model_path)
+    first_weight = next(name for name in saved if name.endswith("weight"))
+    assert torch.allclose(saved[first_weight].float(), torch.full_like(saved[first_weight].float(), 0.01))
+    assert summarize_run(result.run_dir)["start"] == "start/model.pt"
+
+    other = atomic_save(build_unet(get_preset("quick", channels=(8, 16, 32, 64, 128))).state_dict(),
+                        tmp_path / "other" / "model.pt")
+    with pytest.raises(BadInputError, match="does not match the network"):
+        train(synthetic_dataset, tmp_path / "refused", "quick", init_weights=other, **tiny)
