@@ -45,7 +45,6 @@ SURFACE: dict[str, str] = {
     "use_fast_layout": "spleenkit.devices",
     # distributed
     "default_nproc": "spleenkit.distributed",
-    "train_sampler": "spleenkit.distributed",
     "launch_torchrun": "spleenkit.distributed",
     "torchrun_command": "spleenkit.distributed",
     # environment
