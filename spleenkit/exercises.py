@@ -743,6 +743,7 @@ def _export_difference(answer: Any, exported: str | os.PathLike[str], network: A
 # settings a variant may not change: they define what is measured, not how the network learns
 _MEASURE_SETTINGS = {"validation_cases": "the validation cases", "seed": "the random seed",
                      "validation_interval": "when the validation Dice is measured",
+                     "sliding_window_overlap": "how the validation Dice is measured",
                      "epochs": "the budget (every run gets the same number of epochs)"}
 
 

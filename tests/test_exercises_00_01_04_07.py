@@ -161,6 +161,8 @@ def test_variant_exercise_refuses_changes_of_the_measure_and_typos() -> None:
     assert status("08-variant", None, base=quick)[0] == "unanswered"
     state, hint = status("08-variant", {"validation_cases": 2}, base=quick)
     assert state == "wrong" and "validation cases" in hint
+    state, hint = status("08-variant", {"sliding_window_overlap": 0.75}, base=quick)
+    assert state == "wrong" and "how the validation Dice is measured" in hint
     state, hint = status("08-variant", {"learning_rat": 3e-3}, base=quick)
     assert state == "wrong" and "learning_rat" in hint
     state, hint = status("08-variant", {"learning_rate": quick.learning_rate}, base=quick)
