@@ -119,6 +119,7 @@ SURFACE: dict[str, str] = {
     "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
+    "summarize_run": "spleenkit.runs",
     "train": "spleenkit.training",
     "training_precision": "spleenkit.training",
     # transforms
@@ -130,6 +131,7 @@ SURFACE: dict[str, str] = {
     "validation_transforms": "spleenkit.transforms",
     # visualization
     "augmented_crops": "spleenkit.visualization",
+    "compare_learning_curves": "spleenkit.visualization",
     "compare_runs": "spleenkit.visualization",
     "crop_samples": "spleenkit.visualization",
     "data_parallel_diagram": "spleenkit.visualization",

@@ -326,15 +326,18 @@ def shard(items: Sequence[T], context: DistributedContext | None = None, *, even
                                   even_divisible=even_divisible)[index])
 
 
-def train_sampler(dataset: Any, seed: int = 0) -> Any:
+def train_sampler(dataset: Any, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> Any:
     """A DistributedSampler giving each rank its share of the training set, reshuffled every epoch.
 
     The share is padded (even_divisible) so that all ranks run the same number of iterations; the
     MONAI/ignite workflow calls ``set_epoch`` at each epoch start, so the shuffle changes per epoch.
+    ``num_replicas`` and ``rank`` default to the process group's (give both to build one rank's
+    sampler without a process group, as notebook 04's exercise does).
     """
     from monai.data import DistributedSampler
 
-    return DistributedSampler(dataset, even_divisible=True, shuffle=True, seed=seed)
+    return DistributedSampler(dataset, even_divisible=True, num_replicas=num_replicas, rank=rank, shuffle=True,
+                              seed=seed)
 
 
 @dataclass

@@ -212,36 +212,76 @@ def _choice(answer: Any, options: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- 00 welcome
-@exercise("00-device", "where the kit computes", "Set my_device to the kit's device as a string, e.g. \"cpu\".")
-def _device(answer: Any, device: str) -> str:
-    if str(answer).strip().lower() != str(device).lower():
-        raise Hint(f"{_short(answer)} is not it. Look at the row 'device the kit computes on' in the table of "
-                   "section 1.")
-    return f"the kit computes on {device!r} here."
+@exercise("00-crop-extent", "how much of the body a crop sees",
+          "Set crop_mm to a dict {preset name: (x, y, z) in mm}: each side of the crop = voxels x voxel size.")
+def _crop_extent(answer: Any, presets: Sequence[str] = ("seed", "quick")) -> str:
+    from spleenkit.presets import get_preset
+
+    if not isinstance(answer, dict):
+        raise Hint(f"expected a dict like {{'seed': (x, y, z), 'quick': (x, y, z)}}, got {_short(answer)}")
+    lines = []
+    for name in presets:
+        preset = get_preset(name)
+        expected = np.asarray(preset.patch_size, dtype=float) * np.asarray(preset.spacing, dtype=float)
+        if name not in answer:
+            raise Hint(f"crop_mm has no entry for {name!r}")
+        try:
+            given = np.asarray(answer[name], dtype=float).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise Hint(f"crop_mm[{name!r}] should be three numbers in mm, got {_short(answer[name])}") from error
+        if given.shape != (3,):
+            raise Hint(f"crop_mm[{name!r}] should be three numbers (x, y, z in mm), got {_short(answer[name])}")
+        if np.allclose(given, preset.patch_size):
+            raise Hint(f"crop_mm[{name!r}] is the crop in voxels; multiply each side by the voxel size in mm "
+                       f"(preset.spacing).")
+        if np.allclose(given, np.asarray(preset.patch_size) / np.asarray(preset.spacing)):
+            raise Hint(f"crop_mm[{name!r}]: voxels / mm is not a length; multiply, do not divide.")
+        if not np.allclose(given, expected, atol=0.5):
+            raise Hint(f"crop_mm[{name!r}] = {tuple(np.round(given, 1))}: multiply each side of the crop "
+                       "(patch_size, voxels) by the voxel size (spacing, mm).")
+        lines.append(f"{name}: {' x '.join(f'{v:g}' for v in expected)} mm")
+    return ("; ".join(lines) + ". The CPU recipe's small crop sees MORE of the body than the published one: its "
+            "voxels are coarser (3 mm), which is what makes it fast, and why its masks look blocky.")
 
 
-@exercise("00-cpu-preset", "a recipe for a CPU", "Set cpu_preset to the name of a preset, e.g. \"seed\".")
-def _cpu_preset(answer: Any) -> str:
-    from spleenkit.presets import PRESETS
+@exercise("00-custom-preset", "a recipe of your own",
+          "Set my_recipe to get_preset(name, setting=value, ...): the quick recipe with 5 epochs and rate 3e-4.")
+def _custom_preset(answer: Any, base: str = "quick", overrides: dict[str, Any] | None = None) -> str:
+    from spleenkit.compare import compare_objects
+    from spleenkit.presets import Preset, get_preset
 
-    if answer not in PRESETS:
-        raise Hint(f"{_short(answer)} is not a preset; the table in section 2 lists them.")
-    preset = PRESETS[answer]
-    if answer != "quick":
-        raise Hint(f"{answer!r} trains at {preset.spacing} mm for {preset.epochs} epochs: "
-                   "look for the one whose description mentions a CPU.")
-    return f"'quick' trains at {preset.spacing[0]:g} mm voxels for {preset.epochs} epochs: minutes on a CPU."
+    overrides = {"epochs": 5, "learning_rate": 3e-4} if overrides is None else dict(overrides)
+    if not isinstance(answer, Preset):
+        raise Hint(f"expected a Preset (what get_preset returns), got {_short(answer)}")
+    expected = get_preset(base, **overrides)
+    if answer.name != base:
+        raise Hint(f"your recipe starts from {answer.name!r}; start from {base!r}, the CPU recipe.")
+    found = compare_objects(answer, expected)
+    if not found:
+        raise Hint(f"{found.difference}. get_preset({base!r}, ...) with keyword overrides changes only those.")
+    changed = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+    return (f"{base} with {changed}: every other number stays the recipe's. train(..., preset=my_recipe) and "
+            f"`spleenkit train --preset {base} --epochs ...` take it the same way.")
 
 
-@exercise("00-best-weights", "the run folder", "Set best_weights_file to a file name such as \"weights.pt\".")
-def _best_weights(answer: Any) -> str:
-    name = Path(str(answer)).name
-    if name == "checkpoint_last.pt":
-        raise Hint("checkpoint_last.pt is the latest state, kept to resume a training; the best weights are "
-                   "another file.")
-    if name != "model.pt":
-        raise Hint(f"{_short(answer)} is not it. The flow picture in section 2 lists the run folder's files.")
-    return "model.pt holds the weights with the best validation Dice, as in MONAI's bundle."
+@exercise("00-training-steps", "how many optimisation steps",
+          "Set my_steps: epochs x the batches of one epoch (training cases / batch_size, the last batch may be short).")
+def _training_steps(answer: Any, preset: Any, cases: int) -> str:
+    value = _number(answer, "a whole number of steps")
+    training = cases - preset.validation_cases
+    per_epoch = math.ceil(training / preset.batch_size)
+    expected = preset.epochs * per_epoch
+    if value == expected:
+        return (f"{preset.epochs} epochs x {per_epoch} batches ({training} training cases in batches of "
+                f"{preset.batch_size}, the last one short) = {expected} steps, each on {preset.batch_size} x "
+                f"{preset.num_samples} crops. Notebook 03's metrics.jsonl counts them ('iteration').")
+    if value == preset.epochs * math.ceil(cases / preset.batch_size):
+        raise Hint(f"the validation cases ({preset.validation_cases}) are held out: they are never trained on.")
+    if value == preset.epochs * (training // preset.batch_size):
+        raise Hint("the last, smaller batch is still a step (the DataLoader keeps it: drop_last is False).")
+    if value == preset.epochs * math.ceil(training * preset.num_samples / preset.batch_size):
+        raise Hint("the batch counts cases, not crops: the num_samples crops of a case travel in the same step.")
+    raise Hint(f"{answer}. Steps per epoch = training cases / batch_size, rounded up; times the epochs.")
 
 
 # --------------------------------------------------------------------------- 01 data
@@ -250,6 +290,9 @@ def _best_weights(answer: Any) -> str:
 def _split(answer: Any, cases: int, validation_cases: int) -> str:
     if cases <= validation_cases:
         raise Skip(f"this dataset has only {cases} labelled case(s), too few to split; use source 'synthetic'.")
+    if validation_cases > cases - validation_cases:
+        raise Skip(f"holding out {validation_cases} of {cases} cases leaves too few to train on: the kit refuses this "
+                   "split; use preset 'quick' for this dataset.")
     try:
         n_training, n_validation = (int(value) for value in answer)
     except (TypeError, ValueError) as error:
@@ -533,18 +576,6 @@ def _crops_per_step(answer: Any, preset: Any, processes: int) -> str:
     return f"{preset.batch_size} cases x {preset.num_samples} crops x {processes} processes = {expected}."
 
 
-@exercise("04-scaled-lr", "the learning rate with --scale-lr linear", "Set my_learning_rate to a number.")
-def _scaled_lr(answer: Any, preset: Any, processes: int) -> str:
-    from spleenkit.distributed import scale_learning_rate
-
-    value = _number(answer)
-    expected = scale_learning_rate(preset, processes, "linear").learning_rate
-    if not _close(value, expected, relative=1e-9):
-        raise Hint(f"{answer}. Linear scaling multiplies the rate by the number of processes "
-                   f"(the global batch is that many times larger).")
-    return f"{expected:g}: {preset.learning_rate:g} x {processes}."
-
-
 @exercise("04-sampler", "which cases each process scores",
           "Set rank1_cases to the list of case names that rank 1 evaluates.")
 def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> str:
@@ -555,7 +586,7 @@ def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> st
                                                       even_divisible=False)]
     given = [names[int(item)] if isinstance(item, (int, np.integer)) else str(item) for item in answer]
     if given == expected:
-        return (f"rank {rank} scores {len(expected)} of {len(names)} cases: every {processes}th case from position "
+        return (f"rank {rank} scores {len(expected)} of {len(names)} cases: one in every {processes}, from position "
                 f"{rank}, none twice (training pads the shares instead, so that every rank takes as many steps).")
     padded = [names[i] for i in DistributedSampler(names, num_replicas=processes, rank=rank, shuffle=False,
                                                     even_divisible=True)]
@@ -567,15 +598,69 @@ def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> st
     raise Hint(f"{_short(given)}. Rank r takes the cases at positions r, r + N, r + 2N ... of the sorted list.")
 
 
-@exercise("04-cases-per-rank", "each process's share", "Set my_cases_per_rank to a whole number.")
-def _cases_per_rank(answer: Any, per_rank: int, total: int, processes: int) -> str:
-    value = _number(answer)
-    if value == total:
-        raise Hint(f"{total} is the whole training set; each process caches only its share.")
-    if value != per_rank:
-        raise Hint(f"{answer}. Look for train_items_per_rank in the distributed section of the manifest.")
-    return (f"{per_rank} of {total} training cases per process, about 1/{processes} (a short share repeats a case, "
-            "so that every process takes the same number of steps).")
+@exercise("04-partition", "each process's share of the cached cases",
+          "Set my_shares to partition_dataset(data=..., num_partitions=..., shuffle=..., seed=..., "
+          "even_divisible=...).")
+def _partition(answer: Any, cases: Sequence[str], processes: int, seed: int, per_rank: int | None = None) -> str:
+    from types import SimpleNamespace
+
+    from spleenkit.compare import compare_objects
+    from spleenkit.distributed import shard
+
+    names = list(cases)
+    expected = [shard(names, SimpleNamespace(world_size=processes, rank=rank), even_divisible=True, shuffle=True,
+                      seed=seed) for rank in range(processes)]
+    try:
+        given = [list(share) for share in answer]
+    except TypeError as error:
+        raise Hint(f"expected one list of cases per process, got {_short(answer)}") from error
+    if len(given) != processes:
+        raise Hint(f"{len(given)} share(s) for {processes} processes: num_partitions is the number of processes.")
+    found = compare_objects(given, expected, "the shares")
+    if found:
+        return (f"{processes} shares of {len(expected[0])} cases each"
+                + ("" if per_rank is None else f" (the manifest says {per_rank} per rank)")
+                + f": the kit's own call. {len(names)} cases do not split evenly, so one case is dealt twice: every "
+                  "process runs the same number of steps, as DDP needs.")
+    if sorted(len(share) for share in given) != sorted(len(share) for share in expected):
+        raise Hint("the shares differ in length: with even_divisible=False one process would finish its epoch first "
+                   "and the others would wait at the gradient all-reduce forever. DDP needs equal shares.")
+    unshuffled = [shard(names, SimpleNamespace(world_size=processes, rank=rank), even_divisible=True)
+                  for rank in range(processes)]
+    if given == unshuffled:
+        raise Hint(f"the cases are dealt in name order: the kit shuffles them first (shuffle=True, seed={seed}, the "
+                   "run's seed), so that a share is not all early or all late cases.")
+    raise Hint(f"{found.difference}. Use the run's seed ({seed}) and shuffle=True, even_divisible=True.")
+
+
+@exercise("04-train-sampler", "a DistributedSampler for one process",
+          "Set my_sampler to DistributedSampler(dataset, num_replicas=..., rank=..., shuffle=..., seed=..., "
+          "even_divisible=...).")
+def _train_sampler(answer: Any, dataset: Sequence[Any], processes: int, rank: int, seed: int) -> str:
+    from monai.data import DistributedSampler
+
+    from spleenkit.compare import compare_objects
+    from spleenkit.distributed import train_sampler
+
+    if not isinstance(answer, DistributedSampler):
+        raise Hint(f"expected a monai.data.DistributedSampler, got {_short(answer)}")
+    expected = train_sampler(list(dataset), seed=seed, num_replicas=processes, rank=rank)
+    if answer.num_replicas != processes or answer.rank != rank:
+        raise Hint(f"this sampler is rank {answer.rank} of {answer.num_replicas}; the task asks for rank {rank} of "
+                   f"{processes} (num_replicas, rank).")
+    if len(answer) != len(expected):
+        raise Hint(f"it yields {len(answer)} cases per epoch, expected {len(expected)}: training pads the shares "
+                   "(even_divisible=True) so that every process runs the same number of steps.")
+    found = compare_objects(answer, expected, "the sampler")
+    if not found:
+        raise Hint(f"{found.difference}. The kit reshuffles every epoch (shuffle=True) from the run's seed ({seed}).")
+    orders = []
+    for epoch in (0, 1):
+        answer.set_epoch(epoch)
+        orders.append(list(answer))
+    answer.set_epoch(0)
+    return (f"the kit's sampler: rank {rank} gets {len(expected)} of {len(dataset)} cases per epoch, a new draw each "
+            f"epoch (epoch 0: {orders[0]}, epoch 1: {orders[1]}: the engine calls set_epoch for you).")
 
 
 # --------------------------------------------------------------------------- 05 evaluation
@@ -776,16 +861,33 @@ def _windows(answer: Any, image_shape: Sequence[int], roi_size: Sequence[int], o
 
 
 # --------------------------------------------------------------------------- 07 bundle
-@exercise("07-epochs-id", "find the config id", "Set epochs_id to a config id, a string like \"train#...\".")
-def _epochs_id(answer: Any, parser: Any) -> str:
-    key = str(answer).replace("::", "#")
-    if key not in parser:
-        raise Hint(f"{key!r} is not an id of train.json; the trainer is train#trainer: which of its arguments "
-                   "counts epochs?")
-    if not key.startswith("train#trainer#") or "epoch" not in key:
-        raise Hint(f"{key!r} exists but is not what the trainer reads; the trainer is train#trainer.")
-    return (f"{key} = {parser[key]!r}: the trainer follows the recipe, which takes --epochs, so the number is "
-            "written once.")
+@exercise("07-override", "override the bundle from Python",
+          "Set my_parser: a ConfigParser that read configs/train.json, with the entries 'preset' and 'epochs' set.")
+def _override(answer: Any, config_file: str | os.PathLike[str], preset: str = "quick", epochs: int = 3) -> str:
+    from monai.bundle import ConfigParser
+
+    from spleenkit.compare import compare_objects
+
+    if not isinstance(answer, ConfigParser):
+        raise Hint(f"expected a monai.bundle.ConfigParser, got {_short(answer)}")
+    if "train#trainer" not in answer:
+        raise Hint("this parser has no train#trainer: read configs/train.json with my_parser.read_config(path).")
+    reference = ConfigParser()
+    reference.read_config(str(config_file))
+    reference.update({"preset": preset, "epochs": epochs})
+    recipe = answer.get_parsed_content("recipe")
+    expected = reference.get_parsed_content("recipe")
+    max_epochs = answer.get_parsed_content("train#trainer#max_epochs")
+    if max_epochs == epochs and recipe.epochs != epochs:
+        raise Hint(f"the trainer runs {epochs} epochs, but the recipe still says {recipe.epochs}: the learning-rate "
+                   "schedule and the manifest read the recipe. Override the top-level 'epochs', the one place "
+                   "the number is written (what --epochs does).")
+    found = compare_objects(recipe, expected, "the recipe")
+    if not found:
+        raise Hint(f"{found.difference}. Set my_parser['preset'] and my_parser['epochs'], as --preset and --epochs do.")
+    return (f"recipe {recipe.name!r} with {recipe.epochs} epochs, and train#trainer#max_epochs = {max_epochs}: "
+            "the same as `python -m monai.bundle run training ... --preset quick --epochs 3`. The trainer reads "
+            "@recipe.epochs, so the override reaches every object that needs it.")
 
 
 @exercise("07-ignored-overrides", "overrides that would do nothing",
@@ -814,6 +916,82 @@ def _export_difference(answer: Any, exported: str | os.PathLike[str], network: A
     if not _close(value, expected, absolute=1e-6):
         raise Hint(f"{value:.2e}. Evaluate both under torch.no_grad(), subtract, take .abs().max().")
     return f"{expected:.1e}, well under the tolerance {tolerance:.0e}."
+
+
+# --------------------------------------------------------------------------- 08 capstone
+# settings a variant may not change: they define what is measured, not how the network learns
+_MEASURE_SETTINGS = {"validation_cases": "the validation cases", "seed": "the random seed",
+                     "validation_interval": "when the validation Dice is measured",
+                     "sliding_window_overlap": "how the validation Dice is measured",
+                     "epochs": "the budget (every run gets the same number of epochs)"}
+
+
+@exercise("08-variant", "a variant worth trying",
+          "Set my_variant to a dict of preset settings to change, e.g. {\"learning_rate\": 3e-3}.")
+def _variant(answer: Any, base: Any) -> str:
+    from spleenkit.presets import get_preset
+
+    if not isinstance(answer, dict) or not answer:
+        raise Hint("expected a non-empty dict of preset settings, e.g. {'learning_rate': 3e-3}, got "
+                   f"{_short(answer)}")
+    for key in answer:
+        if key in _MEASURE_SETTINGS:
+            raise Hint(f"{key!r} changes {_MEASURE_SETTINGS[key]}, not the recipe: runs compared that way measure "
+                       "different things. Change how the network learns (loss, patch, learning rate, schedule ...).")
+    try:
+        variant = get_preset(base, **answer)
+    except BadInputError as error:
+        raise Hint(str(error)) from error
+    changed = [key for key in answer if getattr(variant, key) != getattr(base, key)]
+    if not changed:
+        raise Hint(f"{answer} is what {base.name!r} already uses: change at least one setting.")
+    if any(int(side) % 16 for side in variant.patch_size):
+        raise Hint(f"patch {variant.patch_size}: each side must be a multiple of 16 (the UNet halves it four times).")
+    return (f"a variant of {base.name!r} that changes {', '.join(changed)}; train it with "
+            "train(..., **my_variant) into a new run folder and compare it with the baseline at the same budget.")
+
+
+@exercise("08-best-run", "the best run from the run folders",
+          "Set best_run to the name of the run folder with the highest validation Dice (read it from the folders).")
+def _best_run(answer: Any, run_dirs: Sequence[str | os.PathLike[str]]) -> str:
+    from spleenkit.training import read_metrics
+
+    best = {Path(run).name: max((r["val_dice"] for r in read_metrics(run) if r.get("val_dice") is not None),
+                                default=float("-inf")) for run in run_dirs}
+    last = {Path(run).name: next((r["val_dice"] for r in reversed(read_metrics(run)) if r.get("val_dice") is not None),
+                                 float("-inf")) for run in run_dirs}
+    name = Path(str(answer)).name
+    expected = max(best, key=best.get)
+    if name == expected:
+        return f"{expected}, best validation Dice {best[expected]:.4f} (the epoch model.pt keeps)."
+    if name not in best:
+        raise Hint(f"{_short(answer)} is none of the runs compared: {', '.join(best)}")
+    if name == max(last, key=last.get):
+        raise Hint("that run has the best LAST validation Dice; model.pt keeps the best epoch's weights: compare the "
+                   "maximum over the epochs.")
+    if name == min(best, key=best.get):
+        raise Hint("that is the lowest Dice; Dice is higher when better.")
+    raise Hint(f"{name} reaches {best[name]:.4f}; read each run's metrics.jsonl (read_metrics) and take the highest "
+               "val_dice.")
+
+
+@exercise("08-dice-loss", "the variant's loss in MONAI",
+          "Set my_loss to monai.losses.DiceLoss(...) with the arguments the kit uses for loss 'dice'.")
+def _dice_loss(answer: Any, preset: Any) -> str:
+    from monai.losses import DiceLoss
+
+    from spleenkit.compare import compare_objects
+    from spleenkit.training import make_loss
+
+    expected = make_loss(preset.replace(loss="dice"))
+    if not isinstance(answer, DiceLoss):
+        raise Hint(f"expected a monai.losses.DiceLoss, got {type(answer).__name__}")
+    found = compare_objects(answer, expected, "DiceLoss")
+    if not found:
+        raise Hint(f"{found.difference}. The network gives 2 channels of logits and the label 1 channel of 0/1: "
+                   "to_onehot_y=True, softmax=True.")
+    return ("the kit's DiceLoss: softmax over the 2 logit channels, the label one-hot encoded; without the cross-"
+            "entropy term of DiceCELoss.")
 
 
 def exercise_ids(prefix: str = "") -> list[str]:

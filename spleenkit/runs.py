@@ -272,3 +272,38 @@ def read_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise BadInputError(f"line {number} is not JSON ({error.msg}): the file is damaged", path) from error
     return records
 
+
+def summarize_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """One row describing a run folder, from its manifest and metrics: the recipe's main settings, where
+    the weights started, the epochs, the best validation Dice and its epoch, the last loss and the time.
+
+    Rows of several runs make the table that compares them (notebooks 07 and 08); a folder without a
+    manifest is a :class:`~spleenkit.errors.BadInputError` naming it.
+    """
+    from spleenkit.manifest import read_manifest
+
+    run_path = Path(run_dir)
+    if not (run_path / "manifest.json").is_file():
+        raise BadInputError("no manifest.json: not a run folder, or its training has not started", run_path)
+    manifest = read_manifest(run_path)
+    parameters = manifest.get("parameters", {})
+    preset = parameters.get("preset", {})
+    records = read_metrics(run_path)
+    validated = [r for r in records if r.get("val_dice") is not None]
+    best = max(validated, key=lambda r: r["val_dice"]) if validated else None
+    patch = preset.get("patch_size")
+    init = parameters.get("init_weights")
+    return {
+        "run": run_path.name,
+        "preset": preset.get("name"),
+        "patch": "x".join(str(int(n)) for n in patch) if patch else None,
+        "loss": preset.get("loss"),
+        "learning rate": preset.get("learning_rate"),
+        "start": "random" if not init else f"{Path(init).parent.name}/{Path(init).name}",
+        "epochs": len(records),
+        "best val Dice": None if best is None else round(float(best["val_dice"]), 4),
+        "best epoch": None if best is None else int(best["epoch"]),
+        "last loss": round(float(records[-1]["loss"]), 4) if records else None,
+        "seconds": round(float(records[-1].get("elapsed", 0.0)), 1) if records else None,
+        "validation cases": len(manifest.get("dataset", {}).get("validation_cases", [])),
+    }

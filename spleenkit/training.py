@@ -976,7 +976,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
           epochs: int | None = None, device: str = "auto", amp: bool | None = None, resume: bool = False,
           seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
           progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
-          scale_lr: str = "none", resume_anyway: bool = False, **preset_overrides: Any) -> TrainingResult:
+          scale_lr: str = "none", resume_anyway: bool = False, init_weights: str | os.PathLike[str] | None = None,
+          **preset_overrides: Any) -> TrainingResult:
     """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
 
     Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
@@ -987,6 +988,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     ``learning_rate=1e-3``, ``validation_interval=1`` ...). ``resume=True`` continues from
     ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs); a recipe other than
     the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest).
+    ``init_weights`` fine-tunes: the network starts from these weights (a kit run's ``model.pt`` or
+    MONAI's released ``model.pt``, loaded strictly) instead of a random initialisation.
 
     Refused before anything heavy starts: a non-finite or absurd learning rate, a patch beyond
     :data:`MAX_PATCH_SIDE` or whose step (or the cache) cannot fit in memory, a run folder another run
@@ -1010,14 +1013,14 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         return _train_in_folder(
             data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
             resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
-            sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started)
+            sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started, init_weights=init_weights)
 
 
 def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset,
                      torch_device: torch.device, *, amp: bool | None, base_learning_rate: float, resume: bool,
                      resume_anyway: bool, num_workers: int | None, progress: bool,
                      distributed: DistributedContext | None, sync_bn: bool, scale_lr: str, started_at: str,
-                     started: float) -> TrainingResult:
+                     started: float, init_weights: str | os.PathLike[str] | None = None) -> TrainingResult:
     """The body of :func:`train`, run while this process holds the run folder's lock: choose the precision,
     find where to resume, build the engines, write the manifest, train, record the result."""
     from spleenkit.distributed import describe_training, workers_per_process
@@ -1036,7 +1039,8 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
     start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
     engines = _build_engines(train_items, validation_items, preset, torch_device, run_path, start_epoch,
                              precision=precision, validation=validation, workers=workers,
-                             progress=progress and is_main_process(), distributed=distributed, sync_bn=sync_bn)
+                             progress=progress and is_main_process(), distributed=distributed, sync_bn=sync_bn,
+                             init_weights=init_weights)
     if checkpoint is not None:
         restore_checkpoint(engines.trainer, checkpoint, run_path / CHECKPOINT_NAME)
         if is_main_process():
@@ -1045,7 +1049,7 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
             engines.trainer.run_recorder.elapsed_before = float(checkpoint.get("elapsed", 0.0))
         log.info("resuming from %s at epoch %d", run_path / CHECKPOINT_NAME, start_epoch)
     parameters = _training_parameters(
-        data_dir, run_path, preset, torch_device, precision, validation, workers, resume, resume_anyway,
+        data_dir, run_path, preset, torch_device, precision, validation, workers, resume, resume_anyway, init_weights,
         describe_training(distributed, preset, sync_bn=sync_bn, scale_lr=scale_lr,
                           base_learning_rate=base_learning_rate, share=engines.share))
     manifest = _training_manifest(parameters, run_path, torch_device, data_dir, train_items, validation_items,
@@ -1097,7 +1101,8 @@ def _resume_point(run_path: Path, preset: Preset, resume: bool,
 
 def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Preset, torch_device: torch.device,
                    run_path: Path, start_epoch: int, *, precision: Precision, validation: Precision, workers: int,
-                   progress: bool, distributed: DistributedContext | None, sync_bn: bool) -> _Engines:
+                   progress: bool, distributed: DistributedContext | None, sync_bn: bool,
+                   init_weights: str | os.PathLike[str] | None = None) -> _Engines:
     """Cached datasets and loaders for this process's share, the UNet (fast layout, DDP), optimiser and schedule,
     the evaluator and the trainer with the run folder's handlers (TensorBoard on rank 0)."""
     from monai.handlers import TensorBoardStatsHandler
@@ -1105,7 +1110,7 @@ def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Pr
 
     from spleenkit.devices import use_fast_layout
     from spleenkit.distributed import share_training_data, training_handlers, validation_handlers, wrap_model
-    from spleenkit.model import build_unet
+    from spleenkit.model import build_unet, load_weights
 
     set_determinism(seed=preset.seed + start_epoch)
     share = share_training_data(train_items, validation_items, distributed, preset.cache_rate, preset.seed)
@@ -1114,7 +1119,10 @@ def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Pr
     train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
                                                     distributed=distributed is not None and not share.partitioned)
     # the layout is set before DDP wraps the network (its gradient buckets follow the weights' layout)
-    network = wrap_model(use_fast_layout(build_unet(preset).to(torch_device), torch_device, preset.channels_last),
+    network = build_unet(preset)
+    if init_weights is not None:
+        load_weights(network, init_weights)  # strict: every tensor must find its place
+    network = wrap_model(use_fast_layout(network.to(torch_device), torch_device, preset.channels_last),
                          distributed, sync_bn)
     optimizer = make_optimizer(preset, network.parameters())
     scheduler = make_scheduler(preset, optimizer, total_iterations=preset.epochs * len(train_loader))
@@ -1136,7 +1144,7 @@ def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Pr
 
 def _training_parameters(data_dir: str | os.PathLike[str], run_path: Path, preset: Preset, torch_device: torch.device,
                          precision: Precision, validation: Precision, workers: int, resume: bool, resume_anyway: bool,
-                         distributed: dict[str, Any]) -> dict[str, Any]:
+                         init_weights: str | os.PathLike[str] | None, distributed: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``parameters``: everything that decides what this run computes."""
     from spleenkit.devices import amp_dtype
 
@@ -1155,6 +1163,7 @@ def _training_parameters(data_dir: str | os.PathLike[str], run_path: Path, prese
         "cache_rate": preset.cache_rate,
         "resume": resume,
         "resume_anyway": resume_anyway,
+        "init_weights": None if init_weights is None else str(Path(init_weights).resolve()),
         "distributed": distributed,
     }
 

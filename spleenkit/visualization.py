@@ -753,3 +753,33 @@ def tensorboard_scalars(run_dir: str | os.PathLike[str], tag: str = "train_loss"
         if tag in events.Tags().get("scalars", []):
             found.update({int(event.step): float(event.value) for event in events.Scalars(tag)})
     return [found[step] for step in sorted(found)]
+
+
+# --------------------------------------------------------------------------- comparing run folders (07, 08)
+def compare_learning_curves(runs: Mapping[str, str | os.PathLike[str] | Iterable[Mapping[str, Any]]],
+                            title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
+    """Training loss and validation Dice per epoch of several runs on shared axes (a recipe against a
+    variant, fine-tuning against training from scratch); each run is a run folder or its records."""
+    palette = [COLOURS["fn"], COLOURS["mask"], COLOURS["tp"], COLOURS["fp"], COLOURS["reference"], "#CC79A7"]
+    figure = new_figure(10, 3.6)
+    loss_ax, dice_ax = figure.subplots(1, 2)
+    for index, (name, source) in enumerate(runs.items()):
+        records = _read_run_metrics(source) if isinstance(source, (str, os.PathLike)) else list(source)
+        colour = palette[index % len(palette)]
+        epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(records)]
+        loss_ax.plot(epochs, [float(r["loss"]) for r in records], marker=".", color=colour, label=name)
+        validated = [(e, float(r["val_dice"])) for e, r in zip(epochs, records, strict=True)
+                     if r.get("val_dice") is not None]
+        if validated:
+            dice_ax.plot(*zip(*validated, strict=True), marker="o", color=colour, label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    dice_ax.set(xlabel="epoch", ylabel="validation Dice", title="validation Dice", ylim=(0, 1))
+    for ax in (loss_ax, dice_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _finish(figure, save)

@@ -62,11 +62,23 @@ def load_datalist(dataset_dir: str | os.PathLike[str], section: str = "training"
 
 
 def split_datalist(items: Datalist, validation_cases: int = 9) -> tuple[Datalist, Datalist]:
-    """The bundle's split: sorted by image name, the last ``validation_cases`` for validation."""
+    """The bundle's split: sorted by image name, the last ``validation_cases`` for validation.
+
+    A split that would keep fewer cases to train on than it holds out is refused: it happens when a
+    recipe made for MSD's 41 cases (9 for validation) meets a small dataset (12 phantoms would train
+    on 3), and such a run would teach the wrong lesson without a word.
+    """
     items = sorted(items, key=lambda record: Path(record["image"]).name)
     if not 0 < validation_cases < len(items):
         raise BadInputError(
             f"cannot hold out {validation_cases} validation case(s) from {len(items)} labelled case(s)"
+        )
+    if validation_cases > len(items) - validation_cases:
+        raise BadInputError(
+            f"holding out {validation_cases} of {len(items)} labelled cases for validation would leave only "
+            f"{len(items) - validation_cases} to train on: the recipe's validation_cases suits a larger dataset "
+            f"(MSD: 9 of 41); set validation_cases to at most {len(items) // 2} (the quick preset holds out 3; "
+            "`--set validation-cases=3` on the command line)"
         )
     return items[:-validation_cases], items[-validation_cases:]
 

@@ -522,6 +522,38 @@ def _fetch_example_file(item: ExampleFile, staging: Path, progress: bool, timeou
 
 
 # --------------------------------------------------------------------------- example as a dataset
+EXAMPLE_DATASET_NAME = "Spleen example"
+EXAMPLE_CASE = "example_1.nii.gz"
+
+
+def example_dataset_problem(out_dir: str | os.PathLike[str]) -> str | None:
+    """Why ``out_dir`` cannot take the example dataset (None when it is missing, empty or already one).
+
+    The example is one case, to look at: written over another dataset (the synthetic phantoms, MSD)
+    it would replace that dataset's ``dataset.json`` with a one-case list, so such a folder is refused.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "exists and is not a folder"
+    manifest = out / "dataset.json"
+    if manifest.is_file():
+        try:
+            name = json.loads(manifest.read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name != EXAMPLE_DATASET_NAME:
+            return (f"holds another dataset ({name or 'an unreadable dataset.json'}); the example gets a folder of "
+                    "its own, e.g. data/example")
+        return None
+    images = [path.name for sub in ("imagesTr", "labelsTr", "imagesTs") if (out / sub).is_dir()
+              for path in (out / sub).iterdir() if path.name != EXAMPLE_CASE]
+    if images:
+        return f"holds image files ({images[0]} ...) of another dataset; the example gets a folder of its own"
+    return None
+
+
 def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    mask: str = "spleen_a.nii.gz") -> Path:
     """An MSD-layout folder holding the example CT as one labelled case (``mask`` as its label).
@@ -529,18 +561,24 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     Links the files where the file system allows it (else copies them), so notebooks can feed
     the real scan through the same datalist code as MSD and the synthetic phantoms. The label
     is written as uint8 when the mask is stored as another type (spleen_b is float64).
+    ``out_dir`` must be new, empty, or an earlier example dataset: a folder holding another
+    dataset is refused (see :func:`example_dataset_problem`), never overwritten.
     """
     import nibabel as nib
     import numpy as np
 
     from spleenkit.data.synthetic import msd_description
+    from spleenkit.io import write_json, write_with
 
     example = Path(example_dir)
     for name in ("ct.nii.gz", mask):
         if not (example / name).is_file():
             raise BadInputError("missing: run `spleenkit data download example` first", example / name)
     out = Path(out_dir)
-    name = "example_1.nii.gz"
+    problem = example_dataset_problem(out)
+    if problem:
+        raise BadInputError(f"{problem}: refusing to write the example dataset there", out)
+    name = EXAMPLE_CASE
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -549,21 +587,22 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
             _link_or_copy(example / "ct.nii.gz", image_target)
         label_image = read_nifti(example / mask)
         label_target = out / "labelsTr" / name
+        if label_target.is_symlink() or label_target.exists():
+            label_target.unlink()  # another mask may have been chosen before
         if label_image.get_data_dtype() == np.uint8:
-            if not label_target.exists():
-                _link_or_copy(example / mask, label_target)
+            _link_or_copy(example / mask, label_target)
         else:
             data = np.asanyarray(label_image.dataobj)
             header = label_image.header.copy()
             header.set_data_dtype(np.uint8)
             fixed = nib.Nifti1Image(np.rint(data).astype(np.uint8), label_image.affine, header)
-            write_with(label_target, fixed.to_filename)
-        description = msd_description([name], [], "The TotalSegmentator example CT (not an MSD case) with a "
-                                      f"predicted spleen mask ({mask}) as its label")
-        description["name"] = "Spleen example"
-        write_text(out / "dataset.json", json.dumps(description, indent=4))
+            write_with(label_target, lambda path: nib.save(fixed, path))
     except OSError as error:
         raise BadInputError(f"cannot write the example dataset ({error.strerror or error})", out) from error
+    description = msd_description([name], [], "The TotalSegmentator example CT (not an MSD case) with a "
+                                  f"predicted spleen mask ({mask}) as its label")
+    description["name"] = EXAMPLE_DATASET_NAME
+    write_json(out / "dataset.json", description, indent=4)
     return out
 
 
@@ -576,6 +615,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 __all__ = [
     "EXAMPLE_FILES", "MSD_SPLEEN_MD5", "MSD_SPLEEN_URL", "ExampleFile", "download_example", "download_file",
-    "download_msd", "example_as_msd", "example_problems", "extracted_dataset_problems", "file_digest",
-    "safe_extract", "verify_file",
+    "download_msd", "example_as_msd", "example_dataset_problem", "example_problems", "extracted_dataset_problems",
+    "file_digest", "safe_extract", "verify_file",
 ]
