@@ -256,7 +256,7 @@ def test_data_notebook_reads_the_real_example_ct(example_ct_dir: Path, tmp_path:
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPLEENKIT_EXAMPLE_DIR", str(example_ct_dir))  # copied from there after its sha256 check
     summary = run_notebooks("quick", only=["01"], out_dir=tmp_path / "out", repo=REPO,
-                            overrides={"source": "example", "data_dir": str(tmp_path / "example_dataset"),
+                            overrides={"source": "example", "example_dataset_dir": str(tmp_path / "example_dataset"),
                                        "example_dir": str(tmp_path / "example")})
     require_ok(summary)
     text = "\n".join(output.get("text", "") or output.get("data", {}).get("text/plain", "")  # printed or shown
