@@ -441,3 +441,13 @@ def test_the_troubleshooting_page_answers_each_trap_with_the_message_the_kit_pri
             section = page.split(f"\n## {heading}\n")[1].split("\n## ")[0]
             assert words in section, f"{heading!r} does not quote {words!r}"
             assert words in (REPO / "spleenkit" / where).read_text(), f"{where} no longer prints {words!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_each_summary_links_the_troubleshooting_page(path: Path) -> None:
+    cells = read(path).cells
+    start = next(i for i, c in enumerate(cells)
+                 if c.cell_type == "markdown" and re.search(r"^#+\s*Summary", c.source, re.M))
+    text = "\n".join(c.source for c in cells[start:] if c.cell_type == "markdown")
+    assert "](../docs/troubleshooting.md" in text, f"{path.name}: the summary does not link the troubleshooting page"
+    assert (REPO / "docs" / "troubleshooting.md").is_file()
