@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spleenkit.errors import BadInputError
-from spleenkit.images import check_writable, read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
-from spleenkit.io import write_json
+from spleenkit.images import read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
+from spleenkit.io import check_writable, write_json
 from spleenkit.metrics import mask_metrics, summarise, write_rows_csv
 from spleenkit.predict import original_space_mask, postprocessing, predict_logits, prepare_prediction
 from spleenkit.presets import Preset, get_preset

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,18 +278,6 @@ def write_mask(mask: np.ndarray, reference: str | os.PathLike[str] | nib.spatial
             raise BadInputError("internal error: the written mask's grid differs from the image's", path)
 
     return write_with(path, image.to_filename, check=same_grid)
-
-
-def check_writable(folder: str | os.PathLike[str]) -> Path:
-    """Create ``folder`` and prove a file can be written in it, before any work is done."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise BadInputError(f"the output folder is not writable ({error.strerror or error})", folder) from error
-    return folder
 
 
 #: Two grids are "the same" when their shapes are equal and their affines agree to this tolerance (mm).

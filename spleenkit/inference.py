@@ -25,13 +25,13 @@ from spleenkit.errors import BadInputError
 from spleenkit.images import (
     MASK_SUFFIX,
     InputVolume,
-    check_writable,
     load_volume,
     read_nifti,
     scan_inputs,
     voxel_spacing,
     write_mask,
 )
+from spleenkit.io import check_writable
 from spleenkit.predict import predict_mask, prepare_prediction
 from spleenkit.presets import Preset, get_preset
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -52,6 +53,16 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *,
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _replace_checked(temporary, path, check)
+
+
+def _replace_checked(temporary: Path, path: Path, check: Callable[[Path], None] | None) -> None:
+    """The last step of every write: run ``check`` on the flushed temporary file, rename it over ``path`` and
+    make the rename durable; on a failed check the temporary file goes and ``path`` keeps its content."""
+    try:
         if check is not None:
             check(temporary)
         os.replace(temporary, path)
@@ -122,11 +133,22 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
             raise RuntimeError(f"the writer made no file for {path.name}")
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
-        if check is not None:
-            check(temporary)
-        os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
+    _replace_checked(temporary, path, check)
     return path
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` and prove a file can be written in it, before any work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError("the output folder is a file", folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BadInputError(f"the output folder is not writable ({error.strerror or error})", folder) from error
+    return folder

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,15 +148,9 @@ def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Pa
     ``previous-<time>`` subfolder, so that a repeated command never destroys a trained model.
     Call it while holding the folder's :class:`RunLock` (as :func:`spleenkit.training.train` does).
     """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BadInputError("the output folder is a file", run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as error:
-        raise BadInputError(f"cannot write to the output folder ({error.strerror})", run_dir) from error
+    from spleenkit.io import check_writable
+
+    run_dir = check_writable(run_dir)
     for stale in run_dir.glob(".*.tmp"):  # left by a process killed while saving
         stale.unlink(missing_ok=True)
     if not resume:
