@@ -108,6 +108,37 @@ WHAT_IS_SHOWN = """(panel) => {
 }"""
 
 
+VIEWER_IMAGE = f"{NOTEBOOK_PANEL} .widget-image"
+
+
+def drive_viewer(page, wait_ms: float = 20_000) -> dict:  # noqa: ANN001 - a Playwright page
+    """Use the offline slice viewer as a student would: move a slider with the keyboard, then switch the spleen's
+    outline off; report whether the picture changed each time (the kernel redraws it)."""
+    picture = page.locator(VIEWER_IMAGE).first
+    picture.wait_for(state="visible", timeout=wait_ms)
+    picture.scroll_into_view_if_needed()
+
+    def changed_from(before: bytes) -> bool:
+        deadline = time.monotonic() + wait_ms / 1000
+        while time.monotonic() < deadline:
+            page.wait_for_timeout(300)
+            if picture.screenshot() != before:
+                return True
+        return False
+
+    shown: dict = {}
+    before = picture.screenshot()
+    handle = page.locator(f"{NOTEBOOK_PANEL} .widget-slider .noUi-handle").first
+    handle.focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")
+    shown["slider_changed_picture"] = changed_from(before)
+    before = picture.screenshot()
+    page.locator(f"{NOTEBOOK_PANEL} .widget-checkbox input[type=checkbox]").first.click()
+    shown["outline_changed_picture"] = changed_from(before)
+    return shown
+
+
 def run_all_cells(url: str, screenshot: Path, timeout: float = 150) -> dict:
     """Open ``url`` (a notebook in JupyterLab) in headless Chromium, Run > Run All Cells as a student does, wait
     until the kernel is idle and every code cell has run (or one failed), and return what the page shows."""
@@ -175,6 +206,8 @@ def run_all_cells(url: str, screenshot: Path, timeout: float = 150) -> dict:
             step("Run All Cells clicked")
             until("all cells run (or one failed), kernel idle", ALL_CELLS_RUN)
             report.update(page.evaluate(WHAT_IS_SHOWN, NOTEBOOK_PANEL))
+            report["viewer"] = drive_viewer(page)
+            step("slice viewer used")
             # the picture: the three-plane figure with the cell that drew it
             figure = page.locator(f"{NOTEBOOK_PANEL} .jp-OutputArea-output img").first
             if figure.count():
@@ -219,8 +252,8 @@ def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
     with this_python_kernel(), log.open("w") as log_stream:
         environment = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTERLAB_SETTINGS_DIR": str(settings),
                        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
-                       "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_DATA_DIR": str(tmp_path / "jupyter"),
-                       "SPLEENKIT_NONINTERACTIVE": "1"}  # the 3D viewer would load its code from the internet
+                       "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_DATA_DIR": str(tmp_path / "jupyter")}
+        environment.pop("SPLEENKIT_NONINTERACTIVE", None)  # a live session: the offline slice viewer is shown
         environment.pop("SPLEENKIT_STRICT_EXERCISES", None)  # a student's checks give hints
         server = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -249,6 +282,8 @@ def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
     shown = "\n".join(report["texts"])
     assert "dataset (synthetic)" in shown
     assert shown.count("not answered yet") == 3, "each exercise's check answers the empty stub with a hint"
+    # the offline viewer (ipywidgets, nothing from the internet) answers its slider and its outline toggle
+    assert report["viewer"] == {"slider_changed_picture": True, "outline_changed_picture": True}, report["viewer"]
 
 
 def test_the_committed_screenshot_is_small() -> None:
