@@ -167,3 +167,21 @@ def test_readme_shows_the_committed_full_run(tmp_path: Path) -> None:
     copy.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="README.md"):
         report.update_readme(results, copy)
+
+
+def test_real_ct_benchmark_trains_on_phantoms_and_scores_the_real_ct(synthetic_dataset: Path, example_ct_dir: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The phantoms-to-real-CT measurement end to end on a small dataset and one epoch: the JSON holds the
+    real CT's metrics against both reference masks, the training's times and the machine it ran on."""
+    monkeypatch.setenv("SPLEENKIT_EXAMPLE_DIR", str(example_ct_dir))
+    benchmark = _module("real_ct_from_phantoms")
+    assert benchmark.main(["--data", str(synthetic_dataset), "--epochs", "1", "--threads", "2",
+                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]) == 0
+    results = json.loads((tmp_path / "results" / "real_ct_from_phantoms.json").read_text())
+    for key in ("real_ct", "real_ct_vs_spleen_b"):
+        metrics = results[key]
+        assert 0.0 <= metrics["dice"] <= 1.0 and metrics["ref_volume_ml"] > 200, metrics
+        assert metrics["reference"].startswith("spleen_") and "/" not in metrics["prediction"]
+    assert results["training"]["epochs"] == 1 and results["training"]["wall_s"] > 0
+    assert results["machine"]["cpu"]["avx"] and results["dataset"]["folder"] == str(synthetic_dataset)
