@@ -162,3 +162,17 @@ def test_cli_synth(tmp_path: Path, capsys) -> None:
     assert main([*args[:-4], "--seed", "4", "--matrix", "32"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main([*args[:-4], "--seed", "4", "--matrix", "32", "--force"]) == 0
+
+
+def test_every_function_is_at_most_80_lines() -> None:
+    """The phantom is drawn by short painters over a body description, not by one long function."""
+    import ast
+
+    import spleenkit.data.synthetic as synthetic
+
+    tree = ast.parse(Path(synthetic.__file__).read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    lengths = {node.name: node.end_lineno - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
+               for node in functions}
+    assert "render_case" in lengths and len(lengths) > 20
+    assert {name: n for name, n in lengths.items() if n > 80} == {}

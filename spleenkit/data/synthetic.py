@@ -289,15 +289,138 @@ def _wobble(rng: np.random.Generator, amplitude: float, wavelength: float, terms
     return result
 
 
-def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | None = None,
-                orientation: str | None = None) -> tuple[np.ndarray, np.ndarray, CaseGeometry]:
-    """Draw one phantom: int16 HU image, uint8 spleen label and the grid, all from (seed, case)."""
-    # two streams: the anatomy does not change when only the grid (matrix, slices) does
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 1]))
-    grid_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 2]))
-    orientation = orientation or ORIENTATIONS[case % len(ORIENTATIONS)]
+@dataclass(frozen=True)
+class Ribs:
+    """Oblique rib tubes in the wall: their radius, the pitch between ribs and where the first lies (mm)."""
 
-    # ---- patient size and field of view
+    radius: float
+    pitch: float
+    phase: float
+
+
+@dataclass(frozen=True)
+class Spine:
+    """The vertebral column: body, discs, canal and posterior elements (patient frame, mm)."""
+
+    a: float  # anterior coordinate of the vertebral body's centre
+    radius: float  # of the vertebral body
+    disc_pitch: float
+    disc_phase: float
+    canal_a: float  # centre of the spinal canal
+    spinous_tip: float  # under the skin of the back
+
+    def in_disc(self, S):
+        """True at the levels of the intervertebral discs."""
+        return np.cos(2 * np.pi * (S + self.disc_phase) / self.disc_pitch) > 0.8
+
+    def posterior_elements(self, L, A, S):
+        """Pedicles, laminae, spinous and transverse processes behind the canal."""
+        canal_a, disc_phase, disc_pitch = self.canal_a, self.disc_phase, self.disc_pitch
+        ring = np.abs(np.sqrt((L / 1.15) ** 2 + (A - canal_a) ** 2) - 10.5) - 3.0
+        ring = np.maximum(ring, A - canal_a - 10)  # pedicles and laminae
+        dz = np.mod(S + disc_phase, disc_pitch) / disc_pitch  # 0..1 through one vertebra
+        half_length = (canal_a - self.spinous_tip) / 2
+        spinous = np.maximum(np.abs(L) - 3.0, np.abs(A - (canal_a - half_length)) - half_length)
+        spinous = np.maximum(spinous, (np.abs(dz - 0.55) - 0.3) * 40)
+        transverse = np.maximum(np.abs(np.abs(L) - 22) - 12, np.abs(A - canal_a - 2) - 4)
+        transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
+        return functools.reduce(np.minimum, [ring, spinous, transverse])
+
+
+@dataclass(frozen=True)
+class Vessels:
+    """The aorta (radius and centre) and the inferior vena cava (centre), as (l, a) in mm."""
+
+    aorta_r: float
+    aorta_c: tuple[float, float]
+    ivc_c: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Body:
+    """One patient: its random stream, canvas and grid, and the sizes every organ is placed against (mm).
+
+    All that is drawn before the spleen is drawn by :func:`_plan_body`, in the order the random
+    stream has always had, so that the same seed keeps giving the same files.
+    """
+
+    rng: np.random.Generator
+    canvas: Canvas
+    geometry: CaseGeometry
+    fov: float  # field of view
+    half_w: float  # half the left-right body width
+    half_d: float  # half the anterior-posterior depth
+    fat: float  # subcutaneous fat thickness
+    muscle: float  # abdominal wall muscle thickness
+    dome: float  # top of the right hemidiaphragm (s = 0 lies near the splenic hilum)
+    dome_l: float  # top of the left hemidiaphragm
+    k_dome: float  # curvature of both domes
+    s_bottom: float  # lowest level of the scan
+    table_top: float  # anterior coordinate of the table's top plate
+    fat_hu: float  # subcutaneous fat
+    visceral_hu: float  # visceral fat
+    ribs: Ribs
+    spine: Spine
+    enhancement: float  # contrast timing varies between patients
+    vessels: Vessels
+    outline: Field = field(init=False, repr=False)  # the skin
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outline", cylinder_2d((0.0, 0.0), (self.half_w, self.half_d), power=2.4))
+
+    @property
+    def cav_half_w(self) -> float:
+        """Half width of the visceral cavity (inside the muscle wall)."""
+        return self.half_w - self.fat - self.muscle
+
+    @property
+    def cav_front(self) -> float:
+        """Front of the visceral cavity."""
+        return self.half_d - 1.3 * self.fat - self.muscle
+
+    @property
+    def cav_centre(self) -> float:
+        """Anterior coordinate of the cavity's middle."""
+        return (self.cav_front + self.spine.a - 24) / 2
+
+    @property
+    def cav_back(self) -> float:
+        """The deepest the cavity goes, beside the spine (for bounding boxes)."""
+        return self.spine.a - 50
+
+    def under_fat(self, L, A, S):
+        """Inside of the subcutaneous fat, which is thicker in front than behind."""
+        return self.outline(L, A, S) + self.fat * (1.0 + 0.3 * A / np.sqrt(L**2 + A**2 + 1.0))
+
+    def cavity(self, L, A, S):
+        """The visceral cavity: inside the muscle, with the spine and its muscles bulging in from behind."""
+        back = self.spine.a - 8 - 42.0 * (1 - np.exp(-((L / 36.0) ** 2))) - A
+        return np.maximum(self.under_fat(L, A, S) + self.muscle, back)
+
+    def diaphragm(self, L, A, S):
+        """Height (mm) below the two domes: > 0 in the abdomen, < 0 in the chest."""
+        right = self.dome - self.k_dome * ((L + 45) ** 2 + (A - 5) ** 2)
+        left = self.dome_l - self.k_dome * ((L - 50) ** 2 + (A + 5) ** 2)
+        return np.maximum(right, left) - S
+
+    def below_diaphragm(self, f: Field) -> Field:
+        """``f`` clipped to the abdomen."""
+        return lambda L, A, S: np.maximum(f(L, A, S), -self.diaphragm(L, A, S))
+
+
+def _plan_spine(rng: np.random.Generator, spine_a: float, half_d: float, fat: float) -> Spine:
+    """Draw the vertebrae's size and the levels of their discs."""
+    vb_r = rng.uniform(16, 19)
+    disc_pitch = rng.uniform(30, 36)
+    disc_phase = rng.uniform(0, disc_pitch)
+    canal_a = spine_a - vb_r - 9
+    spinous_tip = max(canal_a - 38, -half_d + 0.7 * fat + 12)  # under the skin of the back
+    return Spine(spine_a, vb_r, disc_pitch, disc_phase, canal_a, spinous_tip)
+
+
+def _plan_body(rng: np.random.Generator, grid_rng: np.random.Generator, matrix: int, slice_spacing: float | None,
+               orientation: str) -> Body:
+    """Draw the patient's size and grid, then its wall, diaphragm, ribs, spine, contrast and great vessels."""
     width = rng.uniform(205, 240)  # left-right body width (mm)
     depth = width * rng.uniform(0.70, 0.80)  # anterior-posterior
     fov = width + rng.uniform(16, 32)
@@ -311,13 +434,28 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     geometry, l_c, a_c, s_c = _grid(grid_rng, matrix, slice_spacing, orientation, fov, s_top, s_bottom)
     blur = float(min(geometry.spacing[0], geometry.spacing[2]) * 1.0)
     canvas = Canvas(np.full(geometry.shape, -1000.0, dtype=np.float32), l_c, a_c, s_c, blur)
-    spleen_mask = np.zeros(geometry.shape, dtype=bool)
-    everywhere = None
-
-    # ---- body wall, table
-    body = cylinder_2d((0.0, 0.0), (half_w, half_d), power=2.4)
     table_top = -half_d - rng.uniform(1.0, 4.0)
-    table_w = min(fov / 2 - 4, half_w + 30)
+    fat_hu = -105.0 + rng.uniform(-8, 8)
+    spine_a = -half_d + 0.7 * fat + rng.uniform(46, 56)  # centre of the vertebral body
+    dome_l = dome - rng.uniform(8, 20)  # the left dome lies lower
+    k_dome = rng.uniform(0.006, 0.009)
+    visceral_hu = -95.0 + rng.uniform(-8, 8)
+    rib_r = rng.uniform(4.0, 5.0)
+    pitch = rng.uniform(30, 38)
+    ribs = Ribs(rib_r, pitch, rng.uniform(0, pitch))
+    spine = _plan_spine(rng, spine_a, half_d, fat)
+    enhancement = rng.uniform(0.85, 1.15)
+    aorta_r = rng.uniform(10, 12.5)
+    aorta_c = (rng.uniform(4, 12), spine_a + spine.radius + aorta_r + 1)
+    ivc_c = (-rng.uniform(20, 28), spine_a + spine.radius + 13)
+    return Body(rng, canvas, geometry, fov, half_w, half_d, fat, muscle, dome, dome_l, k_dome, s_bottom, table_top,
+                fat_hu, visceral_hu, ribs, spine, enhancement, Vessels(aorta_r, aorta_c, ivc_c))
+
+
+def _paint_wall_and_table(body: Body) -> None:
+    """The table's two curved plates (with foam between), the skin, subcutaneous fat and muscle wall."""
+    canvas, table_top, half_w = body.canvas, body.table_top, body.half_w
+    table_w = min(body.fov / 2 - 4, half_w + 30)
     for top, thickness in ((table_top, 3.0), (table_top - 28.0, 4.0)):
         bend = 0.0025 if top == table_top else 0.002
         plate = (lambda t, th, b: lambda L, A, S: np.abs(A - (t - th / 2) - b * L**2) - th / 2)(
@@ -327,55 +465,33 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     canvas.paint(intersect(lambda L, A, S: np.abs(A - (table_top - 14) - 0.002 * L**2) - 10.0,
                            cylinder_2d((0.0, table_top), (table_w - 6, 60.0))), -880.0,
                  ((-table_w, table_w), (table_top - 40, table_top), (-1e9, 1e9)))
-    canvas.paint(body, 20.0, everywhere)  # skin
-    canvas.paint(offset(body, -2.0), -105.0 + rng.uniform(-8, 8), everywhere)  # subcutaneous fat
+    canvas.paint(body.outline, 20.0)  # skin
+    canvas.paint(offset(body.outline, -2.0), body.fat_hu)  # subcutaneous fat
+    canvas.paint(body.under_fat, 48.0)  # muscle wall
 
-    def under_fat(L, A, S):  # the fat is thicker in front than behind
-        return body(L, A, S) + fat * (1.0 + 0.3 * A / np.sqrt(L**2 + A**2 + 1.0))
 
-    canvas.paint(under_fat, 48.0, everywhere)  # muscle wall
-
-    # the visceral cavity: inside the muscle, with the spine and psoas bulging in from behind
-    spine_a = -half_d + 0.7 * fat + rng.uniform(46, 56)  # centre of the vertebral body
-    cav_half_w = half_w - fat - muscle
-    cav_front = half_d - 1.3 * fat - muscle
-    cav_centre = (cav_front + spine_a - 24) / 2
-    cav_back = spine_a - 50  # the deepest the cavity goes, beside the spine (for bounding boxes)
-
-    def cavity(L, A, S):  # behind, the spine and its muscles bulge in at the midline
-        back = spine_a - 8 - 42.0 * (1 - np.exp(-((L / 36.0) ** 2))) - A
-        return np.maximum(under_fat(L, A, S) + muscle, back)
-
-    # diaphragm: two domes; below it is abdomen, above it the lung bases and heart
-    dome_l = dome - rng.uniform(8, 20)
-    k_dome = rng.uniform(0.006, 0.009)
-
-    def diaphragm(L, A, S):  # > 0 below the diaphragm (abdomen), in mm of height
-        right = dome - k_dome * ((L + 45) ** 2 + (A - 5) ** 2)
-        left = dome_l - k_dome * ((L - 50) ** 2 + (A + 5) ** 2)
-        return np.maximum(right, left) - S
-
-    def below_diaphragm(f: Field) -> Field:
-        return lambda L, A, S: np.maximum(f(L, A, S), -diaphragm(L, A, S))
-
-    canvas.paint(cavity, -95.0 + rng.uniform(-8, 8), everywhere)  # visceral fat
-    # lung bases and heart above the diaphragm
+def _paint_chest(body: Body) -> None:
+    """Visceral fat in the cavity, then the lung bases and the heart above the diaphragm."""
+    canvas, diaphragm, cavity = body.canvas, body.diaphragm, body.cavity
+    canvas.paint(cavity, body.visceral_hu)  # visceral fat
     lung = intersect(offset(cavity, -2.0), lambda L, A, S: diaphragm(L, A, S) + 2.0)
-    canvas.paint(lung, lambda L, A, S: -860.0 + 25 * np.sin(0.21 * L + 0.17 * A) * np.cos(0.13 * S), everywhere)
-    heart = intersect(ellipsoid((12.0, cav_front - 55, dome + 45), (65, 52, 50), (0, 0, 20)),
+    canvas.paint(lung, lambda L, A, S: -860.0 + 25 * np.sin(0.21 * L + 0.17 * A) * np.cos(0.13 * S))
+    heart = intersect(ellipsoid((12.0, body.cav_front - 55, body.dome + 45), (65, 52, 50), (0, 0, 20)),
                       lambda L, A, S: diaphragm(L, A, S) + 1.0, offset(cavity, -3.0))
-    canvas.paint(heart, 95.0, ((-60, 90), (cav_back, cav_front), (dome - 20, 1e9)))
-    canvas.paint(offset(heart, -9.0), 140.0, ((-60, 90), (cav_back, cav_front), (dome - 20, 1e9)))
+    heart_box = ((-60, 90), (body.cav_back, body.cav_front), (body.dome - 20, 1e9))
+    canvas.paint(heart, 95.0, heart_box)
+    canvas.paint(offset(heart, -9.0), 140.0, heart_box)
 
-    # ---- ribs: oblique tubes in the wall, seen as ovals laterally and behind
-    rib_r = rng.uniform(4.0, 5.0)
-    pitch = rng.uniform(30, 38)
-    phase = rng.uniform(0, pitch)
-    ring_out = fat + muscle * 0.5
+
+def _rib_field(body: Body) -> Field:
+    """The ribs: oblique tubes in the wall, seen as ovals laterally and behind, ending at the costal margin."""
+    outline, half_w, half_d = body.outline, body.half_w, body.half_d
+    rib_r, pitch, phase = body.ribs.radius, body.ribs.pitch, body.ribs.phase
+    ring_out = body.fat + body.muscle * 0.5
     slope = 0.45  # ribs run down towards the front
 
     def ribs(L, A, S):
-        radial = body(L, A, S) + ring_out
+        radial = outline(L, A, S) + ring_out
         angle = np.arctan2(L, A - 0.3 * half_d)  # 0 = anterior, +-pi = posterior
         arc = np.abs(angle) * half_w
         along = np.mod(S + slope * arc + phase, pitch) - pitch / 2
@@ -384,58 +500,77 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         costal_margin = (-55 + 40 * np.cos(angle)) - S  # the rib cage ends lower at the sides
         return functools.reduce(np.maximum, [tube, sector, costal_margin])
 
-    # ---- spine, paraspinal muscles, psoas, aorta, inferior vena cava (painted after the organs)
-    vb_r = rng.uniform(16, 19)
-    disc_pitch = rng.uniform(30, 36)
-    disc_phase = rng.uniform(0, disc_pitch)
-    canal_a = spine_a - vb_r - 9
-    spinous_tip = max(canal_a - 38, -half_d + 0.7 * fat + 12)  # under the skin of the back
-    enhancement = rng.uniform(0.85, 1.15)  # contrast timing varies between patients
-    aorta_r = rng.uniform(10, 12.5)
-    aorta_c = (rng.uniform(4, 12), spine_a + vb_r + aorta_r + 1)
-    ivc_c = (-rng.uniform(20, 28), spine_a + vb_r + 13)
+    return ribs
 
-    def in_disc(S):
-        return np.cos(2 * np.pi * (S + disc_phase) / disc_pitch) > 0.8
 
-    def posterior_elements(L, A, S):
-        ring = np.abs(np.sqrt((L / 1.15) ** 2 + (A - canal_a) ** 2) - 10.5) - 3.0
-        ring = np.maximum(ring, A - canal_a - 10)  # pedicles and laminae
-        dz = np.mod(S + disc_phase, disc_pitch) / disc_pitch  # 0..1 through one vertebra
-        half_length = (canal_a - spinous_tip) / 2
-        spinous = np.maximum(np.abs(L) - 3.0, np.abs(A - (canal_a - half_length)) - half_length)
-        spinous = np.maximum(spinous, (np.abs(dz - 0.55) - 0.3) * 40)
-        transverse = np.maximum(np.abs(np.abs(L) - 22) - 12, np.abs(A - canal_a - 2) - 4)
-        transverse = np.maximum(transverse, (np.abs(dz - 0.35) - 0.15) * 40)
-        return functools.reduce(np.minimum, [ring, spinous, transverse])
-
-    def paint_skeleton_and_vessels() -> None:
-        vert_box = ((-90, 90), (-half_d, spine_a + 45), (-1e9, 1e9))
-        inner_wall = offset(body, -fat)
-        for side in (-1, 1):
-            canvas.paint(intersect(ellipsoid((side * 30.0, spine_a - 42, 0.0), (28, 24, 1e4)), inner_wall), 52.0,
-                         vert_box)
-            psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
-            canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
-        vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
-        canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0), vert_box)
-        canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0),
+def _paint_skeleton_and_vessels(body: Body) -> None:
+    """Paraspinal muscles, psoas, vertebrae, canal, aorta, inferior vena cava and ribs, over the organs."""
+    canvas, spine, vessels, enhancement = body.canvas, body.spine, body.vessels, body.enhancement
+    spine_a, vb_r, in_disc = spine.a, spine.radius, spine.in_disc
+    vert_box = ((-90, 90), (-body.half_d, spine_a + 45), (-1e9, 1e9))
+    inner_wall = offset(body.outline, -body.fat)
+    for side in (-1, 1):
+        canvas.paint(intersect(ellipsoid((side * 30.0, spine_a - 42, 0.0), (28, 24, 1e4)), inner_wall), 52.0,
                      vert_box)
-        canvas.paint(posterior_elements, 520.0, vert_box)
-        canvas.paint(cylinder_2d((0.0, canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
-        canvas.paint(cylinder_2d(aorta_c, (aorta_r, aorta_r)), 165.0 * enhancement, vert_box)
-        canvas.paint(below_diaphragm(cylinder_2d(ivc_c, (13, 9))), 125.0 * enhancement,
-                     ((-60, 10), (spine_a, spine_a + 60), (-1e9, 1e9)))
-        canvas.paint(ribs, 700.0, everywhere)
-        canvas.paint(offset(ribs, -1.5), 240.0, everywhere)
+        psoas = ellipsoid((side * (vb_r + 10), spine_a + 4, -160.0), (14, 14, 160), (0, side * -6, 0))
+        canvas.paint(psoas, 50.0, ((-90, 90), (spine_a - 40, spine_a + 40), (-1e9, 0)))
+    vertebra = cylinder_2d((0.0, spine_a), (vb_r * 1.1, vb_r))
+    canvas.paint(vertebra, lambda L, A, S: np.where(in_disc(S), 90.0, 620.0), vert_box)
+    canvas.paint(offset(vertebra, -2.0), lambda L, A, S: np.where(in_disc(S), 90.0, 210.0), vert_box)
+    canvas.paint(spine.posterior_elements, 520.0, vert_box)
+    canvas.paint(cylinder_2d((0.0, spine.canal_a), (8.5, 7.5)), 15.0, vert_box)  # spinal canal (CSF)
+    aorta_r = vessels.aorta_r
+    canvas.paint(cylinder_2d(vessels.aorta_c, (aorta_r, aorta_r)), 165.0 * enhancement, vert_box)
+    canvas.paint(body.below_diaphragm(cylinder_2d(vessels.ivc_c, (13, 9))), 125.0 * enhancement,
+                 ((-60, 10), (spine_a, spine_a + 60), (-1e9, 1e9)))
+    ribs = _rib_field(body)
+    canvas.paint(ribs, 700.0)
+    canvas.paint(offset(ribs, -1.5), 240.0)
 
-    # ---- the spleen's frame comes first: the other organs are placed around it
-    # it lies against the posterolateral wall (ribs), thickness along the wall's inward normal
-    target_ml = rng.uniform(*SPLEEN_TARGET_ML)
+
+# --------------------------------------------------------------------------- the spleen's frame and size
+@dataclass(frozen=True)
+class SpleenFrame:
+    """Where the spleen lies against the posterolateral wall and its shape, before it is sized."""
+
+    ratios: np.ndarray  # semi-axes (length, width along the wall, thickness) per unit of scale
+    wall: np.ndarray  # (l, a) of the cavity wall where it lies
+    normal: np.ndarray  # the wall's inward normal there
+    centre_s: float  # its level
+    tilt: float  # radians, lower pole forwards
+    frame: np.ndarray  # rows: long, width and thickness axes
+    bend: float  # curvature along the wall: a crescent
+    notch: float  # depth of the hilum's medial groove
+    wobble: list  # lobulation terms
+
+
+@dataclass(frozen=True)
+class Spleen:
+    """The sized spleen: its clipped shape, its sampled raw shape, box, centre, semi-axes and landmarks."""
+
+    shape: Field  # clipped by the wall and the diaphragm: exactly the label
+    raw: Field  # the unclipped shape, read from a sampled array
+    box: Box
+    centre: np.ndarray
+    axes: np.ndarray  # semi-axes: length, width, thickness
+    centre_s: float
+    bottom: float  # level of the lower pole
+    normal: np.ndarray  # inward normal of the wall it lies against
+    hilum: np.ndarray  # where the vessels enter
+
+    def outside(self, gap: float) -> Field:
+        """Negative where a neighbour may lie: ``gap`` mm or more from the spleen."""
+        raw = self.raw
+        return lambda L, A, S: gap - raw(L, A, S)
+
+
+def _plan_spleen_frame(body: Body) -> SpleenFrame:
+    """Draw the spleen's proportions and its place against the wall (the ribs) along the wall's inward normal."""
+    rng = body.rng
     ratios = np.array([rng.uniform(1.0, 1.25), rng.uniform(0.58, 0.7), rng.uniform(0.32, 0.40)])
     theta = math.radians(rng.uniform(108, 125))  # angle from anterior towards the patient's left
     # the cavity wall there (a super-ellipse like the body) and its inward normal
-    cav_half_d = half_d - fat - muscle
+    cav_half_w, cav_half_d = body.cav_half_w, body.half_d - body.fat - body.muscle
     sx, cy = math.sin(theta), math.cos(theta)
     wall = np.array([cav_half_w * abs(sx) ** (2 / 2.4), -cav_half_d * abs(cy) ** (2 / 2.4)])
     normal = -np.array([abs(wall[0] / cav_half_w) ** 1.4 / cav_half_w, -abs(wall[1] / cav_half_d) ** 1.4 / cav_half_d])
@@ -454,77 +589,92 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     bend = rng.uniform(0.006, 0.010)  # follows the curve of the wall: a crescent
     notch = rng.uniform(0.25, 0.45)  # the hilum: a medial groove
     sp_wobble = _wobble(rng, rng.uniform(1.5, 3.0), 40.0, 4)
+    return SpleenFrame(ratios, wall, normal, sp_centre_s, tilt, frame, bend, notch, sp_wobble)
 
-    def spleen_at(scale: float) -> tuple[Field, np.ndarray, np.ndarray]:
-        """The spleen's shape, centre and semi-axes (length, width along the wall, thickness) at a size."""
-        axes = (scale * ratios).astype(np.float32)
-        inv = 1.0 / axes
-        centre = np.array([*(wall + normal * (axes[2] * 0.75)), sp_centre_s], dtype=np.float32)
 
-        def shape(L, A, S):
-            d = (L - centre[0], A - centre[1], S - centre[2])
-            u = [frame[i, 0] * d[0] + frame[i, 1] * d[1] + frame[i, 2] * d[2] for i in range(3)]
-            u[2] = u[2] - bend * (u[1] ** 2 + 0.5 * u[0] ** 2)
-            # thinner towards the tips, with a groove where the vessels enter
-            u[2] = u[2] * (1 + notch * np.exp(-(u[0] ** 2 + u[1] ** 2) / (0.2 * axes[1] ** 2)) * (u[2] > 0))
-            q = np.sqrt(sum((u[i] * inv[i]) ** 2 for i in range(3)))
-            g = np.sqrt(sum((u[i] * inv[i] ** 2) ** 2 for i in range(3)))
-            f = q * (q - 1.0) / (g + 1e-6)
-            for amp, kl, ka, ks, ph in sp_wobble:
-                f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
-            return f
+def _spleen_at(plan: SpleenFrame, scale: float) -> tuple[Field, np.ndarray, np.ndarray]:
+    """The spleen's shape, centre and semi-axes (length, width along the wall, thickness) at a size."""
+    frame, bend, notch, sp_wobble = plan.frame, plan.bend, plan.notch, plan.wobble
+    axes = (scale * plan.ratios).astype(np.float32)
+    inv = 1.0 / axes
+    centre = np.array([*(plan.wall + plan.normal * (axes[2] * 0.75)), plan.centre_s], dtype=np.float32)
 
-        return shape, centre, axes
+    def shape(L, A, S):
+        d = (L - centre[0], A - centre[1], S - centre[2])
+        u = [frame[i, 0] * d[0] + frame[i, 1] * d[1] + frame[i, 2] * d[2] for i in range(3)]
+        u[2] = u[2] - bend * (u[1] ** 2 + 0.5 * u[0] ** 2)
+        # thinner towards the tips, with a groove where the vessels enter
+        u[2] = u[2] * (1 + notch * np.exp(-(u[0] ** 2 + u[1] ** 2) / (0.2 * axes[1] ** 2)) * (u[2] > 0))
+        q = np.sqrt(sum((u[i] * inv[i]) ** 2 for i in range(3)))
+        g = np.sqrt(sum((u[i] * inv[i] ** 2) ** 2 for i in range(3)))
+        f = q * (q - 1.0) / (g + 1e-6)
+        for amp, kl, ka, ks, ph in sp_wobble:
+            f = f + amp * np.sin(kl * d[0] + ka * d[1] + ks * d[2] + ph)
+        return f
 
-    def spleen_volume_ml(scale: float, step: float = 4.0) -> float:
-        """The spleen's volume once clipped by the wall and the diaphragm, on a coarse grid."""
-        shape, centre, axes = spleen_at(scale)
-        r = float(axes.max()) * 1.3 + 10
-        L, A, S = (np.arange(c - r, c + r, step, dtype=np.float32) for c in centre)
-        L, A, S = L[:, None, None], A[None, :, None], S[None, None, :]
-        clipped = np.maximum(np.maximum(shape(L, A, S), cavity(L, A, S) + 0.5), -diaphragm(L, A, S))
-        return float(np.count_nonzero(clipped < 0)) * step**3 / 1000
+    return shape, centre, axes
 
-    # size it so that the visible spleen (after clipping) has the target volume
-    scale = (target_ml * 1000 / (4 / 3 * math.pi * ratios.prod())) ** (1 / 3)
+
+def _spleen_volume_ml(body: Body, plan: SpleenFrame, scale: float, step: float = 4.0) -> float:
+    """The spleen's volume once clipped by the wall and the diaphragm, on a coarse grid."""
+    shape, centre, axes = _spleen_at(plan, scale)
+    r = float(axes.max()) * 1.3 + 10
+    L, A, S = (np.arange(c - r, c + r, step, dtype=np.float32) for c in centre)
+    L, A, S = L[:, None, None], A[None, :, None], S[None, None, :]
+    clipped = np.maximum(np.maximum(shape(L, A, S), body.cavity(L, A, S) + 0.5), -body.diaphragm(L, A, S))
+    return float(np.count_nonzero(clipped < 0)) * step**3 / 1000
+
+
+def _plan_spleen(body: Body) -> Spleen:
+    """Draw the spleen's target volume and frame, then size it so that its visible part has that volume.
+
+    The spleen's frame comes before the other organs: they are placed around it.
+    """
+    target_ml = body.rng.uniform(*SPLEEN_TARGET_ML)
+    plan = _plan_spleen_frame(body)
+    scale = (target_ml * 1000 / (4 / 3 * math.pi * plan.ratios.prod())) ** (1 / 3)
     for _ in range(2):
-        scale *= (target_ml / max(spleen_volume_ml(scale), 1.0)) ** (1 / 3)
-    spleen_shape, sp_centre, sp_axes = spleen_at(scale)
+        scale *= (target_ml / max(_spleen_volume_ml(body, plan, scale), 1.0)) ** (1 / 3)
+    spleen_shape, sp_centre, sp_axes = _spleen_at(plan, scale)
     r_max = float(sp_axes.max()) * 1.3 + 10
     spleen_box = tuple((float(c - r_max), float(c + r_max)) for c in sp_centre)
-    spleen_bottom = float(sp_centre[2] - sp_axes[0] * math.cos(tilt))
-
+    spleen_bottom = float(sp_centre[2] - sp_axes[0] * math.cos(plan.tilt))
+    canvas = body.canvas
     spleen_field = canvas.lookup(canvas.sample(spleen_shape, spleen_box))
-    spleen = below_diaphragm(intersect(spleen_field, offset(cavity, -0.5)))
-
-    def outside_spleen(gap: float) -> Field:
-        return lambda L, A, S: gap - spleen_field(L, A, S)
-
+    clipped = body.below_diaphragm(intersect(spleen_field, offset(body.cavity, -0.5)))
+    normal = plan.normal
     hilum = sp_centre + np.array([*(normal * sp_axes[2] * 1.1), 0.0], dtype=np.float32)
+    return Spleen(clipped, spleen_field, spleen_box, sp_centre, sp_axes, plan.centre_s, spleen_bottom, normal, hilum)
 
-    # ---- bowel: small-bowel loops and colon with fluid, wall and air-fluid levels
+
+# --------------------------------------------------------------------------- the organs around the spleen
+def _paint_bowel(body: Body, spleen: Spleen) -> None:
+    """Small-bowel loops and the colon, with fluid, an enhancing wall and air-fluid levels."""
+    rng, canvas, cavity, below_diaphragm = body.rng, body.canvas, body.cavity, body.below_diaphragm
+    cav_half_w, spine_a, s_bottom = body.cav_half_w, body.spine.a, body.s_bottom
     loops = int(rng.integers(30, 45))
     for _ in range(loops):
-        c0 = np.array([rng.uniform(-0.85, 0.85) * cav_half_w, rng.uniform(spine_a + 15, cav_front - 10),
-                       rng.uniform(s_bottom - 10, sp_centre_s - 30)])
+        c0 = np.array([rng.uniform(-0.85, 0.85) * cav_half_w, rng.uniform(spine_a + 15, body.cav_front - 10),
+                       rng.uniform(s_bottom - 10, spleen.centre_s - 30)])
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction)
         c1 = c0 + direction * rng.uniform(20, 70)
         radius = rng.uniform(8, 13)
         tube = below_diaphragm(intersect(capsule(c0, c1, radius), offset(cavity, -3.0)))
         box = _box(np.minimum(c0, c1) - radius - 2, np.maximum(c0, c1) + radius + 2)
-        canvas.paint(tube, 85.0 * enhancement, box)  # enhancing wall
+        canvas.paint(tube, 85.0 * body.enhancement, box)  # enhancing wall
         canvas.paint(offset(tube, -2.0), rng.uniform(5, 35), box)
         if rng.random() < 0.3:
             level = float(rng.uniform(c0[1], c0[1] + radius))
             canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A),
                          -1000.0, box)
     colon_r = rng.uniform(14, 19)
-    flexure = np.array([sp_centre[0] - 15, sp_centre[1] + sp_axes[1] + colon_r, spleen_bottom + 15])
+    sp_centre, spleen_bottom = spleen.centre, spleen.bottom
+    flexure = np.array([sp_centre[0] - 15, sp_centre[1] + spleen.axes[1] + colon_r, spleen_bottom + 15])
     colon_path = [
         np.array([-cav_half_w + colon_r + 6, spine_a + 20, s_bottom - 20]),
         np.array([-cav_half_w + colon_r + 8, spine_a + 30, -45.0]),
-        np.array([0.0, cav_front - colon_r - 8, -40.0]),
+        np.array([0.0, body.cav_front - colon_r - 8, -40.0]),
         flexure,
         np.array([cav_half_w - colon_r - 6, spine_a + 20, spleen_bottom - 30]),
         np.array([cav_half_w - colon_r - 8, spine_a + 25, s_bottom - 20]),
@@ -538,17 +688,21 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
         level = float((p0[1] + p1[1]) / 2 + rng.uniform(-2, 10))
         canvas.paint(intersect(offset(tube, -2.0), lambda L, A, S, lv=level: lv - A), -1000.0, box)
 
-    # ---- liver (right upper quadrant, its left lobe reaching across), gallbladder, vessels
+
+def _paint_liver(body: Body, spleen: Spleen) -> None:
+    """The liver (right upper quadrant, its left lobe reaching across), its veins and the gallbladder."""
+    rng, canvas, cavity, enhancement = body.rng, body.canvas, body.cavity, body.enhancement
+    cav_centre, cav_front, dome = body.cav_centre, body.cav_front, body.dome
     liver_hu = 105.0 * enhancement + rng.uniform(-8, 8)
     liver_tex = _texture(rng, 5.0, 25.0)
-    liver = below_diaphragm(intersect(
+    liver = body.below_diaphragm(intersect(
         union(ellipsoid((-rng.uniform(35, 50), cav_centre - 5, dome - 75), (rng.uniform(80, 95), 90, 85),
                         (0, rng.uniform(-10, 10), rng.uniform(-10, 10)), _wobble(rng, 3.0, 80)),
               ellipsoid((10.0, cav_front - 30, dome - 35), (rng.uniform(35, 50), 28, 38), (0, 0, -15))),
         offset(cavity, -1.0),
-        outside_spleen(6.0),
+        spleen.outside(6.0),
     ))
-    liver_box = ((-cav_half_w, 100), (cav_back, cav_front), (dome - 200, dome + 5))
+    liver_box = ((-body.cav_half_w, 100), (body.cav_back, cav_front), (dome - 200, dome + 5))
     canvas.paint(liver, lambda L, A, S: liver_hu + liver_tex(L, A, S), liver_box)
     for _ in range(int(rng.integers(5, 9))):  # portal and hepatic veins
         p0 = np.array([rng.uniform(-80, -10), rng.uniform(cav_centre - 30, cav_centre + 40),
@@ -560,54 +714,94 @@ def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | 
     canvas.paint(intersect(ellipsoid(gb, (14, 13, 28), (20, 0, 0)), offset(liver, 6.0)), 12.0,
                  _box(gb - 35, gb + 35))
 
-    # ---- stomach medial and anterior to the spleen, with an air-fluid level (the patient is supine)
+
+def _paint_stomach(body: Body, spleen: Spleen) -> None:
+    """The stomach, medial and anterior to the spleen, with an air-fluid level (the patient is supine)."""
+    rng, canvas = body.rng, body.canvas
     st_axes = np.array([rng.uniform(28, 36), rng.uniform(32, 42), rng.uniform(45, 60)])
-    st_c = np.array([*(hilum[:2] + normal * (st_axes[0] * 0.8) + np.array([0.0, 15.0])),
-                     sp_centre_s + rng.uniform(5, 20)])
-    stomach = below_diaphragm(intersect(ellipsoid(st_c, st_axes, (rng.uniform(-20, 0), 0, rng.uniform(-40, -10)),
-                                                  _wobble(rng, 2.0, 40)), offset(cavity, -2.0), outside_spleen(3.0)))
+    st_c = np.array([*(spleen.hilum[:2] + spleen.normal * (st_axes[0] * 0.8) + np.array([0.0, 15.0])),
+                     spleen.centre_s + rng.uniform(5, 20)])
+    stomach = body.below_diaphragm(intersect(
+        ellipsoid(st_c, st_axes, (rng.uniform(-20, 0), 0, rng.uniform(-40, -10)), _wobble(rng, 2.0, 40)),
+        offset(body.cavity, -2.0), spleen.outside(3.0)))
     st_box = _box(st_c - 75, st_c + 75)
-    canvas.paint(stomach, 85.0 * enhancement, st_box)
+    canvas.paint(stomach, 85.0 * body.enhancement, st_box)
     canvas.paint(offset(stomach, -3.5), rng.uniform(5, 25), st_box)
     st_level = float(st_c[1] + rng.uniform(-5, 25))
     canvas.paint(intersect(offset(stomach, -3.5), lambda L, A, S: st_level - A), -1000.0, st_box)
 
-    # ---- pancreas body and tail towards the splenic hilum, splenic vein behind it
-    pan_path = [np.array([-25.0, aorta_c[1] + 28, -30.0]), np.array([15.0, aorta_c[1] + 24, -20.0]),
-                hilum + np.array([-normal[0] * 12, -normal[1] * 12 + 8, -8.0])]
-    pan_r = rng.uniform(8, 11)
+
+def _paint_pancreas(body: Body, spleen: Spleen) -> None:
+    """The pancreas' body and tail running towards the splenic hilum, the splenic vein behind it."""
+    canvas, enhancement, normal, aorta_a = body.canvas, body.enhancement, spleen.normal, body.vessels.aorta_c[1]
+    pan_path = [np.array([-25.0, aorta_a + 28, -30.0]), np.array([15.0, aorta_a + 24, -20.0]),
+                spleen.hilum + np.array([-normal[0] * 12, -normal[1] * 12 + 8, -8.0])]
+    pan_r = body.rng.uniform(8, 11)
     for p0, p1 in zip(pan_path[:-1], pan_path[1:], strict=True):
-        canvas.paint(below_diaphragm(capsule(p0, p1, pan_r)), 95.0 * enhancement,
+        canvas.paint(body.below_diaphragm(capsule(p0, p1, pan_r)), 95.0 * enhancement,
                      _box(np.minimum(p0, p1) - 15, np.maximum(p0, p1) + 15))
         v0, v1 = p0 + np.array([0, -pan_r, 0]), p1 + np.array([0, -pan_r, 0])
         canvas.paint(capsule(v0, v1, 4.0), 150.0 * enhancement,
                      _box(np.minimum(v0, v1) - 8, np.maximum(v0, v1) + 8))
 
-    # ---- kidneys: cortex, medulla, sinus fat; the left one just below the spleen
+
+def _paint_kidneys(body: Body, spleen: Spleen) -> None:
+    """Both kidneys (cortex, medulla, sinus fat); the left one just below the spleen."""
+    rng, canvas, enhancement = body.rng, body.canvas, body.enhancement
     for side in (-1, 1):
         k_axes = np.array([rng.uniform(22, 27), rng.uniform(18, 24), rng.uniform(48, 58)])
-        top = (spleen_bottom + sp_axes[0] * rng.uniform(0.3, 0.6)) if side > 0 else dome - rng.uniform(120, 140)
-        kc = np.array([side * rng.uniform(55, 66), spine_a + rng.uniform(0, 8), top - k_axes[2]])
+        top = ((spleen.bottom + spleen.axes[0] * rng.uniform(0.3, 0.6)) if side > 0
+               else body.dome - rng.uniform(120, 140))
+        kc = np.array([side * rng.uniform(55, 66), body.spine.a + rng.uniform(0, 8), top - k_axes[2]])
         angles = (rng.uniform(-10, 10), side * rng.uniform(8, 18), side * rng.uniform(20, 35))
-        kidney = intersect(ellipsoid(kc, k_axes, angles), offset(cavity, -1.0), outside_spleen(3.0))
+        kidney = intersect(ellipsoid(kc, k_axes, angles), offset(body.cavity, -1.0), spleen.outside(3.0))
         box = _box(kc - 75, kc + 75)
         canvas.paint(kidney, 175.0 * enhancement, box)
         canvas.paint(ellipsoid(kc, k_axes * (0.6, 0.55, 0.8), angles), 115.0 * enhancement, box)
         canvas.paint(ellipsoid(kc - np.array([side * k_axes[0] * 0.55, -5, 0]), (9, 8, 22), angles), -80.0, box)
 
-    paint_skeleton_and_vessels()
 
-    # ---- the spleen itself, last, so its voxels are exactly the label
-    sp_hu = 120.0 * enhancement + rng.uniform(-8, 8)
+def _paint_spleen(body: Body, spleen: Spleen) -> np.ndarray:
+    """The spleen itself, painted last so that its voxels are exactly the label it returns."""
+    rng = body.rng
+    mask = np.zeros(body.geometry.shape, dtype=bool)
+    sp_hu = 120.0 * body.enhancement + rng.uniform(-8, 8)
     sp_tex = _texture(rng, 5.0, 20.0)
-    canvas.paint(spleen, lambda L, A, S: sp_hu + sp_tex(L, A, S), spleen_box, mask=spleen_mask)
+    body.canvas.paint(spleen.shape, lambda L, A, S: sp_hu + sp_tex(L, A, S), spleen.box, mask=mask)
+    return mask
 
-    # ---- noise and the scanner's range
-    noise_sd = rng.uniform(9, 16) * math.sqrt(3.0 / geometry.spacing[2]) ** 0.5
-    image = canvas.image
-    image += noise_sd * _smooth_noise(rng, geometry.shape, sigma=0.7 / max(geometry.spacing[0], 0.5))
+
+def _add_noise(body: Body) -> np.ndarray:
+    """Correlated noise, clipped to the scanner's range and rounded to int16 HU."""
+    spacing = body.geometry.spacing
+    noise_sd = body.rng.uniform(9, 16) * math.sqrt(3.0 / spacing[2]) ** 0.5
+    image = body.canvas.image
+    image += noise_sd * _smooth_noise(body.rng, body.geometry.shape, sigma=0.7 / max(spacing[0], 0.5))
     np.clip(image, -1024, 3071, out=image)
-    return np.rint(image).astype(np.int16), spleen_mask.astype(np.uint8), geometry
+    return np.rint(image).astype(np.int16)
+
+
+def render_case(seed: int, case: int, matrix: int = 256, slice_spacing: float | None = None,
+                orientation: str | None = None) -> tuple[np.ndarray, np.ndarray, CaseGeometry]:
+    """Draw one phantom: int16 HU image, uint8 spleen label and the grid, all from (seed, case).
+
+    The order of the steps is the order of the random draws: changing it changes every file.
+    """
+    # two streams: the anatomy does not change when only the grid (matrix, slices) does
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 1]))
+    grid_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(case), 2]))
+    body = _plan_body(rng, grid_rng, matrix, slice_spacing, orientation or ORIENTATIONS[case % len(ORIENTATIONS)])
+    _paint_wall_and_table(body)
+    _paint_chest(body)
+    spleen = _plan_spleen(body)
+    _paint_bowel(body, spleen)
+    _paint_liver(body, spleen)
+    _paint_stomach(body, spleen)
+    _paint_pancreas(body, spleen)
+    _paint_kidneys(body, spleen)
+    _paint_skeleton_and_vessels(body)  # over the organs
+    label = _paint_spleen(body, spleen)
+    return _add_noise(body), label.astype(np.uint8), body.geometry
 
 
 # --------------------------------------------------------------------------- writing files
@@ -679,6 +873,59 @@ def _description(cases: int, test_cases: int, seed: int, matrix: int, slice_spac
             f"{cases} labelled + {test_cases} test cases, {matrix}x{matrix} matrix, {slices})")
 
 
+def _holds_this_set(out: Path, description: str, overwrite: bool) -> bool:
+    """True if ``out`` already holds this very set; refuses a file, foreign files, or another set without overwrite."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise BadInputError("exists and is not a folder", out)
+    existing = _synthetic_description(out / "dataset.json")
+    if existing == description and not overwrite:
+        return True
+    if any(out.iterdir()):
+        if existing is None:  # never delete what the kit did not make
+            raise BadInputError("exists and holds files that are not a synthetic dataset made by spleenkit; "
+                                "refusing to replace them: choose a new or empty folder", out)
+        if not overwrite:
+            raise BadInputError("exists and holds another synthetic dataset; choose another folder or "
+                                "replace it (overwrite=True; --force on the command line)", out)
+    return False
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` to build the set in (renamed into place at the end)."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise BadInputError(f"cannot write here ({error.strerror})", parent) from error
+
+
+def _write_case(staging: Path, seed: int, matrix: int, slice_spacing: float | None, job: tuple[int, bool]) -> None:
+    """Render case ``job = (number, labelled)`` and write its image (and label) under ``staging``."""
+    number, labelled = job
+    image, label, geometry = render_case(seed, number, matrix, slice_spacing)
+    name = f"spleen_{number}.nii.gz"
+    folder = "imagesTr" if labelled else "imagesTs"
+    _write_atomic(staging / folder / name, nifti_bytes(image, geometry.affine))
+    if labelled:
+        _write_atomic(staging / "labelsTr" / name, nifti_bytes(label, geometry.affine))
+    log.debug("case %s: %s voxels at %s mm, %s, spleen %.0f mL", name, geometry.shape, geometry.spacing,
+              geometry.orientation, label.sum() * float(np.prod(geometry.spacing)) / 1000)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished set to ``out``, moving an old one aside first and deleting it only afterwards."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
 def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, seed: int = 0, test_cases: int = 2,
                             matrix: int = 256, slice_spacing: float | None = None, overwrite: bool = False,
                             workers: int = 1) -> Path:
@@ -698,45 +945,17 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
         raise BadInputError(f"matrix {matrix} is too small; use 32 or more (256 is realistic)")
     out = Path(out_dir).absolute()
     description = _description(cases, test_cases, seed, matrix, slice_spacing)
-    manifest = out / "dataset.json"
-    if out.exists():
-        if not out.is_dir():
-            raise BadInputError("exists and is not a folder", out)
-        existing = _synthetic_description(manifest)
-        if existing == description and not overwrite:
-            log.info("%s already holds this synthetic dataset; nothing to do", out)
-            return out
-        if any(out.iterdir()):
-            if existing is None:  # never delete what the kit did not make
-                raise BadInputError("exists and holds files that are not a synthetic dataset made by spleenkit; "
-                                    "refusing to replace them: choose a new or empty folder", out)
-            if not overwrite:
-                raise BadInputError("exists and holds another synthetic dataset; choose another folder or "
-                                    "replace it (overwrite=True; --force on the command line)", out)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror})", parent) from error
+    if _holds_this_set(out, description, overwrite):
+        log.info("%s already holds this synthetic dataset; nothing to do", out)
+        return out
+    staging = _staging_folder(out)
     started = time.perf_counter()
     try:
         os.chmod(staging, 0o777 & ~_umask())
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (staging / sub).mkdir()
         jobs = [(number, number <= cases) for number in range(1, cases + test_cases + 1)]
-
-        def make(job: tuple[int, bool]) -> None:
-            number, labelled = job
-            image, label, geometry = render_case(seed, number, matrix, slice_spacing)
-            name = f"spleen_{number}.nii.gz"
-            folder = "imagesTr" if labelled else "imagesTs"
-            _write_atomic(staging / folder / name, nifti_bytes(image, geometry.affine))
-            if labelled:
-                _write_atomic(staging / "labelsTr" / name, nifti_bytes(label, geometry.affine))
-            log.debug("case %s: %s voxels at %s mm, %s, spleen %.0f mL", name, geometry.shape, geometry.spacing,
-                      geometry.orientation, label.sum() * float(np.prod(geometry.spacing)) / 1000)
-
+        make = functools.partial(_write_case, staging, seed, matrix, slice_spacing)
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -749,13 +968,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
         tests = [f"spleen_{n}.nii.gz" for n, labelled in jobs if not labelled]
         payload = json.dumps(msd_description(names, tests, description), indent=4).encode()
         _write_atomic(staging / "dataset.json", payload)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        _move_into_place(staging, out)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise BadInputError(f"cannot write the dataset ({error.strerror or error})", getattr(error, "filename", out)
