@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from spleenkit.errors import BadInputError
+from spleenkit.io import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -822,19 +823,6 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written file is left."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(payload)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def msd_description(training: list[str], test: list[str], description: str) -> dict:
     """A dataset.json with exactly the keys of MSD Task09's."""
     return {
@@ -908,9 +896,9 @@ def _write_case(staging: Path, seed: int, matrix: int, slice_spacing: float | No
     image, label, geometry = render_case(seed, number, matrix, slice_spacing)
     name = f"spleen_{number}.nii.gz"
     folder = "imagesTr" if labelled else "imagesTs"
-    _write_atomic(staging / folder / name, nifti_bytes(image, geometry.affine))
+    write_bytes(staging / folder / name, nifti_bytes(image, geometry.affine))
     if labelled:
-        _write_atomic(staging / "labelsTr" / name, nifti_bytes(label, geometry.affine))
+        write_bytes(staging / "labelsTr" / name, nifti_bytes(label, geometry.affine))
     log.debug("case %s: %s voxels at %s mm, %s, spleen %.0f mL", name, geometry.shape, geometry.spacing,
               geometry.orientation, label.sum() * float(np.prod(geometry.spacing)) / 1000)
 
@@ -967,7 +955,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
         names = [f"spleen_{n}.nii.gz" for n, labelled in jobs if labelled]
         tests = [f"spleen_{n}.nii.gz" for n, labelled in jobs if not labelled]
         payload = json.dumps(msd_description(names, tests, description), indent=4).encode()
-        _write_atomic(staging / "dataset.json", payload)
+        write_bytes(staging / "dataset.json", payload)
         _move_into_place(staging, out)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
