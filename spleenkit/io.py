@@ -144,7 +144,7 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
     """Create ``folder`` and prove a file can be written in it, before any work is done."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise BadInputError("the output folder is a file", folder)
+        raise BadInputError("the output folder is not writable: a file has its name", folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
