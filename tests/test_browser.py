@@ -253,7 +253,8 @@ def test_student_runs_the_data_notebook_in_jupyterlab(tmp_path: Path) -> None:
         environment = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTERLAB_SETTINGS_DIR": str(settings),
                        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
                        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_DATA_DIR": str(tmp_path / "jupyter")}
-        environment.pop("SPLEENKIT_NONINTERACTIVE", None)  # a live session: the offline slice viewer is shown
+        for name in ("SPLEENKIT_NONINTERACTIVE", "CI"):  # a student's live session: the offline viewer is shown
+            environment.pop(name, None)
         environment.pop("SPLEENKIT_STRICT_EXERCISES", None)  # a student's checks give hints
         server = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
