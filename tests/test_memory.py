@@ -130,7 +130,9 @@ def test_the_runner_records_each_notebooks_peak(tmp_path: Path) -> None:
     for name, size in (("00_small.ipynb", 0), ("01_large.ipynb", 300)):
         notebook = nbformat.v4.new_notebook()
         notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        fill = f"block = bytearray({size} << 20)\nblock[::4096] = b'x' * ({size} * 256)"  # every page resident
+        # every page resident, and held for a second: the runner samples every 0.2 s, and a kernel that exits at
+        # once may end between two samples
+        fill = f"import time\nblock = bytearray({size} << 20)\nblock[::4096] = b'x' * ({size} * 256)\ntime.sleep(1.0)"
         notebook.cells = [nbformat.v4.new_code_cell(fill)]
         nbformat.write(notebook, tmp_path / "notebooks" / name)
     summary = run_notebooks(repo=tmp_path, out_dir=tmp_path / "out")
