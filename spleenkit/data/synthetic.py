@@ -424,9 +424,9 @@ def draw_body(rng: np.random.Generator, dz: float) -> Body:
 
 def field_of_view(rng: np.random.Generator, body: Body) -> float:
     """The reconstruction diameter (mm): the trunk with a margin and, when they are down, part or all of
-    the arms (scans often cut them off at the edges); at most 500 mm."""
+    the arms (scans often cut them off at the edges); 310-500 mm, so 0.6-1.0 mm voxels at 512 x 512."""
     arms = (4 * body.arm_r + 30) * rng.uniform(0.2, 1.0) if body.arm_r else 0.0
-    return float(min(2 * body.half_w + rng.uniform(10, 45) + arms, 500.0))
+    return float(np.clip(2 * body.half_w + rng.uniform(10, 45) + arms, 310.0, 500.0))
 
 
 # --------------------------------------------------------------------------- the spleen's plan
@@ -606,13 +606,13 @@ def paint_small_bowel(canvas: Canvas, rng: np.random.Generator, body: Body, hu: 
     low = max(body.s_bottom - 10, body.hip + 40)
     if low >= top:  # the scan ends above the bowel
         return
-    loops = int(np.clip((top - low) / 4.0, 10, 70))
+    loops = int(np.clip((top - low) / 2.0, 15, 120))  # the bowel fills most of the cavity
     for _ in range(loops):
         c0 = np.array([rng.uniform(-0.85, 0.85) * body.cav_half_w, rng.uniform(body.spine_a + 15, body.cav_front - 10),
                        rng.uniform(low, top)])
         direction = rng.normal(size=3)
         c1 = c0 + direction / np.linalg.norm(direction) * rng.uniform(20, 70)
-        radius = rng.uniform(8, 14)
+        radius = rng.uniform(9, 15)
         content = hu["bowel_content"] if rng.random() < 0.7 else hu["fluid"]
         gas = float(rng.uniform(c0[1], c0[1] + radius)) if rng.random() < 0.3 else None
         _tube(canvas, rng, body, c0, c1, radius, hu["bowel_wall"], content, gas)
@@ -793,9 +793,15 @@ def paint_pelvis(canvas: Canvas, rng: np.random.Generator, body: Body, hu: dict[
     for side in (-1, 1):
         spread = rng.uniform(65, 85)
         angle = math.degrees(math.atan2(75.0, side * spread))
-        wing = ellipsoid((side * (spread + 5), back + 22, body.crest - 45), (55, rng.uniform(6, 9), 50),
-                         (0, 0, angle), _wobble(rng, 1.5, 60, 3))
-        _bone(canvas, hu, wing, _box((-200, back - 60, body.crest - 110), (200, back + 100, body.crest + 15)))
+        centre = np.array([side * (spread + 5), back + 22, body.crest - 45])
+        wing = ellipsoid(centre, (55, rng.uniform(6, 9), 50), (0, 0, angle), _wobble(rng, 1.5, 60, 3))
+        wing_box = _box((-200, back - 80, body.crest - 110), (200, back + 110, body.crest + 15))
+        inward = np.array([-side * 75.0, spread, 0.0]) / math.hypot(75.0, spread)  # medial and forwards
+        layers = ((rng.uniform(12, 20), rng.uniform(10, 16)), (-rng.uniform(22, 32), rng.uniform(18, 28)))
+        for shift, thickness in layers:
+            muscle = ellipsoid(centre + inward * shift, (rng.uniform(45, 60), thickness, 48), (0, 0, angle))
+            canvas.paint(intersect(muscle, offset(body.outline, -body.fat)), hu["muscle"], wing_box)  # iliacus, glutei
+        _bone(canvas, hu, wing, wing_box)
         head = np.array([side * rng.uniform(80, 95), back + 45, hip])
         socket = ellipsoid(head + np.array([-side * 6, -5, 10]), (28, 32, 30))
         _bone(canvas, hu, socket, _box(head - 45, head + 45), 3.0)
