@@ -76,6 +76,8 @@ def run(work: Path, epochs: int | None, threads: int, seed: int, data: Path | No
                                   device="cpu", overlay=False)
     mask = inference.cases[0].mask
     metrics = {ref: compare_mask_files(mask, example / f"{ref}.nii.gz") for ref in ("spleen_a", "spleen_b")}
+    for values in metrics.values():  # file names only: the work folder is temporary
+        values["prediction"], values["reference"] = Path(values["prediction"]).name, Path(values["reference"]).name
     history = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if line.strip()]
     return {
         "what": "quick recipe trained only on the default phantoms, tested on the real example CT",
