@@ -35,6 +35,16 @@ class Preset:
     num_samples: int = 4
     positive: int = 1
     negative: int = 1
+    # augmentation after the crops (all off in the bundle's recipes): each random transform runs with
+    # this probability; rotations up to +-rotate_degrees about every axis, zoom by up to +-scale_range,
+    # intensities (already in 0..1) times 1 +- intensity_scale, plus +- intensity_shift, and Gaussian
+    # noise of standard deviation up to noise_std. No flips: the spleen is on the left, the back is down
+    augment_probability: float = 0.0
+    rotate_degrees: float = 0.0
+    scale_range: float = 0.0
+    intensity_scale: float = 0.0
+    intensity_shift: float = 0.0
+    noise_std: float = 0.0
     # network (the bundle's UNet)
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     strides: tuple[int, ...] = (2, 2, 2, 2)
@@ -149,16 +159,24 @@ FAST = SEED.replace(
 QUICK = FAST.replace(
     name="quick",
     description=(
-        "For a CPU in minutes on the synthetic data: 3 mm voxels, 64^3 crops (2 per case), 40 epochs of "
-        "a cosine decay from 1e-3; validation Dice passes 0.90 after about 20 epochs. Teaches the "
-        "pipeline; not a recipe for real data."
+        "For a CPU in minutes on the synthetic data: 3 mm voxels, 64^3 crops (2 per case, one case a batch), "
+        "32 epochs of a cosine decay from 1e-3, validation every 8, with MONAI's random rotations, zooms, "
+        "intensity changes and noise on the crops so that what it learns from the phantoms carries over to real CT."
     ),
     spacing=(3.0, 3.0, 3.0),
     patch_size=(64, 64, 64),
     validation_roi_size=(64, 64, 64),
     num_samples=2,
-    epochs=40,
+    batch_size=1,
+    epochs=32,
+    validation_interval=8,
     validation_cases=3,
+    augment_probability=0.5,
+    rotate_degrees=10.0,
+    scale_range=0.1,
+    intensity_scale=0.1,
+    intensity_shift=0.1,
+    noise_std=0.02,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (SEED, BUNDLE_0_5_9, TUTORIAL, FAST, QUICK)}

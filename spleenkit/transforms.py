@@ -49,7 +49,8 @@ def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...
 
 
 def random_transforms(preset: Preset | str = "seed") -> list[Transform]:
-    """The random part of training: pad to the patch if needed, then positive/negative crops."""
+    """The random part of training: pad to the patch if needed, positive/negative crops, then the
+    preset's augmentation (none in the bundle's recipes): rotation and zoom, intensity scale and shift, noise."""
     from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
 
     preset = get_preset(preset)
@@ -68,6 +69,34 @@ def random_transforms(preset: Preset | str = "seed") -> list[Transform]:
             image_threshold=0,
         )
     )
+    return chain + augmentation_transforms(preset)
+
+
+def augmentation_transforms(preset: Preset | str = "quick") -> list[Transform]:
+    """MONAI's random transforms the preset asks for, applied to each crop (an empty list when it asks for none).
+
+    No flips: a left-right flip would put the spleen on the wrong side, and a patient lies supine, head first.
+    """
+    import math
+
+    from monai.transforms import RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
+
+    preset = get_preset(preset)
+    prob = preset.augment_probability
+    chain: list[Transform] = []
+    if prob <= 0:
+        return chain
+    if preset.rotate_degrees or preset.scale_range:
+        angle = math.radians(preset.rotate_degrees)
+        chain.append(RandAffined(keys=[IMAGE, LABEL], prob=prob, rotate_range=(angle,) * 3,
+                                 scale_range=(preset.scale_range,) * 3, mode=("bilinear", "nearest"),
+                                 padding_mode="border"))
+    if preset.intensity_scale:
+        chain.append(RandScaleIntensityd(keys=IMAGE, factors=preset.intensity_scale, prob=prob))
+    if preset.intensity_shift:
+        chain.append(RandShiftIntensityd(keys=IMAGE, offsets=preset.intensity_shift, prob=prob))
+    if preset.noise_std:
+        chain.append(RandGaussianNoised(keys=IMAGE, std=preset.noise_std, prob=prob))
     return chain
 
 

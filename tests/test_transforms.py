@@ -146,12 +146,12 @@ def test_training_chain_gives_the_patches(synthetic_dataset) -> None:
 def test_small_images_are_padded_to_the_patch(synthetic_dataset) -> None:
     from spleenkit.data.datalist import load_datalist
 
-    preset = get_preset("quick", spacing=(8.0, 8.0, 8.0), patch_size=48, num_samples=1)
+    preset = get_preset("quick", spacing=(8.0, 8.0, 8.0), patch_size=64, num_samples=1)
     case = load_datalist(synthetic_dataset)[0]
     resampled = validation_transforms(preset)(case)["image"]
-    assert min(resampled.shape[1:]) < 48
+    assert min(resampled.shape[1:]) < 64
     sample = training_transforms(preset)(case)[0]
-    assert tuple(sample["image"].shape) == (1, 48, 48, 48)
+    assert tuple(sample["image"].shape) == (1, 64, 64, 64)
 
 
 def test_trace_shows_each_step_and_the_figures_draw_it(synthetic_dataset) -> None:
@@ -168,3 +168,25 @@ def test_trace_shows_each_step_and_the_figures_draw_it(synthetic_dataset) -> Non
     assert len(transform_steps(steps).axes) == len(steps)
     chain = training_transforms(get_preset("quick", patch_size=32, num_samples=3))
     assert len([ax for ax in crop_samples(chain(case), columns=2).axes if ax.has_data()]) == 3
+
+
+def test_quick_augments_its_crops_with_monai_and_the_bundle_recipes_do_not(synthetic_dataset) -> None:
+    """The quick recipe appends MONAI's random rotation/zoom, intensity and noise transforms; never a flip."""
+    from spleenkit.data.datalist import load_datalist
+
+    assert [type(t).__name__ for t in random_transforms("seed")] == ["SpatialPadd", "RandCropByPosNegLabeld"]
+    quick = [type(t).__name__ for t in random_transforms("quick")]
+    assert quick[:2] == ["SpatialPadd", "RandCropByPosNegLabeld"]
+    assert {"RandAffined", "RandScaleIntensityd", "RandShiftIntensityd", "RandGaussianNoised"} <= set(quick)
+    assert not [name for name in quick if "Flip" in name], "a left-right flip puts the spleen on the wrong side"
+    preset = get_preset("quick", patch_size=32, num_samples=2, augment_probability=1.0)
+    chain = training_transforms(preset)
+    chain.set_random_state(seed=1)
+    plain = training_transforms(get_preset(preset, augment_probability=0.0))
+    plain.set_random_state(seed=1)
+    case = load_datalist(synthetic_dataset)[0]
+    augmented, crops = chain(case), plain(case)
+    for sample, crop in zip(augmented, crops, strict=True):
+        assert tuple(sample["image"].shape) == (1, 32, 32, 32)
+        assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0}  # nearest keeps the label binary
+        assert not torch.equal(sample["image"], crop["image"])
