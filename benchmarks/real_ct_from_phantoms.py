@@ -69,7 +69,7 @@ def run(work: Path, epochs: int | None, threads: int, seed: int, data: Path | No
     load_before = os.getloadavg()
     example = download_example(work / "example", progress=False)
     if data is None:
-        data, data_time = timed(write_synthetic_dataset, work / "synthetic", seed=seed, workers=threads)
+        data, data_time = timed(write_synthetic_dataset, work / "synthetic", seed=seed, workers=threads)  # 12 + 2
     else:  # a dataset written before (its generation is not timed here)
         data_time = {"wall_s": None, "cpu_s": None, "folder": str(data)}
     preset = get_preset("quick", seed=training_seed)

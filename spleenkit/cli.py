@@ -224,7 +224,7 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
                      "Write synthetic abdominal CT phantoms with spleen labels (imagesTr/, labelsTr/, imagesTs/, "
                      "dataset.json); the same seed gives identical files.")
     synth.add_argument("--out", required=True, help="dataset folder to create")
-    synth.add_argument("--cases", type=int, default=32, help="labelled cases (default 32)")
+    synth.add_argument("--cases", type=int, default=12, help="labelled cases (default 12)")
     synth.add_argument("--test-cases", type=int, default=2, help="unlabelled test cases (default 2)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--matrix", type=int, default=256,

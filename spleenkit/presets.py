@@ -160,16 +160,21 @@ QUICK = FAST.replace(
     name="quick",
     description=(
         "For a CPU in minutes on the synthetic data: 3 mm voxels, 64^3 crops (2 per case, one case a batch), "
-        "32 epochs of a cosine decay from 1e-3, validation every 8, with MONAI's random rotations, zooms, "
-        "intensity changes and noise on the crops so that what it learns from the phantoms carries over to real CT."
+        "instance normalisation, 100 epochs of a cosine decay from 1e-3, validation every 10, and MONAI's random "
+        "rotations, zooms, intensity changes and noise on the crops, so that what it learns from the phantoms "
+        "carries over to a real CT."
     ),
     spacing=(3.0, 3.0, 3.0),
     patch_size=(64, 64, 64),
     validation_roi_size=(64, 64, 64),
     num_samples=2,
     batch_size=1,
-    epochs=32,
-    validation_interval=8,
+    # per-patch normalisation: batch norm's running statistics, learnt on phantoms, do not fit a real scan's
+    # features (32 phantoms, 32 epochs, two training seeds: Dice 0.81 and 0.62 on the real example CT with batch
+    # norm, 0.85 and 0.88 with instance norm)
+    norm="instance",
+    epochs=100,
+    validation_interval=10,
     validation_cases=3,
     augment_probability=0.5,
     rotate_degrees=10.0,

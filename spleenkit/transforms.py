@@ -73,7 +73,8 @@ def random_transforms(preset: Preset | str = "seed") -> list[Transform]:
 
 
 def augmentation_transforms(preset: Preset | str = "quick") -> list[Transform]:
-    """MONAI's random transforms the preset asks for, applied to each crop (an empty list when it asks for none).
+    """MONAI's random transforms the preset asks for, applied to each crop: rotation and zoom, intensity scale
+    and shift, noise, each with ``augment_probability`` (an empty list when that is 0, as in the bundle's recipes).
 
     No flips: a left-right flip would put the spleen on the wrong side, and a patient lies supine, head first.
     """
@@ -82,22 +83,17 @@ def augmentation_transforms(preset: Preset | str = "quick") -> list[Transform]:
     from monai.transforms import RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
 
     preset = get_preset(preset)
-    prob = preset.augment_probability
-    chain: list[Transform] = []
-    if prob <= 0:
-        return chain
-    if preset.rotate_degrees or preset.scale_range:
-        angle = math.radians(preset.rotate_degrees)
-        chain.append(RandAffined(keys=[IMAGE, LABEL], prob=prob, rotate_range=(angle,) * 3,
-                                 scale_range=(preset.scale_range,) * 3, mode=("bilinear", "nearest"),
-                                 padding_mode="border"))
-    if preset.intensity_scale:
-        chain.append(RandScaleIntensityd(keys=IMAGE, factors=preset.intensity_scale, prob=prob))
-    if preset.intensity_shift:
-        chain.append(RandShiftIntensityd(keys=IMAGE, offsets=preset.intensity_shift, prob=prob))
-    if preset.noise_std:
-        chain.append(RandGaussianNoised(keys=IMAGE, std=preset.noise_std, prob=prob))
-    return chain
+    probability = preset.augment_probability
+    if probability <= 0:
+        return []
+    angle = math.radians(preset.rotate_degrees)
+    return [
+        RandAffined(keys=[IMAGE, LABEL], prob=probability, rotate_range=(angle,) * 3,
+                    scale_range=(preset.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
+        RandScaleIntensityd(keys=IMAGE, factors=preset.intensity_scale, prob=probability),
+        RandShiftIntensityd(keys=IMAGE, offsets=preset.intensity_shift, prob=probability),
+        RandGaussianNoised(keys=IMAGE, std=preset.noise_std, prob=probability),
+    ]
 
 
 def training_transforms(preset: Preset | str = "seed") -> Compose:

@@ -1011,7 +1011,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 32, seed: int = 0, test_cases: int = 2,
+def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, seed: int = 0, test_cases: int = 2,
                             matrix: int = DEFAULT_MATRIX, slice_spacing: float | None = None, overwrite: bool = False,
                             workers: int | None = None) -> Path:
     """Write ``cases`` labelled and ``test_cases`` unlabelled phantoms in the MSD Task09 layout.
