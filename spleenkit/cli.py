@@ -228,7 +228,7 @@ def _add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--test-cases", type=int, default=2, help="unlabelled test cases (default 2)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--matrix", type=int, default=256,
-                       help="in-plane voxels: 256 gives 1.2-2.0 mm voxels, 512 MSD's 0.6-1.0 mm (default 256)")
+                       help="in-plane voxels: 256 gives 1.2-1.8 mm voxels, 512 MSD's 0.6-0.9 mm (default 256)")
     synth.add_argument("--slice-spacing", type=float, default=None,
                        help="slice spacing in mm for every case (default: drawn from 1.5-8 mm like MSD)")
     synth.add_argument("--workers", type=int, default=None,

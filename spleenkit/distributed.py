@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from spleenkit.errors import BadInputError, SpleenkitError
@@ -522,8 +523,17 @@ def distributed_map(function: Callable[[T], R], items: Sequence[T],
 
 
 # --------------------------------------------------------------------------- launching torchrun
+def _no_gpu_here() -> bool:
+    """True when this is plainly a machine without an NVIDIA GPU (Linux, no /dev/nvidia0, CUDA not pointed elsewhere
+    and torch not loaded yet): then asking torch is not needed, and a notebook kernel need not load it (~180 MB)."""
+    return (sys.platform.startswith("linux") and "torch" not in sys.modules and not Path("/dev/nvidia0").exists()
+            and not os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def default_nproc() -> int:
     """Processes per machine for a launch: one per GPU when there are GPUs, else 2 CPU processes."""
+    if _no_gpu_here():
+        return 2
     try:
         import torch
 

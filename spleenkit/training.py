@@ -251,6 +251,7 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
     """
     from monai.data import CacheDataset
 
+    from spleenkit.environment import release_free_memory
     from spleenkit.transforms import training_transforms, validation_transforms
 
     preset = get_preset(preset)
@@ -273,6 +274,7 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
                          progress=progress, copy_cache=False)
     validation = CacheDataset(validation_items, validation_transforms(preset), cache_rate=rate,
                               num_workers=workers, progress=progress, copy_cache=False)
+    release_free_memory()  # the resampling's temporaries, freed but still held by the C heap
     return Datasets(train=train, validation=validation, estimate=estimate)
 
 

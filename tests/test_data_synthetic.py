@@ -15,6 +15,7 @@ import pytest
 from spleenkit.data.datalist import load_datalist
 from spleenkit.data.synthetic import (
     DEFAULT_MATRIX,
+    MAX_SCAN_LENGTH_MM,
     PHASES,
     SPLEEN_VOLUME_ML,
     draw_body,
@@ -88,7 +89,7 @@ def test_same_anatomy_whatever_the_voxel_order() -> None:
 
 
 def test_default_grid_is_msd_like() -> None:
-    """512 in-plane gives MSD's 0.6-1.0 mm voxels over the trunk (the default 256 twice that); the anatomy does
+    """512 in-plane gives MSD's 0.6-0.9 mm voxels over the trunk (the default 256 twice that); the anatomy does
     not depend on the grid."""
     inplane = []
     for case in range(40):
@@ -121,6 +122,8 @@ def test_the_cases_vary_like_real_abdominal_scans() -> None:
     assert 0 < sum(pelvis) < len(cases), "some scans reach the pelvis, others stop in the upper abdomen"
     assert 0 < sum(body.arm_r > 0 for body, _ in cases) < len(cases), "arms raised in some scans, down in others"
     assert 0 < sum(body.s_top < body.dome for body, _ in cases) < len(cases), "some scans start below the lungs"
+    lengths = [body.s_top - body.s_bottom for body, _ in cases]
+    assert max(lengths) <= MAX_SCAN_LENGTH_MM and min(lengths) < 250, "from short upper-abdomen scans to MSD's longest"
     widths = [2 * body.half_w for body, _ in cases]
     assert max(widths) - min(widths) > 60
     spleen_hu = [hu["spleen"] for _, hu in cases]

@@ -44,8 +44,12 @@ SLICE_SPACINGS: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 SLICE_WEIGHTS: tuple[float, ...] = (0.08, 0.08, 0.12, 0.14, 0.16, 0.26, 0.08, 0.08)
 #: At most this many slices (MSD's longest case has 168): thin-slice scans cover a shorter range.
 MAX_SLICES = 170
-#: In-plane matrix of the default dataset: 256 x 256, about 1.2-2.0 mm voxels over a 310-500 mm field of view.
-#: MSD's 512 x 512 (0.6-1.0 mm) takes ``matrix=512``: four times slower to draw and load, and no better for
+#: At most this much of the body along the slices (mm): about MSD's longest scans (168 slices of 2.5 mm).
+MAX_SCAN_LENGTH_MM = 420.0
+#: The reconstruction diameter's range (mm): MSD's 512 x 512 at 0.6-0.9 mm.
+FIELD_OF_VIEW_MM = (310.0, 460.0)
+#: In-plane matrix of the default dataset: 256 x 256, about 1.2-1.8 mm voxels over a 310-460 mm field of view.
+#: MSD's 512 x 512 (0.6-0.9 mm) takes ``matrix=512``: four times slower to draw and load, and no better for
 #: the recipes here, which resample to 1.5 mm or coarser before the network sees a voxel.
 DEFAULT_MATRIX = 256
 #: Voxel orderings the cases cycle through: RAS+, LPS-like (x and y flipped), LAS (x flipped).
@@ -408,7 +412,8 @@ class Body:
 
 def draw_body(rng: np.random.Generator, dz: float) -> Body:
     """Patient size and the scan's range: from the lung bases (or the spleen's middle) down to the
-    upper abdomen or the pelvis; thin slices cover less, as in MSD (at most MAX_SLICES slices)."""
+    upper abdomen or the pelvis; thin slices cover less, as in MSD (at most MAX_SLICES slices and
+    MAX_SCAN_LENGTH_MM)."""
     width = rng.uniform(250, 370)  # left-right trunk width (mm)
     depth = width * rng.uniform(0.68, 0.82)
     fat = rng.uniform(6, 10) + width * rng.uniform(0.0, 0.08)
@@ -418,7 +423,7 @@ def draw_body(rng: np.random.Generator, dz: float) -> Body:
     hip = crest - rng.uniform(95, 115)
     s_top = dome + rng.uniform(-45, 60)
     s_bottom = rng.uniform(-120, -80) if rng.random() < 0.35 else hip - rng.uniform(20, 80)
-    s_bottom = max(s_bottom, s_top - MAX_SLICES * dz)
+    s_bottom = max(s_bottom, s_top - MAX_SLICES * dz, s_top - MAX_SCAN_LENGTH_MM)
     arm_r = rng.uniform(32, 45) if rng.random() < 0.3 else 0.0
     spine_a = -depth / 2 + 0.7 * fat + rng.uniform(46, 56)
     return Body(width / 2, depth / 2, fat, muscle, dome, dome - rng.uniform(8, 20), rng.uniform(0.006, 0.009),
@@ -427,9 +432,9 @@ def draw_body(rng: np.random.Generator, dz: float) -> Body:
 
 def field_of_view(rng: np.random.Generator, body: Body) -> float:
     """The reconstruction diameter (mm): the trunk with a margin and, when they are down, part or all of
-    the arms (scans often cut them off at the edges); 310-500 mm, so 0.6-1.0 mm voxels at 512 x 512 as in MSD."""
+    the arms (scans often cut them off at the edges); 310-460 mm, so 0.6-0.9 mm voxels at 512 x 512 as in MSD."""
     arms = (4 * body.arm_r + 30) * rng.uniform(0.2, 1.0) if body.arm_r else 0.0
-    return float(np.clip(2 * body.half_w + rng.uniform(10, 45) + arms, 310.0, 500.0))
+    return float(np.clip(2 * body.half_w + rng.uniform(10, 45) + arms, *FIELD_OF_VIEW_MM))
 
 
 # --------------------------------------------------------------------------- the spleen's plan
@@ -1021,8 +1026,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
     and renamed into place at the end. If ``out_dir`` already holds the same set (same
     description in dataset.json), nothing is done; another synthetic set there is replaced
     only with ``overwrite``, and a folder holding anything else is never touched.
-    ``matrix`` sets the in-plane size (the default 256 gives about 1.2-2.0 mm voxels; 512 gives MSD's
-    0.6-1.0 mm and is four times slower); ``slice_spacing`` fixes the slice spacing (else 1.5-8 mm, drawn
+    ``matrix`` sets the in-plane size (the default 256 gives about 1.2-1.8 mm voxels; 512 gives MSD's
+    0.6-0.9 mm and is four times slower); ``slice_spacing`` fixes the slice spacing (else 1.5-8 mm, drawn
     per case). ``workers`` threads draw cases in parallel (default: the CPU count, at most 4); the
     files do not depend on it.
     """
