@@ -634,6 +634,9 @@ def launch_torchrun(args: Sequence[str], nproc: int | None = None, *, nnodes: in
     processes = default_nproc() if nproc is None else int(nproc)
     # torchrun would otherwise set 1 thread per process and print a banner about it
     environment.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // processes)))
+    # glibc gives every thread that allocates its own heap, and each keeps what was freed in it: with several
+    # processes on one machine (a notebook's 2 GiB), two heaps per process are enough and hold less
+    environment.setdefault("MALLOC_ARENA_MAX", "2")
     log.info("launching: %s", " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                env=environment, cwd=cwd, start_new_session=True)
