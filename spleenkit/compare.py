@@ -20,6 +20,11 @@ from typing import Any
 _IGNORED_ATTRIBUTES = frozenset({"R", "_rand_state", "randomize", "_do_transform", "_lazy", "_do_transform_flag",
                                  "overrides", "_seed", "centers", "_idx", "_ratios", "fg_indices", "bg_indices",
                                  "_tracing", "filenames"})
+# what a random transform draws each time it runs (RandAffined's angles and zoom, RandGaussianNoised's noise,
+# RandScaleIntensityd's factor, RandShiftIntensityd's offset): state in a random transform, a setting elsewhere
+# (Affined's rotate_params), so it is left out only where the object is random
+_DRAWN_ATTRIBUTES = frozenset({"rotate_params", "shear_params", "translate_params", "scale_params", "affine", "noise",
+                               "factor", "_offset"})
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,16 @@ def describe(obj: Any, depth: int = 0) -> Any:
     if hasattr(obj, "__dict__"):
         if _is_module(obj):
             return {"type": type(obj).__qualname__, **_module_settings(obj, depth)}
+        ignored = _IGNORED_ATTRIBUTES | (_DRAWN_ATTRIBUTES if _is_random(obj) else frozenset())
         settings = {key: describe(value, depth + 1) for key, value in vars(obj).items()
-                    if key not in _IGNORED_ATTRIBUTES and not key.startswith("__")}
+                    if key not in ignored and not key.startswith("__")}
         return {"type": type(obj).__qualname__, **settings}
     return getattr(obj, "__qualname__", repr(obj))
+
+
+def _is_random(obj: Any) -> bool:
+    """A MONAI random transform (a ``Randomizable``), told by its classes' names so that MONAI is not imported."""
+    return any(cls.__name__ == "Randomizable" for cls in type(obj).__mro__)
 
 
 def _is_tensor(obj: Any) -> bool:

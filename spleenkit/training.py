@@ -85,6 +85,10 @@ def resolve_preset(preset: Preset | str = "seed", **overrides: Any) -> Preset:
     if min(resolved.patch_size) < 16:
         raise BadInputError(f"patch size {tuple(resolved.patch_size)} is too small for the UNet's four poolings "
                             "(use at least 16 voxels per side, a multiple of 16)")
+    if resolved.norm == "instance" and math.prod(math.ceil(side / 16) for side in resolved.patch_size) < 2:
+        raise BadInputError(f"patch size {tuple(resolved.patch_size)} leaves 1 voxel at the UNet's deepest level, "
+                            "where instance norm has nothing to normalise over; use 32 voxels on at least one side, "
+                            "or norm='batch'")
     for name in ("patch_size", "validation_roi_size"):
         size = tuple(getattr(resolved, name))
         if max(size) > MAX_PATCH_SIDE:

@@ -153,8 +153,9 @@ def test_train_config_builds_the_packages_pipeline(preset: str, synthetic_datase
     checks = {
         "train#deterministic_transforms": compare_transforms(built("train#deterministic_transforms"),
                                                              deterministic_transforms(recipe)),
-        "train#pad_transforms + train#random_transforms": compare_transforms(
-            built("train#pad_transforms") + built("train#random_transforms"), random_transforms(recipe)),
+        "train#pad_transforms + train#random_transforms + train#augmentation_transforms": compare_transforms(
+            built("train#pad_transforms") + built("train#random_transforms") + built("train#augmentation_transforms"),
+            random_transforms(recipe)),
         "train#preprocessing": compare_transforms(built("train#preprocessing"), training_transforms(recipe)),
         "validate#preprocessing": compare_transforms(built("validate#preprocessing"), validation_transforms(recipe)),
         "network_def": compare_networks(built("network_def"), build_unet(recipe)),

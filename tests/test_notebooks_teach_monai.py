@@ -15,10 +15,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # notebook -> the MONAI names its code imports and uses in view
 REQUIRED: dict[str, list[str]] = {
     "02_transforms": ["Compose", "LoadImaged", "EnsureChannelFirstd", "Orientationd", "Spacingd",
-                      "ScaleIntensityRanged", "EnsureTyped", "SpatialPadd", "RandCropByPosNegLabeld", "RandFlipd",
-                      "RandRotate90d", "RandScaleIntensityd", "RandShiftIntensityd", "Dataset", "CacheDataset",
+                      "ScaleIntensityRanged", "EnsureTyped", "SpatialPadd", "RandCropByPosNegLabeld", "RandAffined",
+                      "RandGaussianNoised", "RandScaleIntensityd", "RandShiftIntensityd", "Dataset", "CacheDataset",
                       "PersistentDataset", "DataLoader"],
-    "03_training": ["UNet", "DiceCELoss", "DiceLoss", "CacheDataset", "ThreadDataLoader", "DataLoader",
+    "03_training": ["UNet", "DiceCELoss", "DiceLoss", "Dataset", "ThreadDataLoader", "DataLoader",
                     "set_determinism", "SupervisedTrainer", "SupervisedEvaluator", "SlidingWindowInferer", "MeanDice",
                     "ValidationHandler", "CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler",
                     "LrScheduleHandler"],

@@ -56,7 +56,7 @@ def test_run_folder_holds_model_checkpoint_metrics_and_tensorboard(tiny_run: Tra
     assert tiny_run.amp_dtype == (None if expected.dtype is None else str(expected.dtype)) and tiny_run.device == "cpu"
 
     weights = load_checkpoint(tiny_run.model_path)  # a plain state dict, as the bundle's model.pt
-    assert list(weights) == list(build_unet("seed").state_dict())
+    assert list(weights) == list(build_unet(get_preset("quick", **TINY)).state_dict())
     checkpoint = read_last_checkpoint(run / CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 3 and checkpoint["iteration"] == 6
     assert checkpoint["best_metric"] == pytest.approx(best)
@@ -261,8 +261,10 @@ def test_step_timing_compares_float32_and_bfloat16() -> None:
     from spleenkit.presets import get_preset
     from spleenkit.training import measure_step_seconds
 
-    timing = measure_step_seconds(get_preset("quick", patch_size=16), "cpu", steps=1, warmup=0, include_slow=True)
-    assert timing["mixed_dtype"] == "bfloat16" and timing["patches"] == 4 and timing["patch_size"] == (16, 16, 16)
+    quick = get_preset("quick", patch_size=32)  # instance norm needs more than 1 voxel at the deepest level
+    timing = measure_step_seconds(quick, "cpu", steps=1, warmup=0, include_slow=True)
+    assert timing["mixed_dtype"] == "bfloat16" and timing["patch_size"] == (32, 32, 32)
+    assert timing["patches"] == quick.batch_size * quick.num_samples
     assert timing["float32_seconds"] > 0 and timing["mixed_seconds"] > 0 and timing["skipped"] is None
 
 
