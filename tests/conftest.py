@@ -38,3 +38,17 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", cases=6, test_cases=1, seed=0,
                                    matrix=64, slice_spacing=5.0)
+
+
+def write_untrained_run(run: Path, preset) -> Path:
+    """A run folder holding seeded, untrained weights for ``preset`` and a manifest naming it: what evaluation
+    and inference read, without the minutes a training takes. Returns the path of ``model.pt``."""
+    import torch
+
+    from spleenkit.manifest import build_manifest, write_manifest
+    from spleenkit.model import atomic_save, build_unet
+
+    torch.manual_seed(0)
+    atomic_save(build_unet(preset).state_dict(), run / "model.pt")
+    write_manifest(run, build_manifest({"preset": preset.to_dict()}))
+    return run / "model.pt"

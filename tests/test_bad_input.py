@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_untrained_run
 
 from spleenkit.cli import main, parse_setting
 from spleenkit.errors import BadInputError
@@ -53,11 +54,7 @@ def error_of(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    atomic_save(build_unet(TINY).state_dict(), run / "model.pt")
-    write_manifest(run, build_manifest({"preset": TINY.to_dict()}))
-    return run / "model.pt"
+    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_untrained_run
 from scipy import ndimage
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
 from spleenkit.evaluation import evaluate_run, label_round_trip
-from spleenkit.manifest import build_manifest, write_manifest
 from spleenkit.metrics import compare_mask_files, format_summary, mask_metrics, read_rows_csv, summarise
-from spleenkit.model import atomic_save, build_unet
 from spleenkit.predict import keep_largest_component, make_inferer, postprocessing
 from spleenkit.presets import get_preset
 from spleenkit.runs import run_preset
@@ -230,11 +229,7 @@ def test_make_inferer_takes_the_preset_and_checks_options() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder holding untrained tiny-UNet weights and a manifest naming the tiny preset."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    atomic_save(build_unet(TINY).state_dict(), run / "model.pt")
-    write_manifest(run, build_manifest({"preset": TINY.to_dict()}))
-    return run
+    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY).parent
 
 
 def test_run_preset_is_read_back_from_the_manifest(tiny_run: Path, tmp_path: Path) -> None:

@@ -10,12 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_untrained_run
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
 from spleenkit.images import find_inputs, read_dicom_series, read_nifti, write_mask
 from spleenkit.inference import infer, orientation_warnings
-from spleenkit.manifest import build_manifest, write_manifest
 from spleenkit.model import atomic_save, build_unet
 from spleenkit.predict import make_inferer, predict_mask
 from spleenkit.presets import get_preset
@@ -61,11 +61,7 @@ def flip_axis(image: nib.Nifti1Image, axis: int) -> nib.Nifti1Image:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained tiny-UNet weights in a run folder whose manifest names the tiny preset."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    atomic_save(build_unet(TINY).state_dict(), run / "model.pt")
-    write_manifest(run, build_manifest({"preset": TINY.to_dict()}))
-    return run / "model.pt"
+    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY)
 
 
 def assert_same_grid(mask_path: Path, image: nib.spatialimages.SpatialImage) -> None:
