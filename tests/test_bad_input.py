@@ -711,3 +711,14 @@ def test_failed_runs_leave_no_empty_output_folders(tmp_path: Path, tiny_model: P
     with pytest.raises(BadInputError, match="checkpoint not found"):
         infer(tmp_path / "missing.pt", image, tmp_path / "masks" / "out")
     assert not (tmp_path / "masks").exists()
+
+
+def test_a_patch_leaving_one_voxel_for_instance_norm_is_refused_by_name() -> None:
+    """16^3 leaves the UNet's deepest level 1 voxel: instance norm (the quick recipe's) cannot train there, so the
+    kit says so before any data is read; batch norm or one 32-voxel side is fine."""
+    from spleenkit.training import resolve_preset
+
+    with pytest.raises(BadInputError, match=r"patch size \(16, 16, 16\).*instance norm"):
+        resolve_preset("quick", patch_size=16)
+    assert resolve_preset("quick", patch_size=16, norm="batch").patch_size == (16, 16, 16)
+    assert resolve_preset("quick", patch_size=(32, 16, 16)).patch_size == (32, 16, 16)
