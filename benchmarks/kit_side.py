@@ -45,9 +45,9 @@ def _parts(preset: Any, train_items: list[dict], validation_items: list[dict], d
 
 
 def _preset(params: dict[str, Any]) -> Any:
-    from spleenkit.training import resolve_preset
+    from spleenkit.presets import resolve_preset
 
-    return resolve_preset(params.get("preset", "seed"), **params.get("overrides", {}))
+    return resolve_preset(params.get("preset", "seed"), params.get("overrides", {}))
 
 
 def throughput(params: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from spleenkit import __version__
-from spleenkit.errors import SpleenkitError
+from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.presets import PRESETS, parse_value, recipe_names, resolve_preset
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -26,33 +27,17 @@ def _command(subparsers: argparse._SubParsersAction, name: str, handler: Handler
     return parser
 
 
-def parse_setting(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` of every command's ``--set``, one rule for all: VALUE is read as JSON when it is JSON
-    (numbers, true/false, null, [lists], "quoted text"), else as a comma list of such values when it holds a
-    comma (``spacing=2,2,2``), else as the text itself (``data_dir=../data``, ``scheduler=none``)."""
-    import json
-
-    from spleenkit.errors import BadInputError
-
+def parse_setting(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of every command's ``--set``, one rule for all: the name, and the value as text. What reads
+    it reads the text by one rule too: a recipe setting by its kind at the recipe's door
+    (:func:`spleenkit.presets.resolve_preset`), anything else by :func:`spleenkit.presets.parse_value`."""
     name, sep, raw = text.partition("=")
     if not sep or not name.strip():
         raise BadInputError(f"--set takes NAME=VALUE (got {text!r})")
-
-    def parse(part: str) -> object:
-        part = part.strip()
-        try:
-            return json.loads(part)
-        except json.JSONDecodeError:
-            return part
-
-    raw = raw.strip()
-    try:
-        return name.strip(), json.loads(raw)
-    except json.JSONDecodeError:
-        return name.strip(), [parse(p) for p in raw.split(",")] if "," in raw else raw
+    return name.strip(), raw.strip()
 
 
-def _settings(items: Sequence[str] | None) -> dict[str, object]:
+def _settings(items: Sequence[str] | None) -> dict[str, str]:
     """All ``--set`` items as a dict (a name given twice: the last wins, as on a command line)."""
     return dict(parse_setting(item) for item in items or [])
 
@@ -76,8 +61,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from spleenkit.presets import PRESETS
-
     for preset in PRESETS.values():
         print(f"{preset.name:14s} {preset.description}")
     return 0
@@ -293,7 +276,8 @@ def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManage
 # --------------------------------------------------------------------------- evaluation and inference
 def _window_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and infer: preset, device, precision, sliding window, post-processing."""
-    parser.add_argument("--preset", help="recipe for preprocessing and the window (default: the run's own, else seed)")
+    parser.add_argument("--preset", help=f"recipe for preprocessing and the window: {recipe_names()} (default: the "
+                                         "run's own, else seed)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's on CUDA; "
@@ -408,7 +392,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _bundle_run(args: argparse.Namespace) -> int:
     from spleenkit.bundle import run
 
-    run(args.name, bundle_dir=args.bundle_dir, **_settings(args.set))
+    run(args.name, bundle_dir=args.bundle_dir, **{key: parse_value(text) for key, text in _settings(args.set).items()})
     return 0
 
 
@@ -477,7 +461,8 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     load = _command(weights, "load", _pretrained_load,
                     "Load a bundle's models/model.pt into the kit's UNet (weights only, strict keys); print its size.")
     load.add_argument("path", help="model.pt, the bundle folder, or the folder holding it")
-    load.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+    load.add_argument("--preset", default="seed",
+                      help=f"recipe whose network to build: {recipe_names()} (default seed)")
 
     export = _command(subparsers, "export", _export,
                       "Export a model.pt to TorchScript (with the bundle metadata inside) and optionally ONNX; "
@@ -485,7 +470,8 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--model", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="TorchScript file to write (model.ts); ONNX goes beside it")
     export.add_argument("--onnx", action="store_true", help="also write an ONNX file (needs onnx and onnxscript)")
-    export.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+    export.add_argument("--preset", default="seed",
+                        help=f"recipe whose network to build: {recipe_names()} (default seed)")
     export.add_argument("--metadata", help="metadata JSON to store in the TorchScript file (default: none)")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the exported model with the eager one on a random patch (default yes)")
@@ -493,30 +479,21 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- training
 def _train(args: argparse.Namespace) -> int:
-    from spleenkit.errors import BadInputError
     from spleenkit.training import train
+    from spleenkit.training.engines import EVALUATOR_LOGGER, TRAINER_LOGGER
 
     if not args.verbose:  # the epoch summary line says it all; the engines' own messages need -v
-        for name in ("spleenkit.training.trainer", "spleenkit.training.evaluator"):
+        for name in (TRAINER_LOGGER, EVALUATOR_LOGGER):
             logging.getLogger(name).setLevel(logging.WARNING)
-    overrides: dict[str, object] = {}
-    if args.patch is not None:
-        if len(args.patch) not in (1, 3):
-            raise BadInputError(f"--patch takes one size or three (got {len(args.patch)} values)")
-        overrides["patch_size"] = tuple(args.patch) * (3 if len(args.patch) == 1 else 1)
-    if args.val_interval is not None:
-        overrides["validation_interval"] = args.val_interval
-    if args.lr is not None:
-        overrides["learning_rate"] = args.lr
-    for name, value in _settings(args.set).items():  # preset settings: validation-cases = validation_cases
-        overrides[name.replace("-", "_")] = "none" if value is None else value
+    # the recipe's one door: --set and the flags meet there (a name given both ways is refused)
+    preset = resolve_preset(args.preset, _settings(args.set), flags={
+        "epochs": args.epochs, "amp": args.amp, "seed": args.seed, "cache_rate": args.cache_rate,
+        "patch_size": args.patch, "validation_interval": args.val_interval, "learning_rate": args.lr})
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with _process_group(args) as context:
-        result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
-                       resume=args.resume, resume_anyway=args.resume_anyway, seed=args.seed,
-                       num_workers=args.workers, cache_rate=args.cache_rate, progress=progress,
-                       distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
-                       **overrides)
+        result = train(args.data, args.out, preset, device=args.device, amp=args.amp, resume=args.resume,
+                       resume_anyway=args.resume_anyway, num_workers=args.workers, progress=progress,
+                       distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr)
     if context is not None and not context.is_main:
         return 0
     dice = ("none (no validation ran)" if result.best_dice is None
@@ -534,8 +511,7 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
                      "checkpoint_last.pt, metrics.jsonl, manifest.json and tensorboard/ into the run folder.")
     train.add_argument("--data", required=True, help="dataset folder in the MSD layout (dataset.json)")
     train.add_argument("--out", required=True, help="run folder to write")
-    train.add_argument("--preset", default="seed",
-                       help="recipe: seed, bundle-0.5.9, tutorial, fast, quick (default seed)")
+    train.add_argument("--preset", default="seed", help=f"recipe: {recipe_names()} (default seed)")
     train.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
     train.add_argument("--patch", type=int, nargs="+", metavar="N",
                        help="training patch (and validation window) size: N or X Y Z (default: the preset's)")

@@ -72,7 +72,7 @@ def random_transforms(preset: Preset | str = "seed") -> list[Transform]:
     return chain + augmentation_transforms(preset)
 
 
-def augmentation_transforms(preset: Preset | str = "quick") -> list[Transform]:
+def augmentation_transforms(preset: Preset) -> list[Transform]:
     """MONAI's random transforms the preset asks for, applied to each crop: rotation and zoom, intensity scale
     and shift, noise, each with ``augment_probability`` (an empty list when that is 0, as in the bundle's recipes).
 
@@ -82,7 +82,6 @@ def augmentation_transforms(preset: Preset | str = "quick") -> list[Transform]:
 
     from monai.transforms import RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
 
-    preset = get_preset(preset)
     probability = preset.augment_probability
     if probability <= 0:
         return []

@@ -18,6 +18,8 @@ import numpy as np
 
 from spleenkit.data.datalist import listed_path
 from spleenkit.errors import BadInputError
+from spleenkit.images import read_dicom_series, read_nifti
+from spleenkit.presets import Preset, get_preset
 
 #: Affines of an image and its label may differ by this much (mm) and still match.
 AFFINE_TOLERANCE = 1e-3
@@ -101,8 +103,6 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     """Load a NIfTI file fully; a missing, truncated or corrupt file raises :class:`BadInputError`."""
     from nibabel.filebasedimages import ImageFileError
 
-    from spleenkit.images import read_nifti
-
     path = Path(path)
     if not path.is_file():
         raise BadInputError("missing", path)
@@ -131,14 +131,12 @@ class ImageFindings:
     hu_max: float | None = None
 
 
-def inspect_image(image: Any, data: np.ndarray | None = None, preset: Any = None) -> ImageFindings:
+def inspect_image(image: Any, data: np.ndarray | None = None, preset: Preset | None = None) -> ImageFindings:
     """The one check of an input CT, used by ``data check`` and by ``infer`` alike: 3D, a usable affine
     (not singular), voxel sizes a CT can have (zero or absurd ones are header errors), finite values,
     not smaller than one sliding window of ``preset`` on every axis, and intensities that look like CT
     in HU (otherwise a warning in ``not_ct``: an MR image, or CT without its rescale)."""
     from nibabel.affines import voxel_sizes
-
-    from spleenkit.presets import get_preset
 
     found = ImageFindings()
     data = np.asanyarray(image.dataobj) if data is None else data
@@ -177,7 +175,7 @@ def inspect_image(image: Any, data: np.ndarray | None = None, preset: Any = None
     found.hu_min, found.hu_max = float(data.min()), float(data.max())
     if found.problems:
         return found
-    preset = get_preset(preset or "seed")
+    preset = preset or get_preset("seed")
     extent = np.asarray(shape, dtype=float) * np.asarray(voxel_sizes(affine), dtype=float)
     window = np.asarray(preset.validation_roi_size, dtype=float) * np.asarray(preset.spacing, dtype=float)
     if np.all(extent < np.sort(window)[0]):
@@ -226,8 +224,6 @@ def read_input(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a folder holding one DICOM series."""
     path = Path(path)
     if path.is_dir():
-        from spleenkit.images import read_dicom_series
-
         image = read_dicom_series(path)
         return image, np.asanyarray(image.dataobj)
     return read_volume(path)

@@ -69,16 +69,18 @@ def split_datalist(items: Datalist, validation_cases: int = 9) -> tuple[Datalist
     on 3), and such a run would teach the wrong lesson without a word.
     """
     items = sorted(items, key=lambda record: Path(record["image"]).name)
+    most = len(items) // 2  # no more held out than trained on
+    fix = (f"set validation_cases to at most {most} (`--set validation_cases={most}` on the command line)" if most
+           else "a split needs at least 2 labelled cases")
     if not 0 < validation_cases < len(items):
         raise BadInputError(
-            f"cannot hold out {validation_cases} validation case(s) from {len(items)} labelled case(s)"
+            f"cannot hold out {validation_cases} validation case(s) from {len(items)} labelled case(s); {fix}"
         )
     if validation_cases > len(items) - validation_cases:
         raise BadInputError(
             f"holding out {validation_cases} of {len(items)} labelled cases for validation would leave only "
             f"{len(items) - validation_cases} to train on: the recipe's validation_cases suits a larger dataset "
-            f"(MSD: 9 of 41); set validation_cases to at most {len(items) // 2} (the quick preset holds out 3; "
-            "`--set validation-cases=3` on the command line)"
+            f"(MSD: 9 of 41); {fix}"
         )
     return items[:-validation_cases], items[-validation_cases:]
 
