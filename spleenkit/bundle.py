@@ -26,8 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spleenkit.errors import BadInputError
-from spleenkit.presets import Preset, get_preset
+from spleenkit.data.datalist import load_datalist, split_datalist
+from spleenkit.distributed import rank
+from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.manifest import build_manifest, now, write_manifest
+from spleenkit.model import extract_state_dict, load_checkpoint, load_weights
+from spleenkit.presets import Preset, get_preset, resolve_preset
+from spleenkit.processes import run_streaming
 
 if TYPE_CHECKING:
     import torch
@@ -92,39 +97,19 @@ def run_command(command: str, overrides: Mapping[str, Any] | None = None,
     its output (the notebooks and tests show the bundle working exactly as its users run it); after
     ``timeout`` seconds the command and every process it started are stopped.
     """
-    import subprocess
-    import threading
-
-    from spleenkit.distributed import _read_lines, _stop
-    from spleenkit.errors import SpleenkitError
-
     folder = Path(bundle_dir) if bundle_dir else bundle_source()
     args = bundle_command(command, overrides=overrides, processes=processes)
     environment = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
                    "PYTHONUNBUFFERED": "1"}  # lines as they are written, not when a buffer fills
     logger.info("running in %s: %s", folder, format_command(args))
-    process = subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1, env=environment, start_new_session=True)
-    lines: list[str] = []
-    show = (lambda line: sys.stdout.write(line)) if echo is True else (echo or None)
-    reader = threading.Thread(target=_read_lines, args=(process, lines, show), daemon=True)
-    reader.start()
-    try:
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired as error:
-            _stop(process)
-            raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s") from error
-        reader.join(timeout=10)
-    except BaseException:  # an interrupted notebook cell takes the command (and torchrun's workers) down too
-        _stop(process)
-        raise
-    output = "".join(lines)
-    if process.returncode != 0:
-        tail = "\n".join(output.splitlines()[-40:])
-        raise SpleenkitError(f"the bundle command failed (exit status {process.returncode}):\n"
+    child = run_streaming(args, cwd=folder, env=environment, timeout_s=timeout, echo=echo)
+    if child.timed_out:
+        raise SpleenkitError(f"the bundle command {command!r} took longer than {timeout} s")
+    if child.returncode != 0:
+        tail = "\n".join(child.output.splitlines()[-40:])
+        raise SpleenkitError(f"the bundle command failed (exit status {child.returncode}):\n"
                              f"{format_command(args)}\n...\n{tail}")
-    return output
+    return child.output
 
 
 def format_command(args: Sequence[str]) -> str:
@@ -148,30 +133,13 @@ def format_command(args: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- pieces the configs build
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
-
-
-def _plain(value: Any) -> Any:
-    """Command-line values as Python data: fire leaves ``false`` or ``none`` as strings."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in _TRUE | _FALSE:
-            return lowered in _TRUE
-        if lowered in {"none", "null"}:
-            return None
-    return value
-
-
 def recipe(preset: Preset | str = "seed", **overrides: Any) -> Preset:
-    """The recipe the bundle runs: the preset with the values of the bundle's ids applied.
-
-    The same resolution as ``spleenkit train`` (``training.resolve_preset``: checked values);
-    ``--amp false`` from the command line means False. Presets whose loss or transform chain the
-    configs do not spell out (the tutorial's DiceLoss and CropForegroundd) are refused.
+    """The recipe the bundle runs: the preset with the values of the bundle's ids applied, through the kit's one
+    door for settings (:func:`spleenkit.presets.resolve_preset`: ``--amp false`` from the command line means False,
+    ``--epochs ten`` is refused naming the value). Presets whose loss or transform chain the configs do not spell
+    out (the tutorial's DiceLoss and CropForegroundd) are refused.
     """
-    from spleenkit.training import resolve_preset
-
-    resolved = resolve_preset(preset, **{key: _plain(value) for key, value in overrides.items()})
+    resolved = resolve_preset(preset, overrides)
     unsupported = ["DiceLoss"] * (resolved.loss != "dice_ce") + ["CropForegroundd"] * resolved.crop_foreground
     if unsupported:
         raise BadInputError(f"preset {resolved.name!r} uses {' and '.join(unsupported)}; the bundle's configs spell "
@@ -180,10 +148,10 @@ def recipe(preset: Preset | str = "seed", **overrides: Any) -> Preset:
     return resolved
 
 
-def optimizer_factory(preset: Preset | str = "seed") -> Callable[..., torch.optim.Optimizer]:
+def optimizer_factory(preset: Preset) -> Callable[..., torch.optim.Optimizer]:
     """The ``_target_`` of the bundle's ``optimizer``: called with ``params`` and ``lr``, it builds the
     preset's optimiser (Adam or Novograd) with :func:`spleenkit.training.make_optimizer`."""
-    from spleenkit.training import make_optimizer
+    from spleenkit.training import make_optimizer  # deferred: the CLI reads COMMANDS here at start-up
 
     def build(params: Iterable[torch.nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
         return make_optimizer(get_preset(preset, learning_rate=lr), params)
@@ -191,11 +159,11 @@ def optimizer_factory(preset: Preset | str = "seed") -> Callable[..., torch.opti
     return build
 
 
-def scheduler_factory(preset: Preset | str = "seed", total_iterations: int = 1) -> Callable[..., Any]:
+def scheduler_factory(preset: Preset, total_iterations: int = 1) -> Callable[..., Any]:
     """The ``_target_`` of the bundle's ``lr_scheduler``: called with ``optimizer`` (and StepLR's
     ``step_size`` and ``gamma``), it builds the preset's schedule with
     :func:`spleenkit.training.make_scheduler`: None, StepLR or a cosine decay over ``total_iterations``."""
-    from spleenkit.training import make_scheduler
+    from spleenkit.training import make_scheduler  # deferred: the CLI reads COMMANDS here at start-up
 
     def build(optimizer: torch.optim.Optimizer, step_size: int | None = None, gamma: float | None = None) -> Any:
         schedule = get_preset(preset, scheduler_step_size=step_size, scheduler_gamma=gamma)
@@ -211,9 +179,6 @@ def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: st
     That makes ``models/`` a kit run folder: ``spleenkit evaluate --model models/model.pt`` reads the
     recipe from it, so the kit preprocesses exactly as the bundle did.
     """
-    from spleenkit.distributed import rank
-    from spleenkit.manifest import build_manifest, now, write_manifest
-
     if rank() != 0:
         return None
     parameters = {"preset": preset.to_dict(), "data_dir": str(Path(dataset_dir).resolve()),
@@ -225,8 +190,6 @@ def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: st
 def split_cases(images: Sequence[str], labels: Sequence[str], validation_cases: int) -> tuple[list[dict[str, str]],
                                                                                              list[dict[str, str]]]:
     """The bundle's split of paired image/label lists: the last ``validation_cases`` by name for validation."""
-    from spleenkit.data.datalist import split_datalist
-
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} labels in the dataset")
     items = [{"image": str(i), "label": str(label)} for i, label in zip(images, labels, strict=True)]
@@ -235,8 +198,6 @@ def split_cases(images: Sequence[str], labels: Sequence[str], validation_cases: 
 
 def unlabelled_images(dataset_dir: str | os.PathLike[str]) -> list[str]:
     """The unlabelled images of a dataset (dataset.json's ``test`` list, else ``imagesTs/*.nii.gz``), sorted."""
-    from spleenkit.data.datalist import load_datalist
-
     folder = Path(dataset_dir)
     if (folder / "dataset.json").is_file():
         try:
@@ -258,8 +219,6 @@ def checked_weights(path: str | os.PathLike[str], network: torch.nn.Module | Non
     that make one, and another architecture lists the missing and unexpected keys.
     """
     import copy
-
-    from spleenkit.model import extract_state_dict, load_checkpoint, load_weights
 
     path = Path(path)
     if not path.is_file():
@@ -299,7 +258,7 @@ class OriginalLabeld:
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
-        from spleenkit.images import read_binary_mask
+        from spleenkit.images import read_binary_mask  # deferred: numpy, not at the CLI's start-up
 
         item = dict(data)
         for key in self.keys:
@@ -513,6 +472,25 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         raise error
 
 
+def check_recipe(config_files: Sequence[str], overrides: Mapping[str, Any]) -> None:
+    """Build the configs' ``recipe`` with ``overrides`` applied, so that a value the kit's door refuses
+    (``--epochs ten``) is refused here in one line naming it, not deep in a traceback of MONAI's."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
+    if "recipe" not in parser.config:
+        return
+    parser.update(dict(overrides))
+    try:
+        parser.get_parsed_content("recipe")
+    except Exception as error:  # noqa: BLE001 - MONAI wraps the kit's refusal; anything else MONAI reports itself
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, BadInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+
+
 def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
     """Run one of the seed's single-process commands in this process, after checking the overrides.
 
@@ -533,6 +511,7 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
     if problems:
         raise BadInputError("; ".join(problems))
     overrides.setdefault("bundle_root", str(root))
+    check_recipe(files, overrides)
     monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
               logging_file=str(root / "configs" / "logging.conf"), **overrides)
 

@@ -20,22 +20,21 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.devices import pick_device
+from spleenkit.errors import BadInputError, DistributedRunError
+from spleenkit.presets import Preset
+from spleenkit.processes import run_streaming
 
 if TYPE_CHECKING:
     import torch
-
-    from spleenkit.presets import Preset
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +50,6 @@ CRASH_RANK_VARIABLE = "SPLEENKIT_CRASH_RANK"
 #: "linear" multiplies it by N because the global batch is N times larger (Goyal et al., 2017).
 LR_SCALING = ("none", "linear")
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedRunError(SpleenkitError):
-    """A multi-process job that ended with a non-zero exit; the message names the failing rank."""
-
-    def __init__(self, message: str, returncode: int, output: str = "") -> None:
-        self.returncode, self.output = returncode, output
-        super().__init__(message)
 
 
 # --------------------------------------------------------------------------- the process group
@@ -146,8 +137,6 @@ def init_process_group(device: str | torch.device | None = "auto", timeout_s: fl
 
     import torch
     import torch.distributed as dist
-
-    from spleenkit.devices import pick_device
 
     env = torchrun_environment()
     if timeout_s is None or timeout_s <= 0:
@@ -447,53 +436,11 @@ def describe_training(context: DistributedContext | None, preset: Preset, *, syn
             **({} if share is None else share.describe())}
 
 
-# --------------------------------------------------------------------------- engine hooks
-class CrashRank:
-    """Testing aid: raise on the rank named by ``SPLEENKIT_CRASH_RANK`` at its first iteration."""
-
-    def __init__(self, context: DistributedContext | None) -> None:
-        self.context = context
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        if crash_requested(self.context):
-            engine.add_event_handler(Events.ITERATION_STARTED(once=1), self)
-
-    def __call__(self, engine: Any = None) -> None:
-        raise RuntimeError(f"deliberate crash of rank {self.context.rank} "
-                           f"({CRASH_RANK_VARIABLE} is set; a testing aid)")
-
-
+# --------------------------------------------------------------------------- a testing aid
 def crash_requested(context: DistributedContext | None) -> bool:
     """True when ``SPLEENKIT_CRASH_RANK`` names this rank of a distributed job."""
     value = os.environ.get(CRASH_RANK_VARIABLE, "").strip()
     return context is not None and value.isdigit() and int(value) == context.rank
-
-
-class SyncBuffersBeforeValidation:
-    """Evaluator handler: at the start of each validation, give every rank rank 0's BN buffers."""
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        self.network = network
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Any = None) -> None:
-        broadcast_buffers(self.network)
-
-
-def training_handlers(context: DistributedContext | None) -> list[Any]:
-    """Extra trainer handlers for a distributed run (the crash hook when asked for)."""
-    return [] if context is None else [CrashRank(context)]
-
-
-def validation_handlers(network: torch.nn.Module, context: DistributedContext | None) -> list[Any]:
-    """Extra evaluator handlers for a distributed run (rank 0's BatchNorm buffers on every rank)."""
-    return [] if context is None or context.world_size == 1 else [SyncBuffersBeforeValidation(network)]
 
 
 def distributed_map(function: Callable[[T], R], items: Sequence[T],
@@ -638,53 +585,12 @@ def launch_torchrun(args: Sequence[str], nproc: int | None = None, *, nnodes: in
     # processes on one machine (a notebook's 2 GiB), two heaps per process are enough and hold less
     environment.setdefault("MALLOC_ARENA_MAX", "2")
     log.info("launching: %s", " ".join(command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               env=environment, cwd=cwd, start_new_session=True)
-    lines: list[str] = []
-    show = (lambda line: sys.stdout.write(line)) if echo is True else (echo or None)
-    reader = threading.Thread(target=_read_lines, args=(process, lines, show), daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop(process)
-        reader.join(timeout=10)
-    except BaseException:  # KeyboardInterrupt in a notebook: take the workers down too
-        _stop(process)
-        raise
-    output = "".join(lines)
-    result = subprocess.CompletedProcess(command, process.returncode, output, None)
-    if check and (timed_out or process.returncode != 0):
-        if timed_out:
+    child = run_streaming(command, cwd=cwd, env=environment, timeout_s=timeout_s, echo=echo)
+    result = subprocess.CompletedProcess(command, child.returncode, child.output, None)
+    if check and (child.timed_out or child.returncode != 0):
+        if child.timed_out:
             raise DistributedRunError(f"torchrun did not finish within {timeout_s:g} s and was stopped",
-                                      process.returncode, output)
-        raise DistributedRunError(f"torchrun exited with status {process.returncode}: {failure_summary(output)}",
-                                  process.returncode, output)
+                                      child.returncode, child.output)
+        raise DistributedRunError(f"torchrun exited with status {child.returncode}: {failure_summary(child.output)}",
+                                  child.returncode, child.output)
     return result
-
-
-def _read_lines(process: subprocess.Popen[str], lines: list[str], echo: Callable[[str], Any] | None) -> None:
-    """Collect (and echo) the launch's output as it comes."""
-    if process.stdout is None:
-        return
-    for line in process.stdout:
-        lines.append(line)
-        if echo is not None:
-            echo(line)
-
-
-def _stop(process: subprocess.Popen[str], grace_s: float = 15.0) -> None:
-    """SIGTERM torchrun's whole process group (it forwards it to its workers), SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()

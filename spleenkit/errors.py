@@ -22,3 +22,27 @@ class BadInputError(SpleenkitError, ValueError):
 
 class ChecksumError(BadInputError):
     """A downloaded or given file whose checksum differs from the pinned one."""
+
+
+class NonFiniteTrainingError(SpleenkitError):
+    """Training produced a NaN or infinite loss or weights; the message names the epoch and iteration."""
+
+
+class DistributedRunError(SpleenkitError):
+    """A multi-process job that ended with a non-zero exit; the message names the failing rank."""
+
+    def __init__(self, message: str, returncode: int, output: str = "") -> None:
+        self.returncode, self.output = returncode, output
+        super().__init__(message)
+
+
+class NotebookRunError(SpleenkitError):
+    """A notebook failed under the runner; the message shows the failing cell and its traceback."""
+
+
+class ExerciseFailed(SpleenkitError):
+    """Strict mode: an answer was wrong or missing (in an instructor copy, a solution that no longer works)."""
+
+
+class PretrainedUnavailableError(SpleenkitError):
+    """The official weights could not be downloaded (offline, blocked, or the source is down)."""

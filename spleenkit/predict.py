@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spleenkit.devices import autocast, choose_precision, use_fast_layout
 from spleenkit.errors import BadInputError
 from spleenkit.images import read_nifti
+from spleenkit.model import check_finite_weights, load_model
 from spleenkit.presets import Preset, get_preset
+from spleenkit.transforms import inference_transforms
 
 if TYPE_CHECKING:
     import torch
@@ -53,22 +56,17 @@ def make_inferer(preset: Preset | str = "seed", overlap: float | None = None, sw
     import torch
     from monai.inferers import SlidingWindowInferer
 
-    preset = get_preset(preset)
+    # the overlap and window batch are the recipe's settings: checked at its door like every other
+    preset = get_preset(preset, sliding_window_overlap=overlap, sliding_window_batch_size=sw_batch_size)
     if blend not in BLEND_MODES:
         raise BadInputError(f"unknown blend mode {blend!r}; use one of {', '.join(BLEND_MODES)}")
     if stitch_device not in ("cpu", "auto"):
         raise BadInputError(f"unknown stitch device {stitch_device!r}; use cpu or auto")
-    overlap = preset.sliding_window_overlap if overlap is None else float(overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise BadInputError(f"overlap must be in [0, 1), got {overlap}")
-    sw_batch_size = preset.sliding_window_batch_size if sw_batch_size is None else int(sw_batch_size)
-    if sw_batch_size < 1:
-        raise BadInputError(f"sliding-window batch size must be at least 1, got {sw_batch_size}")
     window_device = torch.device(device) if device is not None else None
     return SlidingWindowInferer(
         roi_size=tuple(preset.validation_roi_size),
-        sw_batch_size=sw_batch_size,
-        overlap=overlap,
+        sw_batch_size=preset.sliding_window_batch_size,
+        overlap=preset.sliding_window_overlap,
         mode=blend,
         sw_device=window_device,
         device=torch.device("cpu") if stitch_device == "cpu" else window_device,
@@ -89,8 +87,6 @@ def inference_network(network: torch.nn.Module, device: torch.device | str = "cp
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from spleenkit.devices import use_fast_layout
-
     folded = copy.deepcopy(network).eval()
     for module in folded.modules():
         conv, adn = getattr(module, "conv", None), getattr(module, "adn", None)
@@ -103,7 +99,7 @@ def inference_network(network: torch.nn.Module, device: torch.device | str = "cp
     return use_fast_layout(folded, torch.device(device), channels_last)
 
 
-def inference_amp(preset: Preset | str, device: torch.device, amp: bool | None = None) -> bool:
+def inference_amp(preset: Preset, device: torch.device, amp: bool | None = None) -> bool:
     """Mixed precision for evaluation and inference (:func:`spleenkit.devices.choose_precision`, purpose
     "inference"): ``amp`` when given (a warning where bfloat16 is slower than float32); by default float16
     on CUDA when the preset has mixed precision on, and float32 on a CPU.
@@ -112,10 +108,7 @@ def inference_amp(preset: Preset | str, device: torch.device, amp: bool | None =
     against the bundle's float32 masks, benchmarks/), while float32 with :func:`inference_network`
     (fast layout, folded batch norm) gives the bundle's masks exactly at most of bfloat16's speed.
     """
-    from spleenkit.devices import choose_precision
-
-    requested = amp if amp is not None else (None if get_preset(preset).amp else False)
-    return choose_precision(device, requested, purpose="inference").enabled
+    return choose_precision(device, preset.precision_request(amp), purpose="inference").enabled
 
 
 def predict_logits(network: torch.nn.Module, image: torch.Tensor, inferer: SlidingWindowInferer,
@@ -279,7 +272,7 @@ def _separable_linear(source: torch.Tensor, to_source: np.ndarray, axes: list[in
     return result.permute(*axes)
 
 
-def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], preset: Preset | str,
+def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], preset: Preset,
                  inferer: Any, device: torch.device | str = "cpu", amp: bool = True,
                  largest_component: bool = False, fill_holes: bool = False) -> np.ndarray:
     """Predict one NIfTI file; returns a uint8 0/1 mask in the file's own voxel order and shape.
@@ -287,10 +280,8 @@ def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], p
     Preprocess (RAS, preset spacing, window) -> sliding window -> softmax -> back onto the file's
     grid (``Invertd``, or slab-wise resampling for large images) -> argmax -> options.
     """
-    from spleenkit.transforms import inference_transforms
-
     image = read_nifti(image_path)
-    preprocessing = inference_transforms(get_preset(preset))
+    preprocessing = inference_transforms(preset)
     try:
         data = preprocessing({"image": str(image_path)})
     except Exception as error:  # noqa: BLE001 - MONAI wraps reader failures in RuntimeError
@@ -305,8 +296,6 @@ def predict_mask(network: torch.nn.Module, image_path: str | os.PathLike[str], p
 def autocast_inferer(inferer: Any, device: torch.device, amp: bool = True) -> Any:
     """Wrap a MONAI inferer so that the forward passes run under the device's autocast; returns float32."""
     from monai.inferers import Inferer
-
-    from spleenkit.devices import autocast
 
     class AutocastInferer(Inferer):
         """``inferer`` under autocast (float16 on CUDA, bfloat16 on CPU), output cast back to float32."""
@@ -341,8 +330,6 @@ def prepare_prediction(model: str | os.PathLike[str], preset: Preset, device: to
                        fill_holes: bool = False) -> Prediction:
     """The set-up shared by ``spleenkit evaluate`` and ``spleenkit infer``: load ``model`` strictly (its weights
     must be finite), fold batch norm, choose the precision, make the inferer, and name every setting."""
-    from spleenkit.model import check_finite_weights, load_model
-
     amp = inference_amp(preset, device, amp)
     network = load_model(model, preset, device)
     check_finite_weights(network, model)

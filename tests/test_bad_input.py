@@ -21,21 +21,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_untrained_run
+from helpers import TINY, TINY_TRAINING, write_dicom_series
 
 from spleenkit.cli import main, parse_setting
 from spleenkit.errors import BadInputError
 from spleenkit.manifest import build_manifest, read_manifest, write_manifest
 from spleenkit.model import atomic_save, build_unet
-from spleenkit.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
-# an untrained tiny UNet: every step runs in a second on a CPU; geometry needs no good model
-TINY = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64), num_res_units=1,
-                  validation_roi_size=(32, 32, 32), sliding_window_overlap=0.25)
-TRAIN = {"spacing": (6.0, 6.0, 6.0), "patch_size": 48, "num_samples": 1, "batch_size": 2, "validation_cases": 2,
-         "sliding_window_overlap": 0.25, "sliding_window_batch_size": 4, "validation_interval": 1, "seed": 7,
-         "progress": False, "num_workers": 1}
+TRAIN = {**TINY_TRAINING, "validation_interval": 1, "seed": 7, "progress": False, "num_workers": 1}
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -50,11 +44,6 @@ def error_of(capsys: pytest.CaptureFixture[str]) -> str:
     lines = [line for line in err.splitlines() if line.startswith("spleenkit: error:")]
     assert len(lines) == 1, err
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -369,20 +358,21 @@ def test_a_learning_rate_that_is_not_a_finite_positive_number_is_refused_up_fron
     run = tmp_path / "runs" / "lr"
     assert main(["train", "--data", str(synthetic_dataset), "--out", str(run), "--lr", value]) == 2
     line = error_of(capsys)
-    assert f"learning rate {float(value)!r} must be a finite number between 0 and 1" in line, line
+    assert line == (f"spleenkit: error: learning_rate={float(value)!r}: expected a number above 0 and at most 1; the "
+                    "bundle uses 1e-4"), line
     assert not (tmp_path / "runs").exists()  # no empty run folder left
 
 
 def test_patch_beyond_the_bound_or_the_memory_is_refused_before_anything_heavy(
         synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from spleenkit import environment, training
+    from spleenkit import devices, environment
 
     probed: list[object] = []
-    monkeypatch.setattr(training, "_bf16_weight_gradient_ok", lambda shape: probed.append(shape) or True)
+    monkeypatch.setattr(devices, "bf16_weight_gradient_ok", lambda shape: probed.append(shape) or True)
     started = time.perf_counter()
     assert main(["train", "--data", str(synthetic_dataset), "--out", str(tmp_path / "big"), "--patch", "1000"]) == 2
-    assert "beyond 512 voxels per side" in error_of(capsys)
+    assert "patch_size=1000: expected 3 whole numbers from 16 to 512" in error_of(capsys)
     # within the bound but beyond this machine's memory (pretend it has 2 GiB)
     monkeypatch.setattr(environment, "total_memory_gib", lambda: 2.0)
     assert main(["train", "--data", str(synthetic_dataset), "--out", str(tmp_path / "big"), "--patch", "256"]) == 2
@@ -398,7 +388,7 @@ def test_a_cache_beyond_memory_is_refused_with_a_suggested_rate(synthetic_datase
     from spleenkit.training import train
 
     monkeypatch.setattr(environment, "total_memory_gib", lambda: 0.001)
-    monkeypatch.setattr("spleenkit.training.check_step_fits", lambda preset, device: None)
+    monkeypatch.setattr("spleenkit.training.run.check_step_fits", lambda preset, device: None)
     with pytest.raises(BadInputError, match=r"the cache cannot fit: caching .* GiB of 0\.0 GiB.*--cache-rate 0\.\d+"):
         train(synthetic_dataset, tmp_path / "run", "quick", epochs=1, **TRAIN)
     assert not (tmp_path / "run").exists()
@@ -407,10 +397,11 @@ def test_a_cache_beyond_memory_is_refused_with_a_suggested_rate(synthetic_datase
 def test_training_stops_at_the_first_nan_loss_keeping_the_last_good_checkpoint(
         synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from spleenkit import training
-    from spleenkit.runs import CHECKPOINT_NAME
-    from spleenkit.training import NonFiniteTrainingError, read_last_checkpoint, read_metrics
+    from spleenkit.errors import NonFiniteTrainingError
+    from spleenkit.runs import CHECKPOINT_NAME, read_metrics
+    from spleenkit.training import engines, read_last_checkpoint
 
-    real = training.make_loss
+    real = engines.make_loss
     calls = {"n": 0}
 
     def failing_loss(preset: object) -> object:
@@ -422,7 +413,7 @@ def test_training_stops_at_the_first_nan_loss_keeping_the_last_good_checkpoint(
             return value * float("nan") if calls["n"] == 3 else value  # epoch 2's first iteration
         return call
 
-    monkeypatch.setattr(training, "make_loss", failing_loss)
+    monkeypatch.setattr(engines, "make_loss", failing_loss)  # what build_trainer calls
     run = tmp_path / "run"
     with pytest.raises(NonFiniteTrainingError, match=r"training stopped: the loss is nan at epoch 2, iteration 3; "
                                                      r".*checkpoint_last.pt \(epoch 1\) and model.pt are kept"):
@@ -437,7 +428,8 @@ def test_training_stops_at_the_first_nan_loss_keeping_the_last_good_checkpoint(
 
 
 def test_non_finite_weights_stop_training_before_validation_and_the_checkpoint() -> None:
-    from spleenkit.training import NonFiniteTrainingError, StopOnNonFinite
+    from spleenkit.errors import NonFiniteTrainingError
+    from spleenkit.training import StopOnNonFinite
 
     network = build_unet(TINY)
     with torch.no_grad():
@@ -450,7 +442,8 @@ def test_non_finite_weights_stop_training_before_validation_and_the_checkpoint()
 
 
 def test_the_best_model_is_never_replaced_by_broken_weights(tiny_model: Path, tmp_path: Path) -> None:
-    from spleenkit.training import NonFiniteTrainingError, ValidateAndKeepBest
+    from spleenkit.errors import NonFiniteTrainingError
+    from spleenkit.training import ValidateAndKeepBest
 
     network = build_unet(TINY)
     with torch.no_grad():
@@ -562,8 +555,6 @@ def test_preprocessing_failures_name_the_real_cause() -> None:
 
 def test_a_folder_with_nifti_files_and_a_dicom_series_processes_both_and_names_what_it_skipped(
         tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from test_inference import write_dicom_series
-
     from spleenkit.images import scan_inputs
     from spleenkit.inference import infer
 
@@ -657,8 +648,6 @@ def test_dataset_json_paths_must_stay_inside_the_dataset(synthetic_dataset: Path
 
 
 def test_a_dicom_folder_in_dataset_json_is_read_not_called_missing(tmp_path: Path) -> None:
-    from test_inference import write_dicom_series
-
     from spleenkit.data.checks import check_dataset
     from spleenkit.data.datalist import load_datalist
 
@@ -676,14 +665,18 @@ def test_a_dicom_folder_in_dataset_json_is_read_not_called_missing(tmp_path: Pat
 
 # --------------------------------------------------------------------------- --set, one parser
 def test_one_set_parser_for_every_command() -> None:
-    assert parse_setting("spacing=2,2,2") == ("spacing", [2, 2, 2])
-    assert parse_setting("epochs=3") == ("epochs", 3)
-    assert parse_setting("learning_rate=1e-3") == ("learning_rate", 1e-3)
-    assert parse_setting("amp=false") == ("amp", False)
-    assert parse_setting("scheduler=none") == ("scheduler", "none")
-    assert parse_setting("data_dir=../data/synthetic") == ("data_dir", "../data/synthetic")
-    assert parse_setting("only=[1, 2]") == ("only", [1, 2])
-    assert parse_setting('train#trainer#max_epochs=2') == ("train#trainer#max_epochs", 2)
+    """``--set`` hands its text on; one rule reads text values (a recipe setting reads its own kind, the door's
+    tests in test_presets.py), the same for notebook parameters and bundle overrides."""
+    from spleenkit.presets import parse_value
+
+    assert parse_setting("spacing=2,2,2") == ("spacing", "2,2,2")
+    assert parse_setting(" train#trainer#max_epochs = 2 ") == ("train#trainer#max_epochs", "2")
+    assert parse_value("2,2,2") == [2, 2, 2]
+    assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3
+    assert parse_value("false") is False and parse_value("no") is False and parse_value("on") is True
+    assert parse_value("none") is None and parse_value("null") is None
+    assert parse_value("../data/synthetic") == "../data/synthetic"
+    assert parse_value("[1, 2]") == [1, 2] and parse_value('"3"') == "3"
     with pytest.raises(BadInputError, match="--set takes NAME=VALUE"):
         parse_setting("spacing")
     cli = (REPO / "spleenkit" / "cli.py").read_text()
@@ -716,9 +709,9 @@ def test_failed_runs_leave_no_empty_output_folders(tmp_path: Path, tiny_model: P
 def test_a_patch_leaving_one_voxel_for_instance_norm_is_refused_by_name() -> None:
     """16^3 leaves the UNet's deepest level 1 voxel: instance norm (the quick recipe's) cannot train there, so the
     kit says so before any data is read; batch norm or one 32-voxel side is fine."""
-    from spleenkit.training import resolve_preset
+    from spleenkit.presets import resolve_preset
 
-    with pytest.raises(BadInputError, match=r"patch size \(16, 16, 16\).*instance norm"):
+    with pytest.raises(BadInputError, match=r"patch_size=16,16,16: leaves 1 voxel .*instance norm"):
         resolve_preset("quick", patch_size=16)
     assert resolve_preset("quick", patch_size=16, norm="batch").patch_size == (16, 16, 16)
     assert resolve_preset("quick", patch_size=(32, 16, 16)).patch_size == (32, 16, 16)

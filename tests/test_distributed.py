@@ -225,7 +225,7 @@ def two_node_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.slow
 def test_two_machines_train_and_only_rank_0_writes(two_node_run: dict) -> None:
     from spleenkit.model import build_unet, load_checkpoint
-    from spleenkit.training import read_metrics
+    from spleenkit.runs import read_metrics
 
     for result in two_node_run["results"]:  # both launches (machines) finished cleanly
         assert getattr(result, "returncode", None) == 0, result
@@ -265,7 +265,8 @@ def test_loss_series_matches_single_process(two_node_run: dict, synthetic_datase
     import torch
 
     from spleenkit.distributed import process_group
-    from spleenkit.training import read_metrics, train
+    from spleenkit.runs import read_metrics
+    from spleenkit.training import train
 
     _torchrun_variables(monkeypatch)
     threads = torch.get_num_threads()

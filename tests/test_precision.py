@@ -19,6 +19,7 @@ from spleenkit.presets import get_preset
 from spleenkit.training import measure_step_seconds, training_precision, validation_precision
 
 CPU = torch.device("cpu")
+QUICK = get_preset("quick")
 
 
 def fake_cpu(monkeypatch: pytest.MonkeyPatch, *, label: str, onednn: bool, native: bool | None) -> None:
@@ -33,8 +34,8 @@ def test_a_cpu_without_native_bfloat16_trains_in_float32_and_says_why(monkeypatc
     assert choice == Precision(None, choice.reason, "AVX2")
     assert "no native bfloat16" in choice.reason and "float32" in choice.reason
     assert training_precision("quick", CPU).name == "float32"
-    assert validation_precision("quick", CPU).name == "float32"
-    assert inference_amp("quick", CPU) is False
+    assert validation_precision(QUICK, CPU).name == "float32"
+    assert inference_amp(QUICK, CPU) is False
 
 
 def test_avx512_without_bf16_instructions_is_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,13 +52,13 @@ def test_asking_for_bfloat16_where_it_is_slow_still_works_but_warns(monkeypatch:
     assert choice.dtype == torch.bfloat16 and "slower" in choice.reason
     assert "slower than float32" in caplog.text
     with caplog.at_level(logging.WARNING, logger="spleenkit.devices"):
-        assert inference_amp("quick", CPU, amp=True) is True
+        assert inference_amp(QUICK, CPU, amp=True) is True
     assert training_precision("quick", CPU, amp=True).name == "bfloat16"
 
 
 def test_native_bfloat16_with_correct_gradients_trains_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, label="AVX512_BF16", onednn=True, native=True)
-    monkeypatch.setattr("spleenkit.training.cpu_bf16_training_ok", lambda patch, strides: True)
+    monkeypatch.setattr("spleenkit.devices.cpu_bf16_training_ok", lambda patch, strides: True)
     assert training_precision("quick", CPU).dtype == torch.bfloat16
     assert "native bfloat16" in training_precision("quick", CPU).reason
     # inference stays float32 on a CPU: the bundle's exact masks
@@ -67,7 +68,7 @@ def test_native_bfloat16_with_correct_gradients_trains_in_bfloat16(monkeypatch: 
 
 def test_native_bfloat16_with_wrong_gradients_for_the_patch_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, label="AVX512_BF16", onednn=True, native=True)
-    monkeypatch.setattr("spleenkit.training.cpu_bf16_training_ok", lambda patch, strides: False)
+    monkeypatch.setattr("spleenkit.devices.cpu_bf16_training_ok", lambda patch, strides: False)
     choice = training_precision(get_preset("quick", patch_size=(32, 32, 32)), CPU)
     assert choice.dtype is None and "gradients are wrong" in choice.reason
     # validation has no backward pass: the gradient check does not apply

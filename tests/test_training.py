@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAINING, describe
 
 from spleenkit.errors import BadInputError
 from spleenkit.presets import get_preset
-from spleenkit.runs import CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME
-from spleenkit.training import TrainingResult, read_last_checkpoint, read_metrics, train, training_precision
+from spleenkit.runs import CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, read_metrics
+from spleenkit.training import TrainingResult, read_last_checkpoint, train, training_precision
 
-# small enough for a few seconds per run on two cores: 6 mm voxels, 48^3 patches, 2 iterations per epoch
-# (48, not 32: PyTorch's CPU bfloat16 Conv3d gradient is wrong on the 2-voxel bottom of a 32^3 patch)
-TINY = {"spacing": (6.0, 6.0, 6.0), "patch_size": 48, "num_samples": 1, "batch_size": 2, "validation_cases": 2,
-        "sliding_window_overlap": 0.25, "sliding_window_batch_size": 4}
+TINY = TINY_TRAINING  # a training run in seconds (helpers.py)
 
 
 def tiny_train(data: Path, run: Path, **kwargs: object) -> TrainingResult:
@@ -101,9 +99,10 @@ def test_bfloat16_autocast_is_in_effect_on_the_cpu(synthetic_dataset: Path, amp:
     from spleenkit.data.datalist import load_datalist, split_datalist
     from spleenkit.devices import pick_device
     from spleenkit.model import build_unet
-    from spleenkit.training import build_datasets, build_evaluator, build_loaders, build_trainer, resolve_preset
+    from spleenkit.presets import resolve_preset
+    from spleenkit.training import build_datasets, build_evaluator, build_loaders, build_trainer
 
-    preset = resolve_preset("quick", epochs=1, **TINY)
+    preset = resolve_preset("quick", TINY, flags={"epochs": 1})
     device = pick_device("cpu")
     train_items, validation_items = split_datalist(load_datalist(synthetic_dataset), preset.validation_cases)
     datasets = build_datasets(train_items, validation_items, preset, num_workers=1)
@@ -209,9 +208,10 @@ def test_bad_input_is_explained(synthetic_dataset: Path, tmp_path: Path) -> None
 
 def test_cache_estimate_from_headers_matches_the_filled_cache(synthetic_dataset: Path) -> None:
     from spleenkit.data.datalist import load_datalist, split_datalist
-    from spleenkit.training import build_datasets, resolve_preset
+    from spleenkit.presets import resolve_preset
+    from spleenkit.training import build_datasets
 
-    preset = resolve_preset("quick", **TINY)
+    preset = resolve_preset("quick", TINY)
     train_items, validation_items = split_datalist(load_datalist(synthetic_dataset), 2)
     datasets = build_datasets(train_items, validation_items, preset, num_workers=1)
     cached = 0
@@ -227,7 +227,6 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
     from monai.bundle import ConfigParser
     from monai.losses import DiceLoss
     from monai.optimizers import Novograd
-    from test_transforms import describe
 
     from spleenkit.presets import get_preset
     from spleenkit.training import make_loss, make_optimizer, make_scheduler
@@ -274,7 +273,7 @@ def test_cli_train_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--patch", "32", "32"]) == 2
-    assert "--patch takes one size or three" in capsys.readouterr().err
+    assert "spleenkit: error: patch_size=32,32: expected 3 whole numbers" in capsys.readouterr().err
 
 
 def test_cli_train_runs_and_prints_the_model(synthetic_dataset: Path, tmp_path: Path,
@@ -291,7 +290,7 @@ def test_cli_train_runs_and_prints_the_model(synthetic_dataset: Path, tmp_path: 
     assert f"model: {run / MODEL_NAME}" in out and "best validation Dice" in out
     parameters = json.loads((run / "manifest.json").read_text())["parameters"]
     assert parameters["preset"]["learning_rate"] == 0.002 and parameters["seed"] == 5
-    assert parameters["preset"]["spacing"] == [6, 6, 6] and parameters["preset"]["scheduler"] == "none"
+    assert parameters["preset"]["spacing"] == [6, 6, 6] and parameters["preset"]["scheduler"] is None
     assert parameters["preset"]["validation_roi_size"] == [48, 48, 48]
     assert read_metrics(run)[0]["lr"] == 0.002  # no schedule: the rate stays
     assert main(["train", "--data", str(synthetic_dataset), "--out", str(run), "--set", "spacing"]) == 2
@@ -301,18 +300,18 @@ def test_cli_train_runs_and_prints_the_model(synthetic_dataset: Path, tmp_path: 
 
 def test_cpu_bfloat16_training_falls_back_where_its_gradients_are_wrong(monkeypatch: pytest.MonkeyPatch,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
-    from spleenkit import training
+    from spleenkit import devices, training
     from spleenkit.presets import get_preset
 
     cpu = torch.device("cpu")
-    assert training._bf16_weight_gradient_ok((4, 4, 4))  # the real check passes where bfloat16 is fine
+    assert devices.bf16_weight_gradient_ok((4, 4, 4))  # the real check passes where bfloat16 is fine
     # a CPU with native bfloat16 (on one without, float32 is chosen before any gradient check: tests/test_precision.py)
     native = {"label": "AVX512_BF16", "instruction_set": "AVX512", "onednn_bfloat16": True, "native_bfloat16": True}
     monkeypatch.setattr("spleenkit.devices.cpu_capability", lambda: native)
     assert training.training_amp(get_preset("quick"), cpu) is True
     assert training.training_amp(get_preset("quick"), cpu, amp=False) is False
     # where the check fails (PyTorch's oneDNN kernel on a map 2 voxels deep) training falls back to float32
-    monkeypatch.setattr(training, "_bf16_weight_gradient_ok", lambda shape: shape[0] != 2)
+    monkeypatch.setattr(devices, "bf16_weight_gradient_ok", lambda shape: shape[0] != 2)
     with caplog.at_level("WARNING", logger="spleenkit.training"):
         assert training.training_amp(get_preset("quick", patch_size=32), cpu) is False
     assert "training in float32" in caplog.text
