@@ -56,9 +56,9 @@ SURFACE: dict[str, str] = {
     "show_progress": "spleenkit.environment",
     # errors
     "BadInputError": "spleenkit.errors",
+    "PretrainedUnavailableError": "spleenkit.errors",
     "SpleenkitError": "spleenkit.errors",
     # evaluation
-    "case_name": "spleenkit.evaluation",
     "evaluate_run": "spleenkit.evaluation",
     "label_round_trip": "spleenkit.evaluation",
     "select_cases": "spleenkit.evaluation",
@@ -70,6 +70,7 @@ SURFACE: dict[str, str] = {
     "onnx_available": "spleenkit.export",
     "TOLERANCE": "spleenkit.export",
     # images
+    "case_name": "spleenkit.images",
     "read_binary_mask": "spleenkit.images",
     "voxel_spacing": "spleenkit.images",
     # inference
@@ -87,11 +88,11 @@ SURFACE: dict[str, str] = {
     "count_parameters": "spleenkit.model",
     "feature_map_sizes": "spleenkit.model",
     "load_model": "spleenkit.model",
-    # notebooks
-    "environment_rows": "spleenkit.notebooks",
-    "markdown_table": "spleenkit.notebooks",
-    "notebook_model": "spleenkit.notebooks",
-    "stand_in_banner": "spleenkit.notebooks",
+    # lessons
+    "environment_rows": "spleenkit.lessons",
+    "markdown_table": "spleenkit.lessons",
+    "notebook_model": "spleenkit.lessons",
+    "stand_in_banner": "spleenkit.lessons",
     # predict
     "inference_network": "spleenkit.predict",
     "keep_largest_component": "spleenkit.predict",
@@ -103,14 +104,15 @@ SURFACE: dict[str, str] = {
     "Preset": "spleenkit.presets",
     "preset_table": "spleenkit.presets",
     "PRESETS": "spleenkit.presets",
+    "resolve_preset": "spleenkit.presets",
     # pretrained
     "download_instructions": "spleenkit.pretrained",
     "fetch_pretrained": "spleenkit.pretrained",
     "load_pretrained": "spleenkit.pretrained",
-    "PretrainedUnavailableError": "spleenkit.pretrained",
     # runs
     "read_metrics": "spleenkit.runs",
     "run_preset": "spleenkit.runs",
+    "summarize_run": "spleenkit.runs",
     # training
     "estimate_cache_memory": "spleenkit.training",
     "make_iteration_update": "spleenkit.training",
@@ -118,8 +120,6 @@ SURFACE: dict[str, str] = {
     "make_optimizer": "spleenkit.training",
     "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
-    "resolve_preset": "spleenkit.training",
-    "summarize_run": "spleenkit.runs",
     "train": "spleenkit.training",
     "training_precision": "spleenkit.training",
     # transforms

@@ -16,22 +16,26 @@ beside the executed copies.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spleenkit import __version__
-from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.environment import PeakMemory
+from spleenkit.errors import BadInputError, NotebookRunError
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 from spleenkit.io import write_json, write_text
+from spleenkit.presets import FIELDS, lookup_preset, parse_value, resolve_preset
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,6 @@ def setup_cell_source() -> str:
         "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"
     )
-
-
-class NotebookRunError(SpleenkitError):
-    """A notebook failed under the runner; the message shows the failing cell and its traceback."""
 
 
 # --------------------------------------------------------------------------- finding things
@@ -194,10 +194,13 @@ def load_profile(profile: str, repo: Path | None = None) -> dict[str, Any]:
 
 def notebook_parameters(notebook: Path, profile: dict[str, Any],
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The parameters a profile gives one notebook: the shared values it declares, then its own values."""
+    """The parameters a profile gives one notebook: the shared values it declares, then its own values. The recipe
+    settings among them (``epochs``, ``patch_size``, a recipe name ...) go through the recipe's door with the
+    notebook's defaults, so a bad value is refused before anything runs (:func:`check_recipe_parameters`)."""
     import papermill
 
-    declared = set(papermill.inspect_notebook(notebook))
+    inspected = papermill.inspect_notebook(notebook)
+    declared = set(inspected)
     parameters = {k: v for k, v in profile["shared"].items() if k in declared}
     own: dict[str, Any] = {}
     for key, values in profile["notebooks"].items():
@@ -209,7 +212,30 @@ def notebook_parameters(notebook: Path, profile: dict[str, Any],
                             f"in its parameters cell (it declares {', '.join(sorted(declared)) or 'none'})")
     parameters.update(own)
     parameters.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    defaults = {}
+    for name, facts in inspected.items():
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            defaults[name] = ast.literal_eval(facts["default"])
+    check_recipe_parameters({**defaults, **parameters})
     return parameters
+
+
+def check_recipe_parameters(parameters: Mapping[str, Any]) -> None:
+    """Put a notebook's recipe parameters through the recipe's door (:func:`~spleenkit.presets.resolve_preset`):
+    ``preset`` and every ``*_preset`` must name a recipe, and the parameters named as recipe settings (``epochs``,
+    ``patch_size``, ``amp`` ...; None: the recipe's own) must fit it, or the run stops here naming the value."""
+    recipes = {name: value for name, value in parameters.items()
+               if (name == "preset" or name.endswith("_preset")) and value is not None}
+    for value in recipes.values():
+        lookup_preset(value)
+    settings = {name: value for name, value in parameters.items() if name in FIELDS}
+    resolve_preset(recipes.get("preset", "seed"), flags=settings)
+
+
+def read_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Overrides as values: text (``--set NAME=VALUE``) read by :func:`~spleenkit.presets.parse_value`, the one
+    rule for text values."""
+    return {key: parse_value(value) if isinstance(value, str) else value for key, value in (overrides or {}).items()}
 
 
 def check_overrides(overrides: dict[str, Any], notebooks: Sequence[Path]) -> None:
@@ -331,20 +357,18 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     """
     import papermill
 
-    from spleenkit.environment import PeakMemory
-
     repo = Path(repo).resolve() if repo else find_repo()
     settings = load_profile(profile, repo)
     notebook_dir = repo / "notebooks"
     notebooks = select_notebooks(list_notebooks(notebook_dir), only)
     if not notebooks:
         raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
-    shared_overrides = _resolve_paths(dict(overrides or {}), repo)
+    shared_overrides = _resolve_paths(read_overrides(overrides), repo)
     check_overrides(shared_overrides, notebooks)
-    out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
-    out.mkdir(parents=True, exist_ok=True)
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
+    out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
 
     summary = RunSummary(profile=settings["name"], output_dir=str(out), python=sys.executable, results=[])
     started = time.perf_counter()
@@ -408,135 +432,6 @@ def format_table(results: Sequence[NotebookResult]) -> str:
     lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}  "
                  f"{mib(max(peaks) if peaks else None):>8}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- tables for notebooks
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return " x ".join(_cell(v) for v in value) if all(isinstance(v, (int, float)) for v in value) else str(value)
-    return "" if value is None else str(value)
-
-
-def _columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None) -> list[str]:
-    if columns:
-        return list(columns)
-    names: list[str] = []
-    for row in rows:
-        names += [key for key in row if key not in names]
-    return names
-
-
-def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as a fixed-width text table (what a kept output holds: the same text on every machine)."""
-    names = _columns(rows, columns)
-    cells = [[_cell(row.get(name)) for name in names] for row in rows]
-    widths = [max([len(name), *(len(line[i]) for line in cells)]) for i, name in enumerate(names)]
-    lines = ["  ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip(),
-             "  ".join("-" * width for width in widths)]
-    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip()
-              for line in cells]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as a Markdown table, for ``IPython.display.Markdown`` in a notebook."""
-    names = _columns(rows, columns)
-    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(" --- " for _ in names) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(name)).replace("|", "\\|") for name in names) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def environment_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The environment report as what / value rows (versions flattened), for the welcome notebook."""
-    rows = [{"what": f"{name} version", "value": version or "not installed"}
-            for name, version in report.get("versions", {}).items()]
-    labels = {"device": "device the kit computes on", "cpu_count": "CPU cores", "cpu_threads": "torch CPU threads",
-              "memory_gib": "memory (GiB)", "gpu_count": "GPUs", "gpu_name": "GPU",
-              "gpu_memory_gib": "GPU memory (GiB)", "colab": "running on Colab",
-              "cpu_capability": "CPU vector instructions", "training_precision": "training precision",
-              "inference_precision": "inference precision"}
-    rows += [{"what": labels.get(key, key), "value": value} for key, value in report.items() if key != "versions"]
-    return rows
-
-
-# --------------------------------------------------------------------------- the model of notebook 03
-STAND_IN_FOLDER = "stand-in"
-
-
-@dataclass(frozen=True)
-class NotebookModel:
-    """The model a later notebook (05, 06) works with: ``path`` to its ``model.pt``, and whether it is a
-    ``stand_in`` trained for a few epochs because the run of notebook 03 was not found (``banner`` then
-    says so, as Markdown, with how to get the real one; empty otherwise)."""
-
-    path: Path
-    stand_in: bool
-    banner: str = ""
-
-
-def stand_in_banner(expected: str | os.PathLike[str], stand_in: str | os.PathLike[str], epochs: int,
-                    colab: bool | None = None) -> str:
-    """The Markdown warning a notebook shows when it works with a stand-in model instead of notebook 03's.
-
-    It names the file that was looked for and the stand-in used, says what the stand-in's numbers are
-    worth, and how to get the real model (run 03 with the same ``runs_dir``; on Colab, where every
-    notebook gets its own runtime, keep ``runs_dir`` on Google Drive or run 03 in the same runtime first).
-    """
-    from spleenkit.environment import on_colab
-
-    colab = on_colab() if colab is None else colab
-    lines = [
-        f"> **⚠ A stand-in model, not the one notebook 03 trained.** `{expected}` was not found, so this "
-        f"notebook uses `{stand_in}`, trained for {epochs} epoch(s) only: its scores and masks say nothing "
-        "about the recipe. The code and the lesson are the same.",
-        ">",
-        "> **To use the real model:** run `03_training.ipynb` first with the same `runs_dir` and `run_name`, "
-        "then run this notebook again (it picks the real model up by itself).",
-    ]
-    if colab:
-        lines += [">", "> **On Colab** every notebook runs in its own runtime, whose files vanish with it: the first "
-                  "cell's `colab_setup()` keeps data and runs on Google Drive (`My Drive/spleenkit`) unless the "
-                  "mount was refused or turned off (`drive=False`); run 03 with Drive mounted, or run 03 in this "
-                  "runtime before this notebook."]
-    return "\n".join(lines)
-
-
-def notebook_model(runs_dir: str | os.PathLike[str], run_name: str, data_dir: str | os.PathLike[str],
-                   preset: str = "quick", epochs: int = 2, device: str = "auto") -> NotebookModel:
-    """Notebook 03's model, ``<runs_dir>/<run_name>/model.pt``; when it is missing, a stand-in.
-
-    The stand-in is trained (``preset``, ``epochs``) into ``<runs_dir>/stand-in``, never into 03's run
-    folder, so that it is never mistaken for the real model later, and a second notebook reuses it
-    instead of training again. The result carries the banner a notebook displays (see
-    :func:`stand_in_banner`).
-    """
-    import logging
-
-    expected = Path(runs_dir) / run_name / "model.pt"
-    if expected.is_file():
-        return NotebookModel(expected, stand_in=False)
-    stand_in_dir = Path(runs_dir) / STAND_IN_FOLDER
-    model = stand_in_dir / "model.pt"
-    if not model.is_file():
-        from spleenkit.training import train
-
-        logging.getLogger(__name__).warning("%s does not exist (notebook 03 not run): training a stand-in for "
-                                            "%d epoch(s) into %s", expected, epochs, stand_in_dir)
-        train(data_dir, stand_in_dir, preset, epochs=epochs, device=device, progress=False)
-    banner = stand_in_banner(expected, model, _epochs_of(stand_in_dir, epochs))
-    return NotebookModel(model, stand_in=True, banner=banner)
-
-
-def _epochs_of(run_dir: Path, default: int) -> int:
-    """The epochs a run was trained for, from its manifest's preset (``default`` where it cannot be read)."""
-    from spleenkit.manifest import read_manifest
-
-    try:
-        return int(read_manifest(run_dir)["parameters"]["preset"]["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
 
 
 # --------------------------------------------------------------------------- outputs in git

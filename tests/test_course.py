@@ -47,11 +47,7 @@ NOTEBOOKS = list_notebooks(REPO / "notebooks")
 IDS = [path.stem for path in NOTEBOOKS]
 
 
-@pytest.fixture(autouse=True)
-def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checks as a student meets them: not strict, nothing recorded (tests that want either set it)."""
-    monkeypatch.delenv(STRICT_ENV, raising=False)
-    monkeypatch.delenv(RESULTS_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("lenient")  # checks as a student meets them (conftest.py)
 
 
 def read(path: Path) -> nbformat.NotebookNode:
@@ -419,13 +415,14 @@ def test_a_student_copy_runs_to_the_end_with_hints(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the troubleshooting page
 TROUBLES = {  # section heading -> (words the kit prints, the file that prints them): the page quotes the real thing
-    "The cache does not fit in memory": ("the cache may not fit in memory; lower the cache rate", "training.py"),
+    "The cache does not fit in memory": ("the cache may not fit in memory; lower the cache rate",
+                                         "training/engines.py"),
     "bfloat16 on a CPU: the fallback warning and the float32 message": ("bfloat16 Conv3d gradients are wrong",
-                                                                       "training.py"),
+                                                                       "training/precision.py"),
     '"not a synthetic dataset made by spleenkit"': ("not a synthetic dataset made by spleenkit",
                                                     "data/synthetic.py"),
     "No GPU on Colab": ("for full-scale training choose Runtime > Change runtime type > GPU", "environment.py"),
-    "A stand-in model was trained": ("does not exist (notebook 03 not run): training a stand-in", "notebooks.py"),
+    "A stand-in model was trained": ("does not exist (notebook 03 not run): training a stand-in", "lessons.py"),
     "Everything is slow on my CPU": (None, None),
     "The orientation warning on MSD headers": ("MONAI model-zoo issue 766", "inference.py"),
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import spleenkit
-from spleenkit.notebooks import STAND_IN_FOLDER, notebook_model, stand_in_banner
+from spleenkit.lessons import STAND_IN_FOLDER, notebook_model, stand_in_banner
 
 
 def test_the_real_model_is_used_when_notebook_03_left_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
