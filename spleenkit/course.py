@@ -31,6 +31,16 @@ from typing import Any
 
 from spleenkit.errors import BadInputError
 from spleenkit.exercises import EXERCISES, Verdict, read_results
+from spleenkit.notebooks import (
+    EXERCISE_RESULTS_FILE,
+    badges_markdown,
+    find_repo,
+    list_notebooks,
+    notebook_number,
+    run_notebooks,
+    select_notebooks,
+    write_notebook,
+)
 
 SOLUTION_TAG = "solution"
 CHECK_TAG = "check"
@@ -152,8 +162,6 @@ def exercise_problems(path: str | os.PathLike[str], notebook: Any | None = None)
     """What is wrong with a notebook's exercises (empty when nothing): shape, tags, ids, names, leaks."""
     import nbformat
 
-    from spleenkit.notebooks import notebook_number
-
     path = Path(path)
     notebook = notebook if notebook is not None else nbformat.read(path, as_version=4)
     number = notebook_number(path)
@@ -230,8 +238,6 @@ def student_badges(notebook: Any, name: str) -> bool:
     The instructor copy's badges open ``notebooks/NAME``, which holds the solutions; a student copy's open
     ``student/NAME``. Returns False when the notebook carries no badges to rewrite.
     """
-    from spleenkit.notebooks import badges_markdown
-
     instructor, student = badges_markdown(name), badges_markdown(name, folder=STUDENT_FOLDER)
     for cell in notebook.cells:
         if cell.cell_type == "markdown" and instructor in cell.source:
@@ -272,8 +278,6 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
     is not overwritten (it may hold a student's work) unless ``force``.
     """
     import nbformat
-
-    from spleenkit.notebooks import find_repo, list_notebooks, select_notebooks, write_notebook
 
     source_dir = Path(notebook_dir) if notebook_dir else find_repo() / "notebooks"
     out = Path(out_dir)
@@ -334,14 +338,6 @@ def check_course(profile: str = "quick", only: Iterable[str | int] | None = None
                  out_dir: str | os.PathLike[str] | None = None, repo: str | os.PathLike[str] | None = None,
                  overrides: dict[str, Any] | None = None) -> CourseCheck:
     """Run the instructor copies under a profile (strict exercises) and report every exercise's status."""
-    from spleenkit.notebooks import (
-        EXERCISE_RESULTS_FILE,
-        find_repo,
-        list_notebooks,
-        run_notebooks,
-        select_notebooks,
-    )
-
     repo_path = Path(repo).resolve() if repo else find_repo()
     summary = run_notebooks(profile=profile, only=only, out_dir=out_dir, repo=repo_path, overrides=overrides)
     notebooks = select_notebooks(list_notebooks(repo_path / "notebooks"), only)

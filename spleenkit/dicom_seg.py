@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from spleenkit import __version__
 from spleenkit.errors import BadInputError
+from spleenkit.images import dicom_image_headers
+from spleenkit.io import write_with
 
 #: The file written beside ``NAME_spleen.nii.gz`` for a DICOM series input.
 SEG_SUFFIX = "_spleen_seg.dcm"
@@ -62,10 +65,6 @@ def write_dicom_seg(mask: np.ndarray, affine: np.ndarray, series: str | os.PathL
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from spleenkit import __version__
-    from spleenkit.images import dicom_image_headers
-    from spleenkit.io import write_with
 
     found = dicom_image_headers(series)
     if len(found) != 1:

@@ -5,13 +5,26 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import threading
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from spleenkit.manifest import package_versions
+from spleenkit.devices import describe_device, describe_precision, pick_device
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of python and the libraries a run depends on."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("spleenkit", "torch", "monai", "pytorch-ignite", "nibabel", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def total_memory_gib() -> float | None:
@@ -89,8 +102,6 @@ def is_interactive() -> bool:
 def environment_report() -> dict[str, Any]:
     """Versions, device, cores, memory, GPU count, the CPU's capability and the precision the kit will use
     for training and inference (with why), as shown by the welcome notebook and ``spleenkit info``."""
-    from spleenkit.devices import describe_device, describe_precision, pick_device
-
     device = pick_device("auto")
     precision = describe_precision(device)
     return {
@@ -178,8 +189,6 @@ def colab_setup(workspace: str = COLAB_WORKSPACE, drive: bool | None = None, dri
     where = "on Google Drive, kept between sessions" if on_drive else "on this runtime's disk, lost when it ends"
     log.info("Colab: data in %s and runs in %s (%s)", os.path.join(workspace, "data"),
              os.path.join(workspace, "runs"), where)
-    from spleenkit.devices import pick_device
-
     device = pick_device("auto")  # what every notebook will use: the GPU when the runtime has one
     if device.type == "cpu":
         log.warning("Colab: no GPU in this runtime, so the kit computes on the CPU (the quick defaults are fine); "

@@ -21,13 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spleenkit.data.datalist import load_datalist, split_datalist
+from spleenkit.devices import pick_device
+from spleenkit.distributed import distributed_map
 from spleenkit.errors import BadInputError
-from spleenkit.images import read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
+from spleenkit.images import case_name, read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
 from spleenkit.io import check_writable, write_json
-from spleenkit.metrics import mask_metrics, summarise, write_rows_csv
+from spleenkit.manifest import build_manifest, now, write_manifest
+from spleenkit.metrics import mask_metrics, summarize, write_rows_csv
 from spleenkit.predict import original_space_mask, postprocessing, predict_logits, prepare_prediction
 from spleenkit.presets import Preset, get_preset
 from spleenkit.runs import run_preset
+from spleenkit.transforms import validation_transforms
 
 if TYPE_CHECKING:
     import torch
@@ -64,8 +69,6 @@ class EvaluationResult:
 
 def select_cases(data_dir: str | os.PathLike[str], preset: Preset, split: str = "validation") -> list[dict[str, str]]:
     """The labelled cases to evaluate: the bundle's validation split (default), the training split, or all."""
-    from spleenkit.data.datalist import load_datalist, split_datalist
-
     items = load_datalist(data_dir, "training")
     items = [item for item in items if "label" in item]
     if split == "all":
@@ -76,15 +79,6 @@ def select_cases(data_dir: str | os.PathLike[str], preset: Preset, split: str = 
     return validation if split == "validation" else training
 
 
-def case_name(path: str | os.PathLike[str]) -> str:
-    """``case_007`` for ``.../case_007.nii.gz``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def evaluate_case(network: torch.nn.Module, item: Mapping[str, str], preset: Preset, inferer: SlidingWindowInferer,
                   device: torch.device, amp: bool, largest_component: bool = False, fill_holes: bool = False,
                   preprocessing: Compose | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -92,8 +86,6 @@ def evaluate_case(network: torch.nn.Module, item: Mapping[str, str], preset: Pre
 
     Returns the two metric rows and the prediction on the original grid (uint8, the image file's voxel order).
     """
-    from spleenkit.transforms import validation_transforms
-
     name = case_name(item["image"])
     preprocessing = preprocessing or validation_transforms(preset)
     reference, reference_image = read_binary_mask(item["label"])
@@ -130,8 +122,6 @@ def label_round_trip(item: Mapping[str, str], preset: Preset | str = "seed",
     """
     from monai.transforms import Invertd
 
-    from spleenkit.transforms import validation_transforms
-
     preprocessing = preprocessing or validation_transforms(get_preset(preset))
     data = preprocessing({"image": item["image"], "label": item["label"]})
     back = Invertd(keys="label", transform=preprocessing, orig_keys="label", nearest_interp=True)(data)["label"]
@@ -157,11 +147,6 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     original-space mask into ``RUN_DIR/predictions``. The preset defaults to the run's own.
     Under torchrun (``distributed``), the cases are shared among the ranks and rank 0 writes everything.
     """
-    from spleenkit.devices import pick_device
-    from spleenkit.distributed import distributed_map
-    from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.transforms import validation_transforms
-
     model = Path(model)
     run_dir = model.parent
     preset = run_preset(run_dir) if preset is None else get_preset(preset)
@@ -200,12 +185,12 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
             predictions[name] = write_mask(mask, item["image"], run_dir / "predictions" / f"{name}.nii.gz")
     if distributed is not None and not distributed.is_main:  # rank 0 writes the results
         return EvaluationResult([], {}, out, out / "per_case.csv", out / "summary.json")
-    summary = summarise(rows)
+    summary = summarize(rows)
     csv_path = write_rows_csv(rows, out / "per_case.csv")
     summary_path = write_json(out / "summary.json", {"settings": settings, **summary})
     figure_paths = []
     if figures:
-        from spleenkit.visualization import per_case_metrics, save_figure
+        from spleenkit.visualization import per_case_metrics, save_figure  # deferred: matplotlib, for figures only
 
         figure_paths.append(save_figure(per_case_metrics(rows), out / "per_case_metrics.png"))
     write_manifest(out, build_manifest(settings, device=str(device_), started=started, finished=now(),

@@ -31,14 +31,24 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from spleenkit.errors import BadInputError, SpleenkitError
-
-if TYPE_CHECKING:
-    from spleenkit.presets import Preset
+from spleenkit.bundle import override_problems
+from spleenkit.compare import compare_networks, compare_numbers, compare_objects, compare_transforms
+from spleenkit.devices import choose_precision, grad_scaler
+from spleenkit.distributed import shard, train_sampler
+from spleenkit.errors import BadInputError, ExerciseFailed
+from spleenkit.images import read_binary_mask
+from spleenkit.inference import orientation_warnings
+from spleenkit.metrics import mask_metrics
+from spleenkit.model import BUNDLE_PARAMETER_COUNT, build_unet, count_parameters
+from spleenkit.predict import make_inferer, postprocessing, predict_logits
+from spleenkit.presets import Preset, get_preset
+from spleenkit.runs import read_metrics
+from spleenkit.training import make_loss, make_optimizer, mixed_precision_step
+from spleenkit.transforms import training_transforms
 
 STRICT_ENV = "SPLEENKIT_STRICT_EXERCISES"
 RESULTS_ENV = "SPLEENKIT_EXERCISE_RESULTS"
@@ -51,10 +61,6 @@ class Hint(Exception):  # noqa: N818 - a hint for the student, not an error of t
 
 class Skip(Exception):  # noqa: N818 - a verdict, not an error
     """Raised by a checker when the exercise does not apply to the data at hand; the message says why."""
-
-
-class ExerciseFailed(SpleenkitError):
-    """Strict mode: an answer was wrong or missing (in an instructor copy, a solution that no longer works)."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,6 @@ def _choice(answer: Any, options: Sequence[str]) -> str:
 @exercise("00-crop-extent", "how much of the body a crop sees",
           "Set crop_mm to a dict {preset name: (x, y, z) in mm}: each side of the crop = voxels x voxel size.")
 def _crop_extent(answer: Any, presets: Sequence[str] = ("seed", "quick")) -> str:
-    from spleenkit.presets import get_preset
-
     if not isinstance(answer, dict):
         raise Hint(f"expected a dict like {{'seed': (x, y, z), 'quick': (x, y, z)}}, got {_short(answer)}")
     lines = []
@@ -247,9 +251,6 @@ def _crop_extent(answer: Any, presets: Sequence[str] = ("seed", "quick")) -> str
 @exercise("00-custom-preset", "a recipe of your own",
           "Set my_recipe to get_preset(name, setting=value, ...): the quick recipe with 5 epochs and rate 3e-4.")
 def _custom_preset(answer: Any, base: str = "quick", overrides: dict[str, Any] | None = None) -> str:
-    from spleenkit.compare import compare_objects
-    from spleenkit.presets import Preset, get_preset
-
     overrides = {"epochs": 5, "learning_rate": 3e-4} if overrides is None else dict(overrides)
     if not isinstance(answer, Preset):
         raise Hint(f"expected a Preset (what get_preset returns), got {_short(answer)}")
@@ -366,9 +367,6 @@ def _resampled_shape(answer: Any, spatial_shape: Sequence[int], stored_shape: Se
 @exercise("02-chain", "write the tutorial's training chain",
           "Set my_chain to a monai.transforms.Compose of the tutorial preset's training transforms.")
 def _chain(answer: Any, preset: Preset | str) -> str:
-    from spleenkit.compare import compare_transforms
-    from spleenkit.transforms import training_transforms
-
     steps = getattr(answer, "transforms", answer)
     if not isinstance(steps, (list, tuple)) or not all(callable(step) for step in steps):
         raise Hint(f"expected Compose([...]) of MONAI transforms, got {_short(answer)}")
@@ -459,9 +457,6 @@ def _tiny_batch(seed: int = 0, side: int = 16) -> tuple[Any, Any]:
 def _network(answer: Any, preset: Preset | str) -> str:
     import torch
 
-    from spleenkit.compare import compare_networks, compare_objects
-    from spleenkit.model import BUNDLE_PARAMETER_COUNT, build_unet, count_parameters
-
     if not isinstance(answer, torch.nn.Module):
         raise Hint(f"expected a network (a torch.nn.Module such as monai.networks.nets.UNet), got {_short(answer)}")
     reference = build_unet(preset)
@@ -483,9 +478,6 @@ def _network(answer: Any, preset: Preset | str) -> str:
           "Set my_loss = DiceCELoss(...) from monai.losses with the bundle's settings.")
 def _loss(answer: Any, preset: Preset | str) -> str:
     import torch
-
-    from spleenkit.compare import compare_numbers, compare_objects
-    from spleenkit.training import make_loss
 
     if not callable(answer):
         raise Hint(f"expected a loss object such as monai.losses.DiceCELoss(...), got {_short(answer)}")
@@ -512,10 +504,6 @@ def reference_training_losses(preset: Preset | str = "seed", steps: int = 4,
     import torch
     from monai.networks.nets import UNet
 
-    from spleenkit.devices import choose_precision, grad_scaler
-    from spleenkit.presets import get_preset
-    from spleenkit.training import make_loss, make_optimizer, mixed_precision_step
-
     device = torch.device("cpu")
     precision = choose_precision(device, False, purpose="the exercise")  # float32: the same numbers everywhere
     torch.manual_seed(0)
@@ -537,8 +525,6 @@ def reference_training_losses(preset: Preset | str = "seed", steps: int = 4,
 @exercise("03-train-step", "complete the training step",
           "Define my_training_step(network, inputs, labels, loss_function, optimizer, scaler, precision) -> loss.")
 def _train_step(answer: Any, preset: Preset | str, steps: int = 4) -> str:
-    from spleenkit.compare import compare_numbers
-
     if not callable(answer):
         raise Hint(f"expected a function, got {_short(answer)}")
     try:
@@ -604,9 +590,6 @@ def _sampler(answer: Any, cases: Sequence[str], processes: int, rank: int) -> st
 def _partition(answer: Any, cases: Sequence[str], processes: int, seed: int, per_rank: int | None = None) -> str:
     from types import SimpleNamespace
 
-    from spleenkit.compare import compare_objects
-    from spleenkit.distributed import shard
-
     names = list(cases)
     expected = [shard(names, SimpleNamespace(world_size=processes, rank=rank), even_divisible=True, shuffle=True,
                       seed=seed) for rank in range(processes)]
@@ -638,9 +621,6 @@ def _partition(answer: Any, cases: Sequence[str], processes: int, seed: int, per
           "even_divisible=...).")
 def _train_sampler(answer: Any, dataset: Sequence[Any], processes: int, rank: int, seed: int) -> str:
     from monai.data import DistributedSampler
-
-    from spleenkit.compare import compare_objects
-    from spleenkit.distributed import train_sampler
 
     if not isinstance(answer, DistributedSampler):
         raise Hint(f"expected a monai.data.DistributedSampler, got {_short(answer)}")
@@ -691,7 +671,6 @@ def _metric_means(answer: Any, predictions: dict[str, Any], cases: dict[str, Any
                    "(1, 2, x, y, z) (AsDiscrete(to_onehot=2), then [None]), then aggregate().")
     if _close(hd95, original["hd_mm"]["mean"], relative=1e-4):
         raise Hint("that is the plain Hausdorff distance (the maximum): HausdorffDistanceMetric(percentile=95).")
-    from spleenkit.metrics import mask_metrics
 
     in_voxels = [mask_metrics(p, r, (1.0,) * p.ndim)["hd95_mm"] for p, r in _mask_pairs(predictions, cases)]
     if None not in in_voxels and _close(hd95, float(np.mean(in_voxels)), relative=1e-4):
@@ -708,8 +687,6 @@ def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(prediction, label) masks per case; ``cases`` maps a case to its label file or to its datalist item."""
-    from spleenkit.images import read_binary_mask
-
     labels = {name: case["label"] if isinstance(case, dict) else case for name, case in cases.items()}
     return [(read_binary_mask(predictions[name])[0], read_binary_mask(labels[name])[0]) for name in labels]
 
@@ -718,9 +695,6 @@ def _mask_pairs(predictions: dict[str, Any], cases: dict[str, Any]) -> list[tupl
           "Set my_postprocess to a Compose: softmax, back onto the image's grid with Invertd, argmax, then "
           "KeepLargestConnectedComponentd.")
 def _largest_component_chain(answer: Any, preprocessing: Any) -> str:
-    from spleenkit.compare import compare_transforms
-    from spleenkit.predict import postprocessing
-
     if not hasattr(answer, "transforms") and not isinstance(answer, (list, tuple)):
         raise Hint(f"expected a Compose of transforms, got {_short(answer)}")
     comparison = compare_transforms(answer, postprocessing(largest_component=True, invert=preprocessing))
@@ -793,8 +767,6 @@ def _centre_mm(answer: Any, mask: Any, affine: Any) -> str:
 
 @exercise("06-header-lies", "spot the flip", "Set header_lies to True or False.")
 def _header_lies(answer: Any, image: Any, mask: Any) -> str:
-    from spleenkit.inference import orientation_warnings
-
     if not isinstance(answer, (bool, np.bool_)):
         raise Hint(f"answer True or False, not {_short(answer)}")
     warnings = orientation_warnings(image, _mask(mask))
@@ -811,8 +783,6 @@ def _header_lies(answer: Any, image: Any, mask: Any) -> str:
           "predictor=network, overlap=..., mode=...)[0], under torch.no_grad().")
 def _sliding_window(answer: Any, image: Any, network: Any, preset: Any, device: Any = "cpu") -> str:
     import torch
-
-    from spleenkit.predict import make_inferer, predict_logits
 
     logits = torch.as_tensor(answer.detach() if hasattr(answer, "detach") else answer).float().cpu()
     expected = predict_logits(network, image, make_inferer(preset, device=device), device, amp=False).cpu()
@@ -866,8 +836,6 @@ def _windows(answer: Any, image_shape: Sequence[int], roi_size: Sequence[int], o
 def _override(answer: Any, config_file: str | os.PathLike[str], preset: str = "quick", epochs: int = 3) -> str:
     from monai.bundle import ConfigParser
 
-    from spleenkit.compare import compare_objects
-
     if not isinstance(answer, ConfigParser):
         raise Hint(f"expected a monai.bundle.ConfigParser, got {_short(answer)}")
     if "train#trainer" not in answer:
@@ -890,8 +858,6 @@ def _override(answer: Any, config_file: str | os.PathLike[str], preset: str = "q
 @exercise("07-ignored-overrides", "overrides that would do nothing",
           "Set ignored_keys to the list of the colleague's keys that name nothing in the configs.")
 def _ignored_overrides(answer: Any, config: Any, overrides: Sequence[str]) -> str:
-    from spleenkit.bundle import override_problems
-
     problems = override_problems(config, list(overrides))
     expected = sorted(key for key in overrides if any(p.startswith(f"--{key} ") for p in problems))
     given = sorted(str(key) for key in answer) if not isinstance(answer, str) else [answer]
@@ -926,8 +892,6 @@ _MEASURE_SETTINGS = {"validation_cases": "the validation cases", "seed": "the ra
 @exercise("08-variant", "a variant worth trying",
           "Set my_variant to a dict of preset settings to change, e.g. {\"learning_rate\": 3e-3}.")
 def _variant(answer: Any, base: Any) -> str:
-    from spleenkit.presets import get_preset
-
     if not isinstance(answer, dict) or not answer:
         raise Hint("expected a non-empty dict of preset settings, e.g. {'learning_rate': 3e-3}, got "
                    f"{_short(answer)}")
@@ -951,8 +915,6 @@ def _variant(answer: Any, base: Any) -> str:
 @exercise("08-best-run", "the best run from the run folders",
           "Set best_run to the name of the run folder with the highest validation Dice (read it from the folders).")
 def _best_run(answer: Any, run_dirs: Sequence[str | os.PathLike[str]]) -> str:
-    from spleenkit.training import read_metrics
-
     best = {Path(run).name: max((r["val_dice"] for r in read_metrics(run) if r.get("val_dice") is not None),
                                 default=float("-inf")) for run in run_dirs}
     last = {Path(run).name: next((r["val_dice"] for r in reversed(read_metrics(run)) if r.get("val_dice") is not None),
@@ -977,9 +939,6 @@ def _best_run(answer: Any, run_dirs: Sequence[str | os.PathLike[str]]) -> str:
 def _dice_loss(answer: Any, preset: Any) -> str:
     from monai.losses import DiceLoss
 
-    from spleenkit.compare import compare_objects
-    from spleenkit.training import make_loss
-
     expected = make_loss(preset.replace(loss="dice"))
     if not isinstance(answer, DiceLoss):
         raise Hint(f"expected a monai.losses.DiceLoss, got {type(answer).__name__}")
@@ -990,7 +949,3 @@ def _dice_loss(answer: Any, preset: Any) -> str:
     return ("the kit's DiceLoss: softmax over the 2 logit channels, the label one-hot encoded; without the cross-"
             "entropy term of DiceCELoss.")
 
-
-def exercise_ids(prefix: str = "") -> list[str]:
-    """The registered exercise ids (those starting with ``prefix``, e.g. "05-"), sorted."""
-    return sorted(key for key in EXERCISES if key.startswith(prefix))

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.io import write_with
+from spleenkit.model import check_finite_weights, load_model
 from spleenkit.presets import Preset
 
 if TYPE_CHECKING:
@@ -64,8 +66,6 @@ def export_torchscript(network: torch.nn.Module, out: str | os.PathLike[str],
     import torch
     from monai.data import save_net_with_metadata
 
-    from spleenkit.io import write_with
-
     network = network.eval()
     scripted = torch.jit.script(network)
     return write_with(out, lambda path: save_net_with_metadata(scripted, str(path), include_config_vals=False,
@@ -89,8 +89,6 @@ def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
     def write(path: Path) -> None:
         torch.onnx.export(network, (sample,), str(path), dynamo=True, input_names=["image"], output_names=["pred"],
                           dynamic_shapes=dynamic, verbose=False)
-
-    from spleenkit.io import write_with
 
     with _quiet_exporter():
         return write_with(out, write, check=check)
@@ -166,8 +164,6 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
     exported file is run against the eager network *before* it replaces an earlier export, and a
     difference above :data:`TOLERANCE` is an error that leaves the earlier file as it was. Returns a summary.
     """
-    from spleenkit.model import check_finite_weights, load_model
-
     out = Path(out)
     if out.is_dir():
         raise BadInputError("is a folder; give the file to write, e.g. model.ts", out)

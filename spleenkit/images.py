@@ -41,8 +41,9 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def stem(path: str | os.PathLike[str]) -> str:
-    """The file name without ``.nii``/``.nii.gz`` (a folder keeps its name)."""
+def case_name(path: str | os.PathLike[str]) -> str:
+    """A case's name: the file name without ``.nii``/``.nii.gz`` (``case_007`` for ``.../case_007.nii.gz``; a DICOM
+    series folder keeps its name)."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -101,7 +102,7 @@ class InputVolume:
 
     @property
     def name(self) -> str:
-        return stem(self.path)
+        return case_name(self.path)
 
 
 def find_inputs(path: str | os.PathLike[str]) -> list[InputVolume]:

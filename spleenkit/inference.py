@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spleenkit.data.checks import inspect_image, read_input
+from spleenkit.devices import pick_device
+from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
 from spleenkit.environment import peak_memory_mib
 from spleenkit.errors import BadInputError
 from spleenkit.images import (
@@ -32,8 +35,10 @@ from spleenkit.images import (
     write_mask,
 )
 from spleenkit.io import check_writable
+from spleenkit.manifest import build_manifest, now, write_manifest
 from spleenkit.predict import predict_mask, prepare_prediction
 from spleenkit.presets import Preset, get_preset
+from spleenkit.runs import output_folder, run_preset
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -145,12 +150,10 @@ class InferenceResult:
     peak_memory_mib: float
 
 
-def check_inputs(volumes: Sequence[InputVolume], preset: Preset | str, force: bool = False) -> dict[str, list[str]]:
+def check_inputs(volumes: Sequence[InputVolume], preset: Preset, force: bool = False) -> dict[str, list[str]]:
     """Run ``data check``'s own image checks (:func:`spleenkit.data.checks.inspect_image`) on every input before
     anything is written: a problem anywhere is refused, naming each file; intensities that do not look like CT
     are refused unless ``force``. Returns the warnings per input name (recorded in the manifest)."""
-    from spleenkit.data.checks import inspect_image, read_input
-
     problems: list[str] = []
     warnings_: dict[str, list[str]] = {}
     not_ct: list[str] = []
@@ -197,10 +200,6 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     segments images whose values do not look like CT) and the model's weights must be finite. If a case
     fails or the run is interrupted, the masks already written stay and the manifest lists them.
     """
-    from spleenkit.devices import pick_device
-    from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.runs import output_folder, run_preset
-
     model = Path(model)
     volumes, skipped = scan_inputs(input)
     for entry in skipped:
@@ -256,7 +255,6 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
     segmentation = None
     if volume.kind == "dicom":  # and a DICOM Segmentation of the series, for viewers that read DICOM
-        from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
 
         try:
             segmentation = str(write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}"))
@@ -265,7 +263,7 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
             log.warning(warnings_[-1])
     overlay_path = None
     if overlay:
-        from spleenkit.visualization import save_figure, three_plane
+        from spleenkit.visualization import save_figure, three_plane  # deferred: matplotlib, for overlays only
 
         figure = three_plane(np.asanyarray(image.dataobj).reshape(image.shape[:3]), mask, affine=image.affine,
                              title=f"{volume.name}: predicted spleen")

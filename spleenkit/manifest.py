@@ -8,9 +8,11 @@ import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from spleenkit.environment import package_versions
+from spleenkit.io import write_json
 
 MANIFEST_NAME = "manifest.json"
 
@@ -18,17 +20,6 @@ MANIFEST_NAME = "manifest.json"
 def now() -> str:
     """The current time in ISO 8601 with the UTC offset."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of python and the libraries a run depends on."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("spleenkit", "torch", "monai", "pytorch-ignite", "nibabel", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
@@ -59,8 +50,6 @@ def build_manifest(parameters: dict[str, Any], device: str | None = None, **extr
 
 def write_manifest(run_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` into the run folder atomically and return its path."""
-    from spleenkit.io import write_json
-
     return write_json(Path(run_dir) / MANIFEST_NAME, manifest)
 
 

@@ -99,7 +99,7 @@ def compare_mask_files(pred_path: str | os.PathLike[str], ref_path: str | os.Pat
             "spacing_mm": list(spacing), **mask_metrics(pred, ref, spacing)}
 
 
-def summarise(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean, sd, median, min, max and the worst case of each metric, per space.
 
     Rows are per-case dicts with ``case``, ``space`` (default "original") and the metrics; an

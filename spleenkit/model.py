@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spleenkit.errors import BadInputError
+from spleenkit.io import atomic_write
 from spleenkit.presets import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -46,8 +47,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str], *, check: Callable[[Path
     """``torch.save`` through the kit's one atomic writer (:func:`spleenkit.io.atomic_write`); ``check`` (e.g.
     :func:`check_saved_weights`) inspects the written file before it replaces an earlier one."""
     import torch
-
-    from spleenkit.io import atomic_write
 
     with atomic_write(path, "wb", check=check) as stream:
         torch.save(obj, stream)

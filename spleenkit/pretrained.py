@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.errors import BadInputError, PretrainedUnavailableError
+from spleenkit.model import build_unet, count_parameters, load_weights
 from spleenkit.presets import Preset
 
 if TYPE_CHECKING:
@@ -28,10 +29,6 @@ PRETRAINED_VERSION = "0.5.9"
 SOURCES = ("monaihosting", "github", "ngc")
 GITHUB_REPO = "Project-MONAI/model-zoo/hosting_storage_v1"
 WEIGHTS = Path("models") / "model.pt"
-
-
-class PretrainedUnavailableError(SpleenkitError):
-    """The official weights could not be downloaded (offline, blocked, or the source is down)."""
 
 
 def download_instructions(bundle_dir: str | os.PathLike[str], version: str = PRETRAINED_VERSION) -> str:
@@ -113,8 +110,6 @@ class PretrainedInfo:
 def load_pretrained(path: str | os.PathLike[str], preset: Preset | str = "seed",
                     device: torch.device | str = "cpu") -> tuple[torch.nn.Module, PretrainedInfo]:
     """Load the official (or any bundle-format) ``model.pt`` into the kit's UNet, strictly, in eval mode."""
-    from spleenkit.model import build_unet, count_parameters, load_weights
-
     weights = find_weights(path)
     network = load_weights(build_unet(preset), weights).to(device).eval()
     info = PretrainedInfo(weights=weights, parameters=count_parameters(network),

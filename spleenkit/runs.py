@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from spleenkit.errors import BadInputError
+from spleenkit.io import check_writable
+from spleenkit.manifest import read_manifest
 from spleenkit.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,6 @@ def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Pa
     ``previous-<time>`` subfolder, so that a repeated command never destroys a trained model.
     Call it while holding the folder's :class:`RunLock` (as :func:`spleenkit.training.train` does).
     """
-    from spleenkit.io import check_writable
-
     run_dir = check_writable(run_dir)
     for stale in run_dir.glob(".*.tmp"):  # left by a process killed while saving
         stale.unlink(missing_ok=True)
@@ -222,8 +222,6 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
 
 def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed") -> Preset:
     """The preset a run was trained with, read from its manifest (``parameters.preset``), else ``fallback``."""
-    from spleenkit.manifest import read_manifest
-
     try:
         parameters = read_manifest(run_dir).get("parameters", {})
     except (OSError, ValueError):
@@ -273,8 +271,6 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     Rows of several runs make the table that compares them (notebooks 07 and 08); a folder without a
     manifest is a :class:`~spleenkit.errors.BadInputError` naming it.
     """
-    from spleenkit.manifest import read_manifest
-
     run_path = Path(run_dir)
     if not (run_path / "manifest.json").is_file():
         raise BadInputError("no manifest.json: not a run folder, or its training has not started", run_path)

@@ -21,6 +21,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from spleenkit import environment
+from spleenkit.errors import BadInputError
+from spleenkit.io import write_with
+from spleenkit.metrics import mask_metrics, read_rows_csv
+from spleenkit.runs import METRICS_NAME, read_metrics
+
 log = logging.getLogger(__name__)
 
 #: Colour-blind-safe colours (Okabe-Ito).
@@ -48,8 +54,6 @@ def new_figure(width: float = 10.0, height: float = 4.0, **kwargs: Any) -> KitFi
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Save ``figure`` as a PNG atomically (a temporary file renamed into place) and return the path."""
-    from spleenkit.io import write_with
-
     return write_with(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight"))
 
 
@@ -98,14 +102,6 @@ def to_ras(volume: Any, affine: np.ndarray | None = None,
     for axis, (target, _) in enumerate(orientation):
         ras_spacing[int(target)] = float(sizes[axis])
     return apply_orientation(array, orientation), tuple(ras_spacing)  # type: ignore[return-value]
-
-
-def load_ras(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI file and return its voxels in RAS order with the voxel size in mm."""
-    from spleenkit.images import read_nifti
-
-    image = read_nifti(path)
-    return to_ras(image, image.affine)
 
 
 def _plane(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
@@ -289,11 +285,7 @@ def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = Non
     internet), with the slice viewer when itkwidgets cannot be imported. Nothing interactive starts unless
     :func:`spleenkit.environment.is_interactive` is True: a widget in a headless run waits for a front end.
     """
-    from spleenkit import environment
-
     if renderer not in ("slices", "itk"):
-        from spleenkit.errors import BadInputError
-
         raise BadInputError(f"renderer {renderer!r}: use 'slices' (offline, the default) or 'itk' (itkwidgets)")
     volume, voxel = to_ras(image, affine, spacing)
     outline = None if mask is None else (to_ras(mask, affine, spacing)[0] > 0.5).astype(np.uint8)
@@ -325,9 +317,6 @@ def show_3d(image: Any, mask: Any | None = None, affine: np.ndarray | None = Non
 # --------------------------------------------------------------------------- figures of runs and metrics
 def _read_run_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The epochs of a run (:func:`spleenkit.runs.read_metrics`); a run with none yet is an error for a figure."""
-    from spleenkit.errors import BadInputError
-    from spleenkit.runs import METRICS_NAME, read_metrics
-
     records = read_metrics(source)
     if not records:
         path = Path(source) / METRICS_NAME if Path(source).is_dir() else Path(source)
@@ -380,8 +369,6 @@ def per_case_metrics(rows: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
                      title: str | None = None, save: str | os.PathLike[str] | None = None) -> Figure:
     """One panel per metric, one column per case (sorted by original-space Dice), one marker per space."""
     if isinstance(rows, (str, os.PathLike)):
-        from spleenkit.metrics import read_rows_csv
-
         rows = read_rows_csv(rows)
     rows = list(rows)
     spaces = list(dict.fromkeys(str(r.get("space", "original")) for r in rows))
@@ -423,8 +410,6 @@ def illustrate_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     """
     from matplotlib.patches import Patch
     from scipy import ndimage
-
-    from spleenkit.metrics import mask_metrics
 
     a, b = np.asarray(pred) > 0.5, np.asarray(ref) > 0.5
     scores = mask_metrics(a, b, spacing)

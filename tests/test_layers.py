@@ -1,5 +1,6 @@
-"""The package's rooms import only downward: no import circle (in-function imports included), and one
-reader or writer for each kind of file."""
+"""The package's rooms import only downward, as the README's layer table says (in-function imports included), with
+no import circle and no in-function import of the kit's own modules without a reason; one reader or writer for each
+kind of file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spleenkit"
+README = PACKAGE.parent / "README.md"
 
 
 def module_name(path: Path) -> str:
@@ -64,6 +66,89 @@ def test_the_cycle_finder_finds_a_circle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def layer_table() -> dict[str, int]:
+    """The README's layer table: top-level module name -> row number (0 at the top). Names in parentheses are a
+    package's own modules and share its row."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| layer | module | concern |"):].split("\n\n")[0].splitlines()[2:]
+    rows: dict[str, int] = {}
+    for number, line in enumerate(table):
+        cell = re.sub(r"\([^)]*\)", "", line.split("|")[2])
+        for name in re.findall(r"`([\w.]+)`", cell):
+            assert name not in rows, f"the layer table places {name} twice"
+            rows[name] = number
+    return rows
+
+
+def room(module: str) -> str:
+    """The table's name for a module: ``spleenkit.training.engines`` is in the row of ``training``."""
+    return module.split(".")[1]
+
+
+def upward_imports(graph: dict[str, set[str]], rows: dict[str, int]) -> list[str]:
+    """The imports of a module in a lower row of a module in a higher one."""
+    return sorted(f"{name} (row {rows[room(name)]}) imports {target} (row {rows[room(target)]})"
+                  for name, targets in graph.items() if name != "spleenkit"
+                  for target in targets if rows[room(target)] > rows[room(name)])
+
+
+def test_every_module_imports_only_its_own_row_or_the_rows_above_as_the_readme_says() -> None:
+    rows = layer_table()
+    graph = import_graph()
+    unplaced = sorted({room(name) for name in graph if name != "spleenkit"} - set(rows))
+    assert not unplaced, f"the README's layer table does not place {unplaced}"
+    upward = upward_imports(graph, rows)
+    assert not upward, "imports against the layer table:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    rows = {"errors": 0, "environment": 1, "manifest": 2, "training": 3}
+    graph = {"spleenkit.environment": {"spleenkit.manifest"}, "spleenkit.training.run": {"spleenkit.errors"}}
+    assert upward_imports(graph, rows) == ["spleenkit.environment (row 1) imports spleenkit.manifest (row 2)"]
+
+
+def deferred_imports_without_a_reason() -> list[str]:
+    """In-function imports of the kit's own modules (outside ``if TYPE_CHECKING``) with no comment on their line.
+
+    The command line is the one exception: its docstring says that every command imports its modules in its
+    handler, so that ``spleenkit --help`` starts without them."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        if name == "spleenkit.cli":
+            continue
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        typing_only = {id(node) for branch in ast.walk(tree)
+                       if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+                       for node in ast.walk(branch)}
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if id(node) in top or id(node) in typing_only:
+                continue
+            own = ((isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spleenkit"))
+                   or (isinstance(node, ast.Import) and any(a.name.startswith("spleenkit") for a in node.names)))
+            if own and "#" not in lines[node.lineno - 1]:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_the_kits_own_modules_are_imported_at_the_top_unless_a_comment_says_why_not() -> None:
+    found = deferred_imports_without_a_reason()
+    assert not found, "in-function imports without a reason:\n" + "\n".join(found)
+    cli = (PACKAGE / "cli.py").read_text(encoding="utf-8")
+    assert "each\ncommand imports the module it needs inside its handler" in cli
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    for name, code in code_of_the_package().items():
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spleenkit") and node.module != name:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{name} imports private {private} from {node.module}"
+
+
 def code_of_the_package() -> dict[str, str]:
     return {module_name(path): path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py")}
 
@@ -79,5 +164,5 @@ def test_one_nifti_reader_and_one_metrics_log_reader() -> None:
 def test_one_autocast_path_for_inference() -> None:
     """Inference windows run under autocast in one place (predict.autocast_inferer / predict_logits)."""
     for name, code in code_of_the_package().items():
-        if name not in {"spleenkit.predict", "spleenkit.devices", "spleenkit.training"}:
+        if name not in {"spleenkit.predict", "spleenkit.devices", "spleenkit.training.precision"}:
             assert "torch.autocast(" not in code and "autocast(" not in code.replace("autocast_inferer(", ""), name

@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from spleenkit.data.synthetic import msd_description
 from spleenkit.errors import BadInputError, ChecksumError, SpleenkitError
 from spleenkit.images import read_nifti
-from spleenkit.io import write_text, write_with
+from spleenkit.io import write_json, write_text, write_with
 
 log = logging.getLogger(__name__)
 
@@ -566,9 +567,6 @@ def example_as_msd(example_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     """
     import nibabel as nib
     import numpy as np
-
-    from spleenkit.data.synthetic import msd_description
-    from spleenkit.io import write_json, write_with
 
     example = Path(example_dir)
     for name in ("ct.nii.gz", mask):

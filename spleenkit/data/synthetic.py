@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spleenkit import __version__
 from spleenkit.errors import BadInputError
 from spleenkit.io import write_bytes
 
@@ -956,8 +957,6 @@ _PREFIX = "Synthetic abdominal CT phantoms with spleen labels (spleenkit"
 
 
 def _description(cases: int, test_cases: int, seed: int, matrix: int, slice_spacing: float | None) -> str:
-    from spleenkit import __version__
-
     slices = f"{slice_spacing:g} mm slices" if slice_spacing else "1.5-8 mm slices"
     return (f"{_PREFIX} {__version__}; seed {seed}, "
             f"{cases} labelled + {test_cases} test cases, {matrix}x{matrix} matrix, {slices})")
