@@ -1,4 +1,5 @@
-"""Shared fixtures: the real example CT (read in place, never copied into the repo) and small synthetic datasets."""
+"""Shared fixtures: the real example CT (read in place, never copied into the repo), a small synthetic dataset, an
+untrained tiny run, and exercise checks as a student meets them. Shared data and writers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import TINY, write_untrained_run
+
+from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,15 +44,16 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    matrix=64, slice_spacing=5.0)
 
 
-def write_untrained_run(run: Path, preset) -> Path:
-    """A run folder holding seeded, untrained weights for ``preset`` and a manifest naming it: what evaluation
-    and inference read, without the minutes a training takes. Returns the path of ``model.pt``."""
-    import torch
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Untrained tiny-UNet weights (``helpers.TINY``) in a run folder whose manifest names that recipe. Shared:
+    treat it as read-only."""
+    return write_untrained_run(tmp_path_factory.mktemp("tiny-run"), TINY)
 
-    from spleenkit.manifest import build_manifest, write_manifest
-    from spleenkit.model import atomic_save, build_unet
 
-    torch.manual_seed(0)
-    atomic_save(build_unet(preset).state_dict(), run / "model.pt")
-    write_manifest(run, build_manifest({"preset": preset.to_dict()}))
-    return run / "model.pt"
+@pytest.fixture
+def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercise checks as a student meets them: not strict, nothing recorded (tests that want either set it).
+    A module takes it for every test with ``pytestmark = pytest.mark.usefixtures("lenient")``."""
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+    monkeypatch.delenv(RESULTS_ENV, raising=False)

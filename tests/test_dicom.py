@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import write_dicom_series
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
-from test_inference import tiny_model, write_dicom_series  # noqa: F401 - tiny_model is a fixture
 
 import spleenkit.inference
 from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg

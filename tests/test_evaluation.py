@@ -10,20 +10,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_untrained_run
+from helpers import TINY, write_untrained_run
 from scipy import ndimage
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
 from spleenkit.evaluation import evaluate_run, label_round_trip
-from spleenkit.metrics import compare_mask_files, format_summary, mask_metrics, read_rows_csv, summarise
+from spleenkit.metrics import compare_mask_files, format_summary, mask_metrics, read_rows_csv, summarize
 from spleenkit.predict import keep_largest_component, make_inferer, postprocessing
 from spleenkit.presets import get_preset
 from spleenkit.runs import run_preset
 
 # untrained and coarse: enough to run every step quickly on a CPU
-TINY = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64), num_res_units=1,
-                  validation_roi_size=(32, 32, 32), validation_cases=1, sliding_window_overlap=0.25)
+ONE_HELD_OUT = TINY.replace(validation_cases=1)  # one validation case: a whole-run evaluation in seconds
 
 
 def scipy_surface_metrics(a: np.ndarray, b: np.ndarray, spacing) -> dict[str, float]:
@@ -166,11 +165,11 @@ def test_evaluate_masks_command_prints_json(example_ct_dir: Path, capsys: pytest
 
 
 # --------------------------------------------------------------------------- summaries and post-processing
-def test_summarise_reports_mean_sd_median_and_worst_case() -> None:
+def test_summarize_reports_mean_sd_median_and_worst_case() -> None:
     rows = [{"case": "a", "space": "original", "dice": 0.9, "hd95_mm": 4.0, "volume_error_ml": -10.0},
             {"case": "b", "space": "original", "dice": 0.7, "hd95_mm": None, "volume_error_ml": 30.0},
             {"case": "c", "space": "original", "dice": 0.8, "hd95_mm": 9.0, "volume_error_ml": 5.0}]
-    summary = summarise(rows)["original"]
+    summary = summarize(rows)["original"]
     assert summary["cases"] == 3
     assert summary["dice"]["mean"] == pytest.approx(0.8)
     assert summary["dice"]["sd"] == pytest.approx(0.1)
@@ -179,7 +178,7 @@ def test_summarise_reports_mean_sd_median_and_worst_case() -> None:
     assert summary["hd95_mm"]["worst"] == {"case": "c", "value": 9.0}
     assert summary["hd95_mm"]["undefined"] == 1 and summary["hd95_mm"]["n"] == 2
     assert summary["volume_error_ml"]["worst"]["case"] == "b"
-    table = format_summary(summarise(rows))
+    table = format_summary(summarize(rows))
     assert "0.800 ± 0.100" in table and "[1 undefined]" in table
 
 
@@ -220,8 +219,10 @@ def test_make_inferer_takes_the_preset_and_checks_options() -> None:
     assert tuple(inferer.roi_size) == (96, 96, 96)
     assert inferer.sw_batch_size == 4 and inferer.overlap == 0.5 and inferer.mode == "gaussian"
     assert str(inferer.device) == "cpu"
-    for bad in ({"blend": "median"}, {"overlap": 1.0}, {"stitch_device": "gpu"}, {"sw_batch_size": 0}):
-        with pytest.raises(BadInputError):
+    for bad, named in (({"blend": "median"}, "blend mode 'median'"), ({"stitch_device": "gpu"}, "stitch device"),
+                       ({"overlap": 1.0}, "sliding_window_overlap=1.0: expected"),
+                       ({"sw_batch_size": 0}, "sliding_window_batch_size=0: expected")):
+        with pytest.raises(BadInputError, match=named):
             make_inferer("seed", **bad)
 
 
@@ -229,11 +230,11 @@ def test_make_inferer_takes_the_preset_and_checks_options() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder holding untrained tiny-UNet weights and a manifest naming the tiny preset."""
-    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY).parent
+    return write_untrained_run(tmp_path_factory.mktemp("run"), ONE_HELD_OUT).parent
 
 
 def test_run_preset_is_read_back_from_the_manifest(tiny_run: Path, tmp_path: Path) -> None:
-    assert run_preset(tiny_run) == TINY
+    assert run_preset(tiny_run) == ONE_HELD_OUT
     assert run_preset(tmp_path).name == "seed"
 
 
@@ -243,11 +244,11 @@ def test_evaluate_run_writes_consistent_results(tiny_run: Path, synthetic_datase
     assert [p.name for p in sorted(out.iterdir())] == ["manifest.json", "per_case.csv", "per_case_metrics.png",
                                                         "summary.json"]
     rows = read_rows_csv(result.csv_path)
-    assert len(rows) == 2 * TINY.validation_cases
+    assert len(rows) == 2 * ONE_HELD_OUT.validation_cases
     assert {row["space"] for row in rows} == {"resampled", "original"}
     summary = json.loads(result.summary_path.read_text())
     assert summary["settings"]["preset"] == "quick" and summary["settings"]["largest_component"] is True
-    assert summary["original"]["cases"] == TINY.validation_cases
+    assert summary["original"]["cases"] == ONE_HELD_OUT.validation_cases
     for case, prediction in result.prediction_paths.items():
         image_path = synthetic_dataset / "imagesTr" / f"{case}.nii.gz"
         label_path = synthetic_dataset / "labelsTr" / f"{case}.nii.gz"

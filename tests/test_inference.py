@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_untrained_run
+from helpers import TINY, write_dicom_series
 
 from spleenkit.cli import main
 from spleenkit.errors import BadInputError
@@ -20,9 +20,6 @@ from spleenkit.model import atomic_save, build_unet
 from spleenkit.predict import make_inferer, predict_mask
 from spleenkit.presets import get_preset
 
-# untrained and coarse: enough to run every step quickly on a CPU (geometry does not need a good model)
-TINY = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64), num_res_units=1,
-                  validation_roi_size=(32, 32, 32), sliding_window_overlap=0.25)
 FINE = get_preset("quick")  # 3 mm: for the threshold stand-in, which costs nothing per window
 HU_LEVEL = 100.0  # contrast-enhanced organs and bone lie above it
 
@@ -56,12 +53,6 @@ def flip_axis(image: nib.Nifti1Image, axis: int) -> nib.Nifti1Image:
     affine[:3, 3] = affine[:3, :3] @ corner + affine[:3, 3]
     affine[:3, axis] *= -1
     return nib.Nifti1Image(data, affine)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Untrained tiny-UNet weights in a run folder whose manifest names the tiny preset."""
-    return write_untrained_run(tmp_path_factory.mktemp("run"), TINY)
 
 
 def assert_same_grid(mask_path: Path, image: nib.spatialimages.SpatialImage) -> None:
@@ -151,43 +142,6 @@ def test_slab_resampling_for_large_images_equals_invertd(example_ct_dir: Path, t
 
 
 # --------------------------------------------------------------------------- DICOM
-def write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray, series_uid: str | None = None,
-                       skip: tuple[int, ...] = (), prefix: str = "slice") -> Path:
-    """Write a CT volume (NIfTI voxel order, RAS affine) as one DICOM file per slice."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    column_spacing, row_spacing = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    orientation = [*(lps[:3, 0] / column_spacing), *(lps[:3, 1] / row_spacing)]
-    series_uid, study_uid = series_uid or generate_uid(), generate_uid()
-    for index in range(volume.shape[2]):
-        if index in skip:
-            continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, "CT"
-        ds.PatientName, ds.PatientID, ds.SeriesDescription = "Phantom^Test", "0", "test series"
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, :3] @ [0, 0, index] + lps[:3, 3]]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
-        ds.PixelSpacing = [f"{row_spacing:.6f}", f"{column_spacing:.6f}"]
-        ds.SliceThickness = f"{np.linalg.norm(lps[:3, 2]):.6f}"
-        pixels = (volume[:, :, index].T + 1024).astype(np.uint16)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(folder / f"{prefix}_{index:04d}.dcm", enforce_file_format=True)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def dicom_ct(example_ct_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real example CT written as a DICOM series (one file per axial slice)."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import enum
-import math
-
 import numpy as np
 import pytest
 import torch
+from helpers import describe
 
 from spleenkit.presets import get_preset
 from spleenkit.transforms import (
@@ -37,31 +35,6 @@ BUNDLE_TRAIN = {
          "image_threshold": 0},
     ],
 }
-
-
-def describe(obj: object, depth: int = 0) -> object:
-    """Every attribute of a transform, recursively, as plain comparable data (random states left out)."""
-    if depth > 8:
-        return "..."
-    if isinstance(obj, float) and math.isnan(obj):
-        return "nan"
-    if isinstance(obj, (bool, int, float, str, type(None))):
-        return obj
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [describe(item, depth + 1) for item in obj]
-    if isinstance(obj, dict):
-        return {str(key): describe(value, depth + 1) for key, value in obj.items()}
-    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
-        return describe(np.asarray(obj).tolist(), depth + 1)
-    if isinstance(obj, np.random.RandomState):
-        return "RandomState"
-    if isinstance(obj, type):
-        return obj.__qualname__
-    if hasattr(obj, "__dict__"):
-        return {"type": type(obj).__qualname__, **{k: describe(v, depth + 1) for k, v in vars(obj).items()}}
-    return getattr(obj, "__qualname__", repr(obj))
 
 
 @pytest.fixture(scope="module")
