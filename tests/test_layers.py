@@ -149,6 +149,15 @@ def test_no_module_imports_another_modules_private_names() -> None:
                 assert not private, f"{name} imports private {private} from {node.module}"
 
 
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/helpers.py and tests/conftest.py."""
+    for path in sorted((PACKAGE.parent / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not [n for n in names if n.startswith(("test_", "conftest"))], f"{path.name} imports {names}"
+
+
 def code_of_the_package() -> dict[str, str]:
     return {module_name(path): path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py")}
 
