@@ -379,14 +379,12 @@ def _check_together(preset: Preset) -> None:
                             f"between each pair of the {len(preset.channels)} channels ({shown(preset.channels)})")
     if preset.positive + preset.negative == 0:
         raise BadInputError("positive=0: positive and negative crops cannot both be 0 (the bundle draws 1 and 1)")
-    if preset.norm == "instance":
-        reduction = math.prod(preset.strides)
-        for name in ("patch_size", "validation_roi_size"):
-            size = getattr(preset, name)
-            if math.prod(math.ceil(side / reduction) for side in size) < 2:
-                raise BadInputError(
-                    f"{name}={shown(size)}: leaves 1 voxel at the UNet's deepest level, where instance norm has "
-                    f"nothing to normalise over; use {2 * reduction} voxels on at least one side, or norm=batch")
+    reduction = math.prod(preset.strides)
+    if preset.norm == "instance" and math.prod(math.ceil(side / reduction) for side in preset.patch_size) < 2:
+        # (training only: PyTorch's instance norm refuses a single voxel in training mode)
+        raise BadInputError(
+            f"patch_size={shown(preset.patch_size)}: leaves 1 voxel at the UNet's deepest level, where instance norm "
+            f"has nothing to normalise over; use {2 * reduction} voxels on at least one side, or norm=batch")
 
 
 # --------------------------------------------------------------------------- the door
