@@ -348,6 +348,8 @@ def _infer(args: argparse.Namespace) -> int:
               + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
         if case.segmentation:
             print(f"{case.name}: {case.segmentation} (DICOM Segmentation of the series)")
+        elif case.segmentation_not_written:
+            print(f"{case.name}: no DICOM Segmentation: {case.segmentation_not_written}")
     print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
     return 0
 

@@ -133,6 +133,9 @@ class CaseOutput:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     segmentation: str | None = None  # the DICOM Segmentation written for a DICOM series input
+    segmentation_not_written: str | None = None  # for a DICOM series input without one: why
+    series: str | None = None  # a DICOM series input's SeriesInstanceUID
+    derived: list[str] = field(default_factory=list)  # source values the DICOM Segmentation derived or filled
 
 
 @dataclass
@@ -158,7 +161,7 @@ def check_inputs(volumes: Sequence[InputVolume], preset: Preset | str, force: bo
         try:
             if volume.kind == "nifti":
                 read_nifti(volume.path)  # the header first: its messages are the clearest
-            image, data = read_input(volume.path)
+            image, data = read_input(volume.path, volume.series_uid)
         except BadInputError as error:
             problems.append(str(error))
             continue
@@ -254,14 +257,22 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     for warning in warnings_:
         log.warning(warning)
     mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
-    segmentation = None
+    segmentation, not_written, derived = None, None, []
     if volume.kind == "dicom":  # and a DICOM Segmentation of the series, for viewers that read DICOM
         from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
 
         try:
-            segmentation = str(write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}"))
-        except BadInputError as error:
-            warnings_.append(f"{volume.name}: no DICOM Segmentation written: {error}")
+            written = write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}",
+                                      volume.series_uid)
+            segmentation, derived = str(written.path), written.derived
+        except BadInputError as error:  # the mask is right and written: a missing SEG is a warning, not a failure
+            not_written = str(error)
+        except Exception as error:  # noqa: BLE001 - idem, whatever highdicom or pydicom raise
+            not_written = f"{type(error).__name__}: {error}".splitlines()[0]
+        for line in derived:
+            log.info("%s: DICOM Segmentation: %s", volume.name, line)
+        if not_written:
+            warnings_.append(f"{volume.name}: no DICOM Segmentation written: {not_written}")
             log.warning(warnings_[-1])
     overlay_path = None
     if overlay:
@@ -274,4 +285,5 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     seconds = round(time.perf_counter() - begun, 2)
     log.info("%s: spleen %.1f mL -> %s (%.1f s)", volume.name, volume_ml, mask_path, seconds)
     return CaseOutput(volume.name, str(volume.path), str(mask_path), overlay_path, list(mask.shape),
-                      round(volume_ml, 2), seconds, warnings_ + input_warnings, segmentation)
+                      round(volume_ml, 2), seconds, warnings_ + input_warnings, segmentation, not_written,
+                      volume.series_uid, derived)

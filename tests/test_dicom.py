@@ -9,20 +9,39 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
-from test_inference import tiny_model, write_dicom_series  # noqa: F401 - tiny_model is a fixture
+from conftest import write_untrained_run
+from dicom_series import from_volume, gdcm_jpeg_lossless
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 import spleenkit.inference
 from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
 from spleenkit.errors import BadInputError
 from spleenkit.images import read_dicom_series
 from spleenkit.inference import infer
+from spleenkit.presets import get_preset
 
 HU_LEVEL = 150  # the stand-in prediction: voxels brighter than this
 # the transfer syntax, and the plugin of the core install that decodes it (the dev install adds gdcm and
 # pyjpegls, which pydicom might otherwise prefer)
 CORE_DECODER = {RLELossless: "pydicom", JPEGLSLossless: "pylibjpeg", JPEG2000Lossless: "pylibjpeg",
                 JPEGLosslessSV1: "pylibjpeg"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Untrained tiny-UNet weights in a run folder whose manifest names the preset."""
+    preset = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64), num_res_units=1,
+                        validation_roi_size=(32, 32, 32), sliding_window_overlap=0.25)
+    return write_untrained_run(tmp_path_factory.mktemp("run"), preset)
+
+
+def write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """The volume (NIfTI order, RAS affine) as an uncompressed series, one file per slice."""
+    series = from_volume(volume, affine)
+    for ds, name in zip(series.datasets, series.names, strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / name, enforce_file_format=True)
+    return folder
 
 
 def phantom() -> tuple[np.ndarray, np.ndarray]:
@@ -44,42 +63,19 @@ def phantom() -> tuple[np.ndarray, np.ndarray]:
 def series(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom as an uncompressed DICOM series with what a scanner's export has (frame of reference, numbers)."""
     volume, affine = phantom()
-    folder = write_dicom_series(tmp_path_factory.mktemp("dicom") / "series", volume, affine)
-    frame_of_reference = generate_uid()
-    for path in sorted(folder.iterdir()):
-        dataset = pydicom.dcmread(path)
-        dataset.FrameOfReferenceUID, dataset.SeriesNumber = frame_of_reference, 3
-        dataset.save_as(path)
-    return folder
-
-
-def compress_with_gdcm(source: Path, target: Path) -> None:
-    """JPEG lossless (process 14, selection value 1), which pydicom cannot encode, written by GDCM."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(source))
-    assert reader.Read(), source
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    assert change.Change(), "GDCM could not compress to JPEG lossless"
-    writer = gdcm.ImageWriter()
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    writer.SetFileName(str(target))
-    assert writer.Write(), target
+    return write_dicom_series(tmp_path_factory.mktemp("dicom") / "series", volume, affine)
 
 
 def compressed_copy(series: Path, folder: Path, syntax: pydicom.uid.UID) -> Path:
     folder.mkdir()
     for path in sorted(series.iterdir()):
-        if syntax == JPEGLosslessSV1:
-            compress_with_gdcm(path, folder / path.name)
+        dataset = pydicom.dcmread(path)
+        if syntax == JPEGLosslessSV1:  # which pydicom cannot encode: GDCM
+            dataset.PixelData = gdcm_jpeg_lossless(dataset)
+            dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
         else:  # pydicom's own RLE encoder, pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000)
-            dataset = pydicom.dcmread(path)
             dataset.compress(syntax)
-            dataset.save_as(folder / path.name)
+        dataset.save_as(folder / path.name)
     return folder
 
 
@@ -118,7 +114,7 @@ def threshold_mask(image: nib.spatialimages.SpatialImage) -> np.ndarray:
 
 
 def test_infer_writes_a_dicom_seg_whose_frames_land_on_their_source_slices(
-        series: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        series: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import highdicom as hd
 
     # a prediction known in advance, different on every slice: the bright voxels of the image it is given
@@ -167,13 +163,18 @@ def test_infer_writes_a_dicom_seg_whose_frames_land_on_their_source_slices(
     assert np.array_equal(volume.array.reshape(-1), nifti[tuple(mapped)])
 
 
-def test_a_series_a_seg_cannot_describe_still_gets_its_mask(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
-    volume, affine = phantom()
-    folder = write_dicom_series(tmp_path / "no_frame_of_reference", volume, affine)  # no FrameOfReferenceUID
+def test_a_series_a_seg_cannot_describe_still_gets_its_mask(series: Path, tiny_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no_frame_of_reference"
+    folder.mkdir()
+    for path in sorted(series.iterdir()):
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(folder / path.name)
     result = infer(tiny_model, folder, tmp_path / "out", amp=False, overlay=False)
     (case,) = result.cases
     assert Path(case.mask).is_file() and case.segmentation is None
-    assert any("no DICOM Segmentation written" in w and "Frame Of Reference" in w for w in case.warnings)
+    assert "has no FrameOfReferenceUID" in case.segmentation_not_written
+    assert any("no DICOM Segmentation written" in w and "FrameOfReferenceUID" in w for w in case.warnings)
     assert not list((tmp_path / "out").glob(f"*{SEG_SUFFIX}*"))
 
 
@@ -193,6 +194,7 @@ def test_an_empty_mask_still_makes_a_seg_with_a_frame_per_instance(series: Path,
     import highdicom as hd
 
     image = read_dicom_series(series)
-    path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm")
+    path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm").path
     seg = hd.seg.segread(path)
     assert int(seg.NumberOfFrames) == len(list(series.iterdir())) and not seg.pixel_array.any()
+

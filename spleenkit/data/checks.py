@@ -222,13 +222,14 @@ def _geometry(image: Any) -> tuple[tuple[float, ...], str]:
     return spacing, orientation
 
 
-def read_input(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a folder holding one DICOM series."""
+def read_input(path: str | os.PathLike[str], series_uid: str | None = None) -> tuple[Any, np.ndarray]:
+    """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a DICOM series in a folder (the
+    series ``series_uid``, or the folder's only one)."""
     path = Path(path)
     if path.is_dir():
         from spleenkit.images import read_dicom_series
 
-        image = read_dicom_series(path)
+        image = read_dicom_series(path, series_uid)
         return image, np.asanyarray(image.dataobj)
     return read_volume(path)
 
