@@ -482,6 +482,23 @@ def position_off_the_line(folder: Path) -> str:
     return series.names[4]
 
 
+def position_missing_in_one_slice(folder: Path) -> str:
+    series = g.ct_series()
+    del series.datasets[-1].ImagePositionPatient  # the last slice: leaving it out would go unnoticed
+    write(series, folder)
+    return series.names[-1]
+
+
+def multi_frame_without_positions(folder: Path) -> str:
+    """A multi-frame CT without per-frame functional groups: the frames' positions are unknown."""
+    series = g.ct_series()
+    ds = series.datasets[0]
+    ds.NumberOfFrames = len(series.datasets)
+    ds.PixelData = b"".join(d.PixelData for d in series.datasets)
+    write(g.Series([ds], series.geometry, series.hounsfield, ["multiframe.dcm"]), folder)
+    return "multiframe.dcm"
+
+
 #: Refused cases: the message (held to the README's DICOM section by a test below).
 REFUSED = {spacing_disagrees: "its PixelSpacing (5 x 5 mm) differs from that of",
            orientation_disagrees: "its orientation (ImageOrientationPatient",
@@ -492,7 +509,9 @@ REFUSED = {spacing_disagrees: "its PixelSpacing (5 x 5 mm) differs from that of"
            not_dicom_but_named_dcm: "an unreadable or truncated DICOM file",
            pixel_spacing_missing: "the image has no PixelSpacing: it cannot be placed in space",
            orientation_missing: "the image has no ImageOrientationPatient: it cannot be placed in space",
-           position_off_the_line: "off the line through the series' first and last slices"}
+           position_off_the_line: "off the line through the series' first and last slices",
+           position_missing_in_one_slice: "the image has no ImagePositionPatient: it cannot be placed in space",
+           multi_frame_without_positions: "a multi-frame image (12 frames) without per-frame positions"}
 
 
 @pytest.mark.parametrize("build", list(REFUSED), ids=lambda b: b.__name__)
