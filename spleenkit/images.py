@@ -537,6 +537,57 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
     return image
 
 
+def write_dicom_series(image: nib.spatialimages.SpatialImage, folder: str | os.PathLike[str], *,
+                       description: str = "CT (written by spleenkit)") -> Path:
+    """Write a CT volume as a DICOM series, one CT Image file per slice along its third axis (for teaching:
+    what a scanner would export, so that the DICOM path of ``infer`` can be tried without patient data).
+
+    Values are stored as signed 16-bit HU (rounded); geometry, study, series and frame-of-reference UIDs are
+    what a reader needs. ``folder`` must not exist or be empty. :func:`read_dicom_series` reads it back on the
+    image's own grid when its third axis runs along the slice normal, as an axial stack does.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    from spleenkit import __version__
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise BadInputError("the folder for the DICOM series exists and is not empty", folder)
+    _check_3d(image.shape, getattr(image, "get_filename", lambda: None)() or folder)
+    volume = np.rint(np.asanyarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3]))
+    if volume.min() < -32768 or volume.max() > 32767 or not np.all(np.isfinite(volume)):
+        raise BadInputError("values outside the signed 16-bit range of CT pixels", folder)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)
+    column_spacing, row_spacing, _ = voxel_spacing(lps)
+    orientation = [*(lps[:3, 0] / column_spacing), *(lps[:3, 1] / row_spacing)]
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    for index in range(volume.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.Modality, ds.Manufacturer, ds.SoftwareVersions = "CT", "spleenkit", __version__
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Spleenkit", "spleenkit", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "", "1", ""
+        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 1, index + 1, description
+        ds.ImageType, ds.PositionReferenceIndicator = ["DERIVED", "PRIMARY", "AXIAL"], ""
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, :3] @ [0, 0, index] + lps[:3, 3]]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
+        ds.PixelSpacing = [f"{row_spacing:.8g}", f"{column_spacing:.8g}"]
+        ds.SliceThickness = f"{voxel_spacing(lps)[2]:.8g}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = np.ascontiguousarray(volume[:, :, index].T.astype(np.int16)).tobytes()
+        write_with(folder / f"slice_{index + 1:04d}.dcm",
+                   lambda temporary, ds=ds: ds.save_as(temporary, enforce_file_format=True))
+    return folder
+
+
 def load_volume(volume: InputVolume) -> nib.spatialimages.SpatialImage:
     """The input as a NIfTI image (a DICOM series is converted in memory)."""
     if volume.kind == "dicom":

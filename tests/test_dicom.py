@@ -14,7 +14,7 @@ from dicom_series import from_volume, gdcm_jpeg_lossless
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 import spleenkit.inference
-from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
+from spleenkit.dicom_seg import SEG_SUFFIX, read_back_with_dcmqi, write_dicom_seg
 from spleenkit.errors import BadInputError
 from spleenkit.images import read_dicom_series
 from spleenkit.inference import infer
@@ -197,4 +197,29 @@ def test_an_empty_mask_still_makes_a_seg_with_a_frame_per_instance(series: Path,
     path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm").path
     seg = hd.seg.segread(path)
     assert int(seg.NumberOfFrames) == len(list(series.iterdir())) and not seg.pixel_array.any()
+    back = read_back_with_dcmqi(path, image)  # and 3D Slicer's converter reads it as an empty segment
+    assert back.shape == image.shape and not back.any()
 
+
+# --------------------------------------------------------------------------- the kit's own series writer
+def test_the_kit_writes_a_series_that_readers_place_on_the_image_grid(tmp_path: Path) -> None:
+    """write_dicom_series (notebook 06 makes its DICOM input with it): read back by the kit and by SimpleITK
+    (GDCM), the volume and its grid are the image's."""
+    import SimpleITK as sitk
+
+    from spleenkit.images import write_dicom_series
+
+    volume, affine = phantom()
+    image = nib.Nifti1Image(volume, affine)
+    folder = write_dicom_series(image, tmp_path / "written")
+    back = read_dicom_series(folder)
+    assert np.array_equal(np.asarray(back.dataobj), volume) and np.allclose(back.affine, affine, atol=1e-4)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    itk = reader.Execute()
+    assert np.array_equal(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), volume)
+    direction = np.array(itk.GetDirection()).reshape(3, 3) * np.array(itk.GetSpacing())
+    assert np.allclose(np.diag([-1, -1, 1]) @ direction, affine[:3, :3], atol=1e-4)
+    assert np.allclose(np.diag([-1, -1, 1]) @ np.array(itk.GetOrigin()), affine[:3, 3], atol=1e-4)
+    with pytest.raises(BadInputError, match="exists and is not empty"):
+        write_dicom_series(image, folder)
