@@ -2,7 +2,9 @@
 
 Thin on purpose. Only argparse and the standard library are imported at start-up; each
 command imports the module it needs inside its handler, so ``spleenkit --help`` stays fast.
-A :class:`~spleenkit.errors.SpleenkitError` becomes one line on stderr and exit status 2.
+A :class:`~spleenkit.errors.SpleenkitError`, and a fault of the machine (read-only or full disk, no
+memory: :func:`spleenkit.errors.user_error`), becomes one line on stderr and exit status 2; SIGTERM stops a
+command as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from spleenkit import __version__
-from spleenkit.errors import SpleenkitError
+from spleenkit.errors import SpleenkitError, Terminated, user_error
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -659,13 +661,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(handler(args) or 0)
-    except SpleenkitError as error:
-        print(f"spleenkit: error: {error}", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            return int(handler(args) or 0)
+    except KeyboardInterrupt as error:  # SIGINT, and SIGTERM alike: what finished is kept and described
+        terminated = isinstance(error, Terminated)
+        print(f"spleenkit: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as error:
+        known = user_error(error)  # the one mapping of the kit's errors, OSError and memory to one line
+        if known is None:
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"spleenkit: error: {known}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("spleenkit: interrupted", file=sys.stderr)
-        return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM (``kill``, ``timeout``, a batch system) stop a command as Ctrl-C does, with
+    :class:`~spleenkit.errors.Terminated`, so that infer, evaluate and train record what they finished."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
