@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spleenkit.errors import BadInputError
+from spleenkit.errors import BadInputError, first_line
 from spleenkit.presets import Preset, get_preset
 
 if TYPE_CHECKING:
@@ -63,17 +63,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     path = Path(path)
     if not path.is_file():
-        raise BadInputError("checkpoint not found", path)
+        raise BadInputError("checkpoint not found" if not path.exists() else "not a file", path)
+    if path.stat().st_size == 0:
+        raise BadInputError("empty file (0 bytes): a save that never finished? Use another copy of the model", path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise BadInputError(
-            "refusing to load: the checkpoint holds objects other than tensors and plain data "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+            f"refusing to load: the checkpoint holds objects other than tensors and plain data ({first_line(error)})",
             path,
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise BadInputError(f"corrupt or truncated checkpoint ({str(error).splitlines()[0]})", path) from error
+        raise BadInputError(f"corrupt or truncated checkpoint ({first_line(error)})", path) from error
     except Exception as error:  # noqa: BLE001 - a text or other non-checkpoint file fails deep in the unpickler
         raise BadInputError(f"not a PyTorch checkpoint (a model.pt written by torch.save); reading it failed with "
                             f"{type(error).__name__}", path) from error
