@@ -38,6 +38,7 @@ from spleenkit.runs import (  # noqa: F401 - the run-folder layout, importable f
     MODEL_NAME,
     TENSORBOARD_DIR,
     RunLock,
+    decide_resume,
     output_folder,
     prepare_run_dir,
     read_metrics,
@@ -983,7 +984,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
           seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
           progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
           scale_lr: str = "none", resume_anyway: bool = False, init_weights: str | os.PathLike[str] | None = None,
-          **preset_overrides: Any) -> TrainingResult:
+          start_afresh: bool = False, **preset_overrides: Any) -> TrainingResult:
     """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
 
     Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
@@ -993,7 +994,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     ``preset_overrides`` are any :class:`~spleenkit.presets.Preset` settings (``patch_size=64``,
     ``learning_rate=1e-3``, ``validation_interval=1`` ...). ``resume=True`` continues from
     ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs); a recipe other than
-    the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest).
+    the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest); a
+    resume without a usable checkpoint or manifest is refused unless ``start_afresh`` (see ``runs.decide_resume``).
     ``init_weights`` fine-tunes: the network starts from these weights (a kit run's ``model.pt`` or
     MONAI's released ``model.pt``, loaded strictly) instead of a random initialisation.
 
@@ -1016,6 +1018,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         check_sync_bn(torch_device)
     check_step_fits(preset, torch_device)
     with output_folder(run_dir, lock=is_main_process()):
+        resume = decide_resume(run_dir, resume, start_afresh) if is_main_process() else resume
         return _train_in_folder(
             data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
             resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
