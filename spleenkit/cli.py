@@ -515,7 +515,8 @@ def _train(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with _process_group(args) as context:
         result = train(args.data, args.out, args.preset, epochs=args.epochs, device=args.device, amp=args.amp,
-                       resume=args.resume, resume_anyway=args.resume_anyway, seed=args.seed,
+                       resume=args.resume, resume_anyway=args.resume_anyway, start_afresh=args.start_afresh,
+                       seed=args.seed,
                        num_workers=args.workers, cache_rate=args.cache_rate, progress=progress,
                        distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr,
                        **overrides)
@@ -549,6 +550,10 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume-anyway", action="store_true",
                        help="with --resume: continue even though the preset or its settings differ from the run's "
                             "(the differences are recorded in the manifest)")
+    train.add_argument("--start-afresh", action="store_true",
+                       help="with --resume: where nothing usable is left to resume (no complete checkpoint_last.pt, "
+                            "or no readable manifest.json), train from the first epoch instead of refusing; the "
+                            "earlier run is moved into previous-<time>/ whole")
     train.add_argument("--seed", type=int, help="random seed (default: the preset's, 123)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     train.add_argument("--workers", type=int, help="threads filling the cache and loader workers (default: all cores)")
