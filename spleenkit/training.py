@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spleenkit.data.checks import check_training_cases
 from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist, split_datalist
 from spleenkit.distributed import is_main_process, mean_over_ranks, unwrap_model
 from spleenkit.errors import BadInputError, SpleenkitError
@@ -952,7 +953,9 @@ def _labelled_split(data_dir: str | os.PathLike[str], preset: Preset) -> tuple[D
     if unlabelled:
         raise BadInputError(f"{len(unlabelled)} training case(s) have no label, e.g. {unlabelled[0]}",
                             Path(data_dir) / "dataset.json")
-    return split_datalist(items, preset.validation_cases)
+    train_items, validation_items = split_datalist(items, preset.validation_cases)
+    check_training_cases(train_items, validation_items, preset)  # data check's checks, before anything heavy
+    return train_items, validation_items
 
 
 @dataclass
