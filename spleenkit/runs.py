@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from spleenkit.errors import BadInputError
+from spleenkit.errors import BadInputError, os_error
 from spleenkit.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RunLock:
             try:
                 stream = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
             except OSError as error:
-                raise BadInputError(f"cannot create the run lock ({error.strerror or error})", self.path) from error
+                raise os_error(error, self.path, "cannot create the run lock") from error
             try:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -247,11 +247,11 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
     try:
         if lock:
             if folder.exists() and not folder.is_dir():
-                raise BadInputError("the output folder is a file", folder)
+                raise BadInputError("the output folder is not writable: a file has its name", folder)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise BadInputError(f"cannot create the output folder ({error.strerror or error})", folder) from error
+                raise os_error(error, folder, "the output folder is not writable") from error
             holder = RunLock(folder).acquire()
         yield folder
     except BaseException:
@@ -268,21 +268,28 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
 
 def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed") -> Preset:
     """The preset a run was trained with, read from its manifest (``parameters.preset``), else ``fallback``."""
+    recorded = recorded_preset(run_dir)
+    return get_preset(fallback) if recorded is None else recorded
+
+
+def recorded_preset(run_dir: str | os.PathLike[str]) -> Preset | None:
+    """The preset a run folder's manifest records (``parameters.preset``), or None when there is no readable
+    manifest naming one (a manifest naming a preset this version cannot rebuild: None, with a warning)."""
     from spleenkit.manifest import read_manifest
 
     try:
         parameters = read_manifest(run_dir).get("parameters", {})
-    except (OSError, ValueError):
-        return get_preset(fallback)
-    stored = parameters.get("preset")
+        stored = parameters.get("preset") if isinstance(parameters, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
     try:
         if isinstance(stored, str):
             return get_preset(stored)
         if isinstance(stored, dict) and stored.get("name"):
             return Preset.from_dict(stored)
     except BadInputError as error:
-        log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
-    return get_preset(fallback)
+        log.warning("%s: the run's manifest names a preset that cannot be rebuilt (%s)", run_dir, error)
+    return None
 
 
 def read_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
