@@ -222,6 +222,45 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
     return path
 
 
+def write_with_companions(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
+                          check: Callable[[Path], None] | None = None) -> list[Path]:
+    """Atomically create ``path`` with a library that may write companion files beside it, named after it and
+    referred to by name from inside it (ONNX's external weights, ``NAME.data``).
+
+    ``writer(staging / NAME)`` writes into a private hidden folder beside ``path``; ``check`` runs on the file
+    there; then each companion and last ``path`` itself are renamed into place, so ``path`` never refers to a
+    companion that is not there yet. Returns the paths placed, ``path`` first. On failure nothing is replaced
+    and the staging folder goes (a killed write's staging folder is removed by the next write).
+    """
+    path = Path(path)
+    staging = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(path)
+        staging.mkdir(0o777)
+    except OSError as error:
+        raise os_error(error, path.parent, "cannot write here") from error
+    try:
+        main = staging / path.name
+        writer(main)
+        if not main.is_file():
+            raise RuntimeError(f"the writer made no file for {path.name}")
+        written = sorted(staging.iterdir(), key=lambda item: item != main)  # path first
+        for item in written:
+            with open(item, "rb+") as stream:
+                os.fsync(stream.fileno())
+        if check is not None:
+            check(main)
+        for item in reversed(written):  # companions first, the file that names them last
+            os.replace(item, path.parent / item.name)
+    except OSError as error:
+        raise os_error(error, path, "cannot write") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _sync_folder(path.parent)
+    return [path.parent / item.name for item in written]
+
+
 def check_writable(folder: str | os.PathLike[str]) -> Path:
     """Create ``folder`` and prove a file can be written in it, before any work is done."""
     folder = Path(folder)
