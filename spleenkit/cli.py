@@ -293,9 +293,17 @@ def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManage
 
 
 # --------------------------------------------------------------------------- evaluation and inference
+def _force_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force-preset", action="store_true",
+                        help="use --preset even where its spacing, orientation, window or network differ from the "
+                             "recipe the model was trained with (refused otherwise: the masks would change)")
+
+
 def _window_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and infer: preset, device, precision, sliding window, post-processing."""
-    parser.add_argument("--preset", help="recipe for preprocessing and the window (default: the run's own, else seed)")
+    parser.add_argument("--preset", help="recipe for preprocessing and the window (default: the model's own, carried "
+                                         "in model.pt or named by its run manifest; else seed, with a warning)")
+    _force_preset_option(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's on CUDA; "
@@ -320,7 +328,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               device=args.device, amp=args.amp, overlap=args.overlap, sw_batch_size=args.sw_batch,
                               blend=args.blend, stitch_device=args.stitch_device,
                               largest_component=args.largest_component, fill_holes=args.fill_holes,
-                              save_predictions=args.save_predictions, max_cases=args.max_cases, distributed=context)
+                              save_predictions=args.save_predictions, max_cases=args.max_cases, distributed=context,
+                              force_preset=args.force_preset)
     if context is not None and not context.is_main:
         return 0
     print(format_summary(result.summary))
@@ -344,7 +353,7 @@ def _infer(args: argparse.Namespace) -> int:
     result = infer(args.model, args.input, args.out, preset=args.preset, device=args.device, amp=args.amp,
                    largest_component=args.largest_component, fill_holes=args.fill_holes, overlap=args.overlap,
                    sw_batch_size=args.sw_batch, blend=args.blend, stitch_device=args.stitch_device,
-                   overlay=args.overlay, force=args.force)
+                   overlay=args.overlay, force=args.force, force_preset=args.force_preset)
     for case in result.cases:
         print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
               + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
@@ -360,12 +369,13 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
                         "resampled and the original image space; writes RUN_DIR/evaluation/.")
     evaluate.add_argument("--model", required=True, help="the run's model.pt")
     evaluate.add_argument("--data", required=True, help="dataset folder in the MSD layout")
-    evaluate.add_argument("--out", help="output folder (default RUN_DIR/evaluation)")
+    evaluate.add_argument("--out", help="output folder, predictions in OUT/predictions (default RUN_DIR/evaluation, "
+                                        "predictions in RUN_DIR/predictions)")
     evaluate.add_argument("--split", choices=("validation", "training", "all"), default="validation",
                           help="which labelled cases (default validation: the bundle's split)")
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of the split")
     evaluate.add_argument("--save-predictions", action=argparse.BooleanOptionalAction, default=True,
-                          help="write each original-space prediction to RUN_DIR/predictions (default yes)")
+                          help="write each original-space prediction to predictions/ (default yes)")
     _window_options(evaluate)
     _distributed_options(evaluate)
     masks = _command(subparsers, "evaluate-masks", _evaluate_masks,
@@ -425,7 +435,7 @@ def _pretrained_fetch(args: argparse.Namespace) -> int:
 def _pretrained_load(args: argparse.Namespace) -> int:
     from spleenkit.pretrained import load_pretrained
 
-    _, info = load_pretrained(args.path, preset=args.preset)
+    _, info = load_pretrained(args.path, preset=args.preset, force_preset=args.force_preset)
     print(f"{info.weights}: loaded into the kit's UNet with strict key matching "
           f"({info.parameters:,} parameters in {info.tensors} tensors)")
     return 0
@@ -435,7 +445,7 @@ def _export(args: argparse.Namespace) -> int:
     from spleenkit.export import export_model
 
     summary = export_model(args.model, args.out, preset=args.preset, onnx=args.onnx, metadata_file=args.metadata,
-                           check=args.check)
+                           check=args.check, force_preset=args.force_preset)
     for kind in ("torchscript", "onnx"):
         if kind in summary:
             difference = summary.get(f"{kind}_max_abs_difference")
@@ -479,7 +489,8 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     load = _command(weights, "load", _pretrained_load,
                     "Load a bundle's models/model.pt into the kit's UNet (weights only, strict keys); print its size.")
     load.add_argument("path", help="model.pt, the bundle folder, or the folder holding it")
-    load.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+    load.add_argument("--preset", help="recipe whose network to build (default: the one the weights carry, else seed)")
+    _force_preset_option(load)
 
     export = _command(subparsers, "export", _export,
                       "Export a model.pt to TorchScript (with the bundle metadata inside) and optionally ONNX; "
@@ -487,7 +498,9 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--model", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="TorchScript file to write (model.ts); ONNX goes beside it")
     export.add_argument("--onnx", action="store_true", help="also write an ONNX file (needs onnx and onnxscript)")
-    export.add_argument("--preset", default="seed", help="recipe whose network to build (default seed)")
+    export.add_argument("--preset", help="recipe whose network to build (default: the model's own, carried in "
+                                         "model.pt or named by its run manifest; else seed)")
+    _force_preset_option(export)
     export.add_argument("--metadata", help="metadata JSON to store in the TorchScript file (default: none)")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the exported model with the eager one on a random patch (default yes)")
