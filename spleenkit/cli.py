@@ -700,22 +700,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Make SIGTERM (``kill``, ``timeout``, a batch system) stop a command as Ctrl-C does, with
-    :class:`~spleenkit.errors.Terminated`, so that infer, evaluate and train record what they finished."""
+    :class:`~spleenkit.errors.Terminated`, so that infer, evaluate and train record what they finished; both
+    wait for a file being written to be whole (:func:`spleenkit.io.interrupt`)."""
     import signal
     import threading
+
+    from spleenkit.io import interrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
-        raise Terminated("terminated by SIGTERM")
+        interrupt(Terminated("terminated by SIGTERM"))
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def keyboard(signum: int, frame: object) -> None:
+        interrupt(KeyboardInterrupt())
+
+    previous = {number: signal.signal(number, handler)
+                for number, handler in ((signal.SIGTERM, terminate), (signal.SIGINT, keyboard))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ full, no permission) is one :class:`~spleenkit.errors.BadInputError` naming the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,15 +100,62 @@ def clean_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+# --------------------------------------------------------------------------- interrupts wait for a whole file
+_held = 0  # writes in progress on the main thread
+_pending: list[BaseException] = []
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold an interrupt delivered through :func:`interrupt` (the command line's Ctrl-C and SIGTERM) while a file
+    is written, and raise it as soon as the write is over: a stop never tears a checkpoint or a mask in half."""
+    global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending:
+            raise _pending.pop()
+
+
+def interrupt(error: BaseException) -> None:
+    """Raise ``error`` (KeyboardInterrupt, :class:`~spleenkit.errors.Terminated`) now, or, while a file is being
+    written, when that write is over. Signal handlers call it."""
+    if _held:
+        _pending[:] = [error]
+        return
+    raise error
+
+
+def _uninterrupted(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function`` under :func:`held_interrupts`."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with held_interrupts():
+            return function(*args, **kwargs)
+    return wrapper
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *,
                  check: Callable[[Path], None] | None = None, encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file for writing; on success fsync it, run ``check(temporary_path)`` and rename it
     over ``path``. On any error (the writer's or the check's) the temporary file is removed and ``path``
-    keeps its old content.
+    keeps its old content. An interrupt waits until the write is over (:func:`held_interrupts`).
 
     ``mode`` is "wb" or "w" (text, UTF-8 unless ``encoding`` says otherwise). The folder is created.
     """
+    with held_interrupts(), _atomic_write(path, mode, check=check, encoding=encoding) as stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _atomic_write(path: str | os.PathLike[str], mode: str, *, check: Callable[[Path], None] | None,
+                  encoding: str | None) -> Iterator[IO[Any]]:
     if mode not in {"w", "wb"}:
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
@@ -190,6 +239,7 @@ def write_json(path: str | os.PathLike[str], data: Any, *, indent: int = 2) -> P
     return write_text(path, json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False) + "\n")
 
 
+@_uninterrupted
 def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
                check: Callable[[Path], None] | None = None) -> Path:
     """Atomically create ``path`` with a library that writes to a file name itself (nibabel, matplotlib,
@@ -222,6 +272,7 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
     return path
 
 
+@_uninterrupted
 def write_with_companions(path: str | os.PathLike[str], writer: Callable[[Path], Any], *,
                           check: Callable[[Path], None] | None = None) -> list[Path]:
     """Atomically create ``path`` with a library that may write companion files beside it, named after it and
