@@ -1211,7 +1211,7 @@ def _training_manifest(parameters: dict[str, Any], run_path: Path, torch_device:
 def _run_trainer(engines: _Engines, preset: Preset, start_epoch: int, manifest: dict[str, Any],
                  run_path: Path) -> None:
     """Train to the preset's epochs; a non-finite stop is recorded in the manifest before it is raised."""
-    from spleenkit.manifest import now, write_manifest
+    from spleenkit.manifest import now, write_manifest, write_stopped_manifest
 
     try:
         if start_epoch < preset.epochs:
@@ -1220,6 +1220,10 @@ def _run_trainer(engines: _Engines, preset: Preset, start_epoch: int, manifest: 
         if is_main_process():
             manifest.update(finished=now(), error=str(error))
             write_manifest(run_path, manifest)
+        raise
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: the manifest says the run stopped, and why
+        if is_main_process():
+            write_stopped_manifest(run_path, error, {**manifest, "finished": now()})
         raise
     finally:
         if engines.writer is not None:
