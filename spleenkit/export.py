@@ -276,5 +276,6 @@ def refuse_non_export(path: str | os.PathLike[str], kind: str = "torchscript") -
         except Exception:  # noqa: BLE001 - not a protobuf ONNX model
             ok = False
     if not ok:
-        raise BadInputError(f"exists and is not a {'TorchScript' if kind == 'torchscript' else 'ONNX'} model export; "
-                            "refusing to overwrite it: choose another --out, or move the file away", path)
+        what = "a TorchScript" if kind == "torchscript" else "an ONNX"
+        raise BadInputError(f"exists and is not {what} model export; refusing to overwrite it: choose another --out, "
+                            "or move the file away", path)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: A temporary of an earlier version of the kit (no writer recorded) is stale after this many seconds.
 UNTAGGED_STALE_AFTER_S = 3600.0
 # ".NAME.<host>-<pid>-<12 hex>.tmp..." (this version) or ".NAME.<12 hex>.tmp..." / mkdtemp's 8 characters
-_TAGGED = re.compile(r"(?P<host>[A-Za-z0-9-]{1,16})-(?P<pid>\d+)-[0-9a-f]{12}\.(?:tmp|old)")
+_TAGGED = re.compile(r"(?P<host>[A-Za-z0-9]{1,16})-(?P<pid>\d+)-[0-9a-f]{12}\.(?:tmp|old)")
 _UNTAGGED = re.compile(r"(?:[0-9a-f]{12}|[a-z0-9_]{8})\.(?:tmp|old)")
 
 

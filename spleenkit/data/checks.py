@@ -333,8 +333,7 @@ def check_case(image_path: str | os.PathLike[str], label_path: str | os.PathLike
 
 def listed_twice(records: list[tuple[str, dict[str, Any]]]) -> list[Problem]:
     """A problem for each file named more than once (as image or label, in any section): a case listed twice
-    trains twice, or lands in training and validation both; a label shared by two cases belongs to one; a
-    label that is its own image is no label."""
+    trains twice, or lands in training and validation both; a label shared by two cases belongs to one."""
     seen: dict[Path, tuple[int, str]] = {}
     problems = []
     for number, (section, record) in enumerate(records):
@@ -346,19 +345,17 @@ def listed_twice(records: list[tuple[str, dict[str, Any]]]) -> list[Problem]:
             where = f"the {key} of {section} case {case_name(record['image'])}"
             if resolved not in seen:
                 seen[resolved] = (number, where)
-            elif seen[resolved][0] == number:
-                problems.append(Problem(str(path), f"the label is the image itself ({section} case "
-                                                   f"{case_name(record['image'])}): dataset.json names one file twice"))
-            else:
+            elif seen[resolved][0] != number:  # (a label that is its own image: check_case says so)
                 problems.append(Problem(str(path), f"listed twice: as {seen[resolved][1]} and as {where} (one file "
                                                    "belongs to one case, on one side of the split)"))
     return problems
 
 
 def check_training_cases(train_items: list[dict[str, str]], validation_items: list[dict[str, str]],
-                         preset: Any = None, workers: int | None = None) -> DatasetReport:
+                         workers: int | None = None) -> DatasetReport:
     """Check the cases a training is about to read, before anything heavy: every case through :func:`check_case`
-    (labels' values and type, grid and affine matching the image, finite values), no file listed twice across
+    as ``data check`` does (labels' values and type, grid and affine matching the image, finite values; the image
+    rules with data check's defaults, not the training recipe's window), no file listed twice across
     the split, and at least one non-empty label in training and in validation (else the network learns nothing,
     or its validation Dice is undefined). The first problem is raised as a :class:`BadInputError` naming the
     file, the case and the rule; the report (rows, warnings) is returned when all is well."""
@@ -370,8 +367,8 @@ def check_training_cases(train_items: list[dict[str, str]], validation_items: li
     if not report.problems:
         workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
         with ThreadPoolExecutor(workers) as pool:  # reading and decompressing releases the GIL
-            reports = list(pool.map(lambda item: check_case(item[1]["image"], item[1].get("label"), item[0],
-                                                            preset), records))
+            reports = list(pool.map(lambda item: check_case(item[1]["image"], item[1].get("label"), item[0]),
+                                    records))
         for case in reports:
             report.cases += case.cases
             report.problems += case.problems
