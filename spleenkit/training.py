@@ -954,7 +954,7 @@ def _labelled_split(data_dir: str | os.PathLike[str], preset: Preset) -> tuple[D
         raise BadInputError(f"{len(unlabelled)} training case(s) have no label, e.g. {unlabelled[0]}",
                             Path(data_dir) / "dataset.json")
     train_items, validation_items = split_datalist(items, preset.validation_cases)
-    check_training_cases(train_items, validation_items, preset)  # data check's checks, before anything heavy
+    check_training_cases(train_items, validation_items)  # data check's checks, before anything heavy
     return train_items, validation_items
 
 
