@@ -22,6 +22,7 @@ import numpy as np
 
 from spleenkit.data.datalist import listed_path
 from spleenkit.errors import BadInputError
+from spleenkit.images import stem
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +302,6 @@ def _check_label(path: Path, image: Any, summary: CaseSummary, report: DatasetRe
     return ok
 
 
-def case_name(path: str | os.PathLike[str]) -> str:
-    """``spleen_3`` for ``.../spleen_3.nii.gz`` (a DICOM folder keeps its name)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def check_case(image_path: str | os.PathLike[str], label_path: str | os.PathLike[str] | None = None,
                section: str = "training", preset: Any = None) -> DatasetReport:
     """The one check of a case (``data check``, training and, for its images, ``infer``): the image through
@@ -317,7 +309,7 @@ def check_case(image_path: str | os.PathLike[str], label_path: str | os.PathLike
     finite and holding only 0 and 1. Returns a report with the case's row, its problems and warnings."""
     image_path = Path(image_path)
     report = DatasetReport(image_path.parent)
-    summary = CaseSummary(case_name(image_path), section)
+    summary = CaseSummary(stem(image_path), section)
     image = _check_image(image_path, summary, report, preset)
     if label_path is not None:
         label_path = Path(label_path)
@@ -342,7 +334,7 @@ def listed_twice(records: list[tuple[str, dict[str, Any]]]) -> list[Problem]:
                 continue
             path = Path(record[key])
             resolved = path.resolve() if path.exists() else path.absolute()
-            where = f"the {key} of {section} case {case_name(record['image'])}"
+            where = f"the {key} of {section} case {stem(record['image'])}"
             if resolved not in seen:
                 seen[resolved] = (number, where)
             elif seen[resolved][0] != number:  # (a label that is its own image: check_case says so)
