@@ -80,9 +80,54 @@ def read_nifti(path: str | os.PathLike[str], *, require_3d: bool = True) -> nib.
                             path) from error
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInputError(f"not a NIfTI image ({type(image).__name__})", path)
+    check_claimed_size(image, path)
     if require_3d:
         _check_3d(image.shape, path)
     return image
+
+
+#: The most a gzip stream can expand (deflate's limit is about 1032:1); a header claiming more lies.
+MAX_GZIP_RATIO = 1100
+#: Reading a volume holds its stored voxels plus a float32 copy (what the transforms make); refuse beyond this
+#: share of the machine's memory.
+READ_MEMORY_SHARE = 0.8
+
+
+def check_claimed_size(image: nib.spatialimages.SpatialImage, path: str | os.PathLike[str]) -> None:
+    """Before any voxel is read: refuse a voxel type that is not one number per voxel (RGB, complex), a header
+    whose claimed size the file cannot hold (uncompressed: shorter than the header says; gzip: beyond what
+    deflate can expand to), and a volume whose reading would not fit in this machine's memory."""
+    from spleenkit.environment import total_memory_gib
+
+    path = Path(path)
+    dtype = image.header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind in "cV":
+        kind = "an RGB (colour)" if dtype.fields is not None else f"a {dtype.name}"
+        raise BadInputError(f"{kind} image; a CT volume holds one number (Hounsfield units) per voxel", path)
+    shape = tuple(int(n) for n in image.header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    claimed = voxels * dtype.itemsize
+    size = path.stat().st_size
+    described = f"the header claims {' x '.join(map(str, shape))} voxels of {dtype.name} ({_size(claimed)})"
+    if str(path).lower().endswith(".gz"):
+        if claimed > MAX_GZIP_RATIO * size + 2**16:
+            raise BadInputError(f"{described}, more than a gzip file of {_size(size)} can hold: a broken header or a "
+                                "truncated file", path)
+    elif claimed + int(image.header.get_data_offset()) > size:
+        raise BadInputError(f"{described}, but the file holds {_size(size)}: truncated", path)
+    memory = total_memory_gib()
+    needed = voxels * (dtype.itemsize + 4)
+    if memory is not None and needed > READ_MEMORY_SHARE * memory * 2**30:
+        raise BadInputError(f"{described}; reading it needs about {_size(needed)}, more than this machine's "
+                            f"memory ({memory:.1f} GiB) allows", path)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 # --------------------------------------------------------------------------- DICOM series in

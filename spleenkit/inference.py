@@ -33,7 +33,7 @@ from spleenkit.images import (
 )
 from spleenkit.io import check_writable
 from spleenkit.predict import predict_mask, prepare_prediction
-from spleenkit.presets import Preset, get_preset
+from spleenkit.presets import Preset
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -187,38 +187,43 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
           preset: Preset | str | None = None, device: str = "auto", amp: bool | None = None,
           largest_component: bool = False, fill_holes: bool = False, overlap: float | None = None,
           sw_batch_size: int | None = None, blend: str = "constant", stitch_device: str = "cpu",
-          overlay: bool = True, force: bool = False) -> InferenceResult:
+          overlay: bool = True, force: bool = False, force_preset: bool = False) -> InferenceResult:
     """Segment the spleen in every volume under ``input`` and write masks, overlays and a manifest.
 
     For each input ``NAME`` the output folder gets ``NAME_spleen.nii.gz`` (uint8, the input's
     exact shape and affine) and ``NAME_overlay.png``; for a DICOM series also ``NAME_spleen_seg.dcm``, a DICOM
     Segmentation referencing the series' instances; ``manifest.json`` lists them with the settings, timings,
     peak memory, any warnings (orientation, input, DICOM Segmentation) and the folder entries skipped.
-    The preset defaults to the one in the model's run folder (else "seed").
+    The recipe is the model's own (:func:`spleenkit.model.recipe_for`: carried in model.pt, else named by its
+    run manifest, else seed with a warning); a ``preset`` whose preprocessing or network differs from it is
+    refused unless ``force_preset``.
 
     Before anything is written every input gets ``data check``'s checks (:func:`check_inputs`; ``force``
-    segments images whose values do not look like CT) and the model's weights must be finite. If a case
-    fails or the run is interrupted, the masks already written stay and the manifest lists them.
+    segments images whose values do not look like CT) and the model's weights must be finite. The output
+    folder is locked while it is written (:class:`~spleenkit.runs.RunLock`: a second ``infer`` into it stops,
+    naming the first). If a case fails or the run is interrupted (Ctrl-C or SIGTERM), the masks already
+    written stay and the manifest lists them.
     """
     from spleenkit.devices import pick_device
-    from spleenkit.manifest import build_manifest, now, write_manifest
-    from spleenkit.runs import output_folder, run_preset
+    from spleenkit.manifest import build_manifest, now, write_manifest, write_stopped_manifest
+    from spleenkit.model import recipe_for
+    from spleenkit.runs import output_folder
 
     model = Path(model)
     volumes, skipped = scan_inputs(input)
     for entry in skipped:
         log.warning("%s: skipped %s", input, entry)
-    preset = run_preset(model.parent) if preset is None else get_preset(preset)
+    preset, recipe_source = recipe_for(model, preset, force_preset)
     input_warnings = check_inputs(volumes, preset, force)
     device_ = pick_device(device)
     prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,
                                     blend=blend, stitch_device=stitch_device, largest_component=largest_component,
                                     fill_holes=fill_holes)
     amp, network, inferer = prediction.amp, prediction.network, prediction.inferer
-    settings = {**prediction.settings, "input": str(input), "force": force}
+    settings = {**prediction.settings, "recipe_from": recipe_source, "input": str(input), "force": force}
     started = now()
     cases: list[CaseOutput] = []
-    with output_folder(out_dir) as out:
+    with output_folder(out_dir, lock=True) as out:
         check_writable(out)
         try:
             for volume in volumes:
@@ -226,10 +231,9 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
                                         fill_holes, overlay, input_warnings.get(volume.name, []), voxel_spacing))
         except BaseException as error:
             if cases:  # what finished is described, and why the rest is missing
-                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error) or type(error).__name__
-                write_manifest(out, build_manifest(
+                write_stopped_manifest(out, error, build_manifest(
                     settings, device=str(device_), started=started, finished=None, preset=preset.to_dict(),
-                    cases=[asdict(c) for c in cases], skipped=skipped, stopped=reason,
+                    cases=[asdict(c) for c in cases], skipped=skipped,
                     not_done=[v.name for v in volumes[len(cases):]]))
             raise
         peak = peak_memory_mib()
