@@ -233,11 +233,12 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
     from spleenkit.training import make_loss, make_optimizer, make_scheduler
 
     bundle_loss = ConfigParser({"loss": {
-        "_target_": "DiceCELoss", "include_background": False, "to_onehot_y": True, "softmax": True,
+        "_target_": "DiceCELoss", "include_background": True, "to_onehot_y": True, "softmax": True,
         "squared_pred": True, "batch": True, "smooth_nr": 0.00001, "smooth_dr": 0.00001, "lambda_dice": 0.5,
         "lambda_ce": 0.5}}).get_parsed_content("loss")
     assert describe(make_loss("seed")) == describe(bundle_loss)
-    assert isinstance(make_loss("tutorial"), DiceLoss)
+    assert isinstance(make_loss("tutorial"), DiceLoss) and make_loss("tutorial").include_background
+    assert not make_loss("quick").dice.include_background  # the kit's choice for its small-budget recipes
 
     weights = [torch.nn.Parameter(torch.zeros(2))]
     assert isinstance(make_optimizer("bundle-0.5.9", weights), Novograd)
