@@ -230,7 +230,7 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
     from test_transforms import describe
 
     from spleenkit.presets import get_preset
-    from spleenkit.training import make_loss, make_optimizer, make_scheduler
+    from spleenkit.training import epoch_level_schedule, make_loss, make_optimizer, make_scheduler
 
     bundle_loss = ConfigParser({"loss": {
         "_target_": "DiceCELoss", "include_background": True, "to_onehot_y": True, "softmax": True,
@@ -256,6 +256,8 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
         cosine.optimizer.step()
         cosine.step()
     assert cosine.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    # StepLR steps once per epoch (0.5.9's LrScheduleHandler default); the cosine decay once per iteration
+    assert epoch_level_schedule("bundle-0.5.9") and not epoch_level_schedule("fast")
 
 
 def test_step_timing_compares_float32_and_bfloat16() -> None:
