@@ -40,6 +40,22 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    matrix=64, slice_spacing=5.0)
 
 
+@pytest.fixture(scope="session")
+def random_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset of MONAI model-zoo's CI test for this bundle: 10 pairs ``image_N.nii.gz`` / ``label_N.nii.gz`` of
+    64^3 random 0/1 voxels (int8, identity affine), no dataset.json. Session-scoped: treat it as read-only."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("random_volumes")
+    generator = np.random.default_rng(0)
+    for index in range(10):
+        for kind in ("image", "label"):
+            voxels = generator.integers(0, 2, size=(64, 64, 64)).astype(np.int8)
+            nib.save(nib.Nifti1Image(voxels, np.eye(4)), folder / f"{kind}_{index}.nii.gz")
+    return folder
+
+
 def write_untrained_run(run: Path, preset) -> Path:
     """A run folder holding seeded, untrained weights for ``preset`` and a manifest naming it: what evaluation
     and inference read, without the minutes a training takes. Returns the path of ``model.pt``."""
