@@ -637,6 +637,7 @@ NOT_VALUES: dict[str, str] = {
     "official, info = load_pretrained": "a variable's name",
     "The official weights are not here": "the released weights, by name",
     "the bundle's own export command": "a command",
+    "(the bundle's `CheckpointLoader`": "MONAI's loaders by name; test_guarantees loads such a model.pt with them",
 }
 
 
