@@ -90,7 +90,7 @@ def network() -> Any:
 def loss() -> Any:
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
+    return DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
                       smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
 
 

@@ -45,6 +45,8 @@ SURFACE: dict[str, str] = {
     "describe_precision": "spleenkit.devices",
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
+    # dicom_seg
+    "read_back_with_dcmqi": "spleenkit.dicom_seg",
     # distributed
     "default_nproc": "spleenkit.distributed",
     "launch_torchrun": "spleenkit.distributed",
@@ -72,7 +74,9 @@ SURFACE: dict[str, str] = {
     # images
     "case_name": "spleenkit.images",
     "read_binary_mask": "spleenkit.images",
+    "read_dicom_series": "spleenkit.images",
     "voxel_spacing": "spleenkit.images",
+    "write_dicom_series": "spleenkit.images",
     # inference
     "infer": "spleenkit.inference",
     "orientation_warnings": "spleenkit.inference",

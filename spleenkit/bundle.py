@@ -10,14 +10,20 @@ package's pipeline for the same preset and proves the two equal, so they cannot 
 Also here: the optimiser and schedule factories (the preset picks Adam or Novograd, StepLR or a cosine
 decay), checking command-line overrides (MONAI silently adds a mistyped key; the kit refuses it and
 suggests the right one), a checkpoint check with a clear message and ``verify_net_in_out``. The
-multi-GPU configs open the process group with ``spleenkit.distributed.init_process_group`` (NCCL
-between GPUs, gloo between CPU processes).
+multi-GPU configs open the process group with ``init_process_group`` (NCCL between GPUs, gloo between
+CPU processes).
+
+**The configs' one face.** The configs reach the package only as ``spleenkit.bundle.<name>``: the
+functions and classes defined here, and the names of :data:`FACE`, which this module hands out from
+where they live (looked up on first use). Moving a function inside the package changes a line of
+:data:`FACE`, never a config; a test checks that the configs use no other path into the package.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import json
 import logging
 import os
@@ -30,7 +36,7 @@ from spleenkit.data.datalist import load_datalist, split_datalist
 from spleenkit.distributed import rank
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.manifest import build_manifest, now, write_manifest
-from spleenkit.model import extract_state_dict, load_checkpoint, load_weights
+from spleenkit.model import build_unet, extract_state_dict, load_checkpoint, load_weights
 from spleenkit.presets import Preset, get_preset, resolve_preset
 from spleenkit.processes import run_streaming
 
@@ -42,6 +48,22 @@ logger = logging.getLogger(__name__)
 # arguments of `python -m monai.bundle run` itself (not config overrides)
 RUN_ARGUMENTS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                            "args_file", "workflow_name", "workflow_type", "properties_path"})
+# what the configs call that lives elsewhere in the package: name -> its module (see the module docstring)
+FACE: dict[str, str] = {
+    "load_datalist": "spleenkit.data.datalist",
+    "pick_device": "spleenkit.devices",
+    "use_fast_layout": "spleenkit.devices",
+    "init_process_group": "spleenkit.distributed",
+    "destroy_process_group": "spleenkit.distributed",
+    "autocast_inferer": "spleenkit.predict",
+    "inference_amp": "spleenkit.predict",
+    "get_preset": "spleenkit.presets",
+    "default_num_workers": "spleenkit.training",
+    "epoch_level_schedule": "spleenkit.training",
+    "make_iteration_update": "spleenkit.training",
+    "training_amp": "spleenkit.training",
+    "validation_precision": "spleenkit.training",
+}
 # the seed's commands, as (run id, config files, needs torchrun)
 COMMANDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "train": ("training", ("train.json",), False),
@@ -50,6 +72,20 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "evaluate-multi-gpu": ("evaluating", ("train.json", "evaluate.json", "multi_gpu_evaluate.json"), True),
     "infer": ("evaluating", ("inference.json",), False),
 }
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`FACE`: import its module on first use and return the object (PEP 562)."""
+    module = FACE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *FACE})
 
 
 # --------------------------------------------------------------------------- where the bundle is
@@ -145,7 +181,22 @@ def recipe(preset: Preset | str = "seed", **overrides: Any) -> Preset:
         raise BadInputError(f"preset {resolved.name!r} uses {' and '.join(unsupported)}; the bundle's configs spell "
                             "out spleen_ct_segmentation's DiceCELoss and transform chain. Train it with "
                             f"`spleenkit train --preset {resolved.name}`")
+    _check_network(resolved)
     return resolved
+
+
+def _check_network(preset: Preset) -> None:
+    """Build the recipe's UNet without memory (on torch's meta device): network_def's arguments that MONAI's UNet
+    refuses stop the run here with one line naming them, before anything else is built."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build_unet(preset)
+    except Exception as error:  # MONAI's own message for its UNet, whatever the exception type
+        raise BadInputError(f"network_def (channels {list(preset.channels)}, strides {list(preset.strides)}, "
+                            f"num_res_units {preset.num_res_units}, norm {preset.norm!r}) is not a UNet MONAI "
+                            f"builds: {' '.join(str(error).split())}") from error
 
 
 def optimizer_factory(preset: Preset) -> Callable[..., torch.optim.Optimizer]:
@@ -173,27 +224,61 @@ def scheduler_factory(preset: Preset, total_iterations: int = 1) -> Callable[...
 
 
 def record_run(ckpt_dir: str | os.PathLike[str], preset: Preset, dataset_dir: str | os.PathLike[str],
-               device: torch.device | str | None = None) -> Path | None:
+               device: torch.device | str | None = None, trainer: Any = None) -> Path | None:
     """Write ``manifest.json`` beside the bundle's model.pt (rank 0 only), with the recipe it trains.
 
     That makes ``models/`` a kit run folder: ``spleenkit evaluate --model models/model.pt`` reads the
-    recipe from it, so the kit preprocesses exactly as the bundle did.
+    recipe from it, so the kit preprocesses exactly as the bundle did. Given the ``trainer``, the manifest is
+    written when it starts training, so a start that fails (a missing dataset, a bad value) leaves none.
     """
     if rank() != 0:
         return None
     parameters = {"preset": preset.to_dict(), "data_dir": str(Path(dataset_dir).resolve()),
                   "device": None if device is None else str(device)}
-    return write_manifest(ckpt_dir, build_manifest(parameters, device=parameters["device"], kind="bundle training",
-                                                   started=now(), finished=None))
+
+    def write(*_: Any) -> Path:
+        return write_manifest(ckpt_dir, build_manifest(parameters, device=parameters["device"],
+                                                       kind="bundle training", started=now(), finished=None))
+
+    if trainer is None:
+        return write()
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.STARTED, write)
+    return None
+
+
+class FinalValidation:
+    """Validate once more at the end of training when the last epoch was not validated (``epochs`` not a
+    multiple of ``val_interval``), as ``spleenkit train`` does: every training of at least one epoch then
+    leaves the best model, ``models/model.pt``, through the validation handlers' CheckpointSaver.
+
+    An extra handler beside MONAI's ``ValidationHandler`` (``train#handlers#1``, unchanged): attached after
+    it, it runs the validator only if the validator has not run for this epoch.
+    """
+
+    def __init__(self, validator: Any) -> None:
+        self.validator = validator
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        epoch = engine.state.epoch
+        if epoch == engine.state.max_epochs and self.validator.state.epoch != epoch:
+            self.validator.run(epoch)
 
 
 def split_cases(images: Sequence[str], labels: Sequence[str], validation_cases: int) -> tuple[list[dict[str, str]],
                                                                                              list[dict[str, str]]]:
-    """The bundle's split of paired image/label lists: the last ``validation_cases`` by name for validation."""
+    """The bundle's split of paired image/label lists: the last ``validation_cases`` by name for validation
+    (as the original's ``images[:-9]``: fewer training than validation cases is a warning here, not a refusal)."""
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} labels in the dataset")
     items = [{"image": str(i), "label": str(label)} for i, label in zip(images, labels, strict=True)]
-    return split_datalist(items, int(validation_cases))
+    return split_datalist(items, int(validation_cases), warn_small_training=True)
 
 
 def unlabelled_images(dataset_dir: str | os.PathLike[str]) -> list[str]:
@@ -451,13 +536,17 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Refuse command-line overrides that name no config key (MONAI would add and ignore them).
 
     Called first in the bundle's ``initialize``; acts only when the process was started as
-    ``python -m monai.bundle run ...`` (directly or under torchrun).
+    ``python -m monai.bundle run ...`` (directly or under torchrun), and then also makes a failure's last
+    line the kit's one-line message (:func:`report_last`).
     """
     from monai.bundle import ConfigParser
 
+    this_process = argv is None
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py") or "run" not in argv[1:2]:
         return
+    if this_process:
+        report_last(sys)
     arguments, overrides = parse_command_line(argv[1:])
     if not overrides or "config_file" not in arguments:
         return
@@ -484,11 +573,49 @@ def check_recipe(config_files: Sequence[str], overrides: Mapping[str, Any]) -> N
     try:
         parser.get_parsed_content("recipe")
     except Exception as error:  # noqa: BLE001 - MONAI wraps the kit's refusal; anything else MONAI reports itself
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, BadInputError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
+        found = kit_error(error)
+        if found is not None:
+            raise found from None
+def kit_error(error: BaseException | None) -> SpleenkitError | None:
+    """The kit's own error in an exception's chain: MONAI's config parser wraps what a config's callable raises
+    in ``RuntimeError("Failed to evaluate ...")`` (one wrapper per config item on the way), so the kit's
+    message sits in the middle of the traceback. None when the chain holds none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SpleenkitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def last_line(error: BaseException) -> str:
+    """The line that ends a failed bundle run: the kit's message, or the deepest cause MONAI wrapped."""
+    found = kit_error(error)
+    if found is not None:
+        return f"spleenkit: error: {found}"
+    root, seen = error, set()
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    message = " ".join(str(root).split())
+    return f"spleenkit: error: the bundle stopped: {type(root).__name__}: {message}"
+
+
+def report_last(system: Any) -> None:
+    """Make an uncaught exception's traceback end with :func:`last_line` (``python -m monai.bundle run`` prints
+    the whole traceback, which a bundle cannot prevent; its last line then says what is wrong)."""
+    previous = system.excepthook
+    if getattr(previous, "spleenkit_last_line", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        previous(kind, error, traceback)
+        if not isinstance(error, KeyboardInterrupt):
+            print(last_line(error), file=system.stderr, flush=True)
+
+    hook.spleenkit_last_line = True  # type: ignore[attr-defined]
+    system.excepthook = hook
 
 
 def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
@@ -512,8 +639,14 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
         raise BadInputError("; ".join(problems))
     overrides.setdefault("bundle_root", str(root))
     check_recipe(files, overrides)
-    monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
-              logging_file=str(root / "configs" / "logging.conf"), **overrides)
+    try:
+        monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
+                  logging_file=str(root / "configs" / "logging.conf"), **overrides)
+    except Exception as error:
+        found = kit_error(error)
+        if found is None:
+            raise
+        raise found from None  # the kit's one-line message, not MONAI's wrappers around it
 
 
 # --------------------------------------------------------------------------- metadata

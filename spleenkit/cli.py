@@ -2,7 +2,9 @@
 
 Thin on purpose. Only argparse and the standard library are imported at start-up; each
 command imports the module it needs inside its handler, so ``spleenkit --help`` stays fast.
-A :class:`~spleenkit.errors.SpleenkitError` becomes one line on stderr and exit status 2.
+A :class:`~spleenkit.errors.SpleenkitError`, and a fault of the machine (read-only or full disk, no
+memory: :func:`spleenkit.errors.user_error`), becomes one line on stderr and exit status 2; SIGTERM stops a
+command as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from spleenkit import __version__
-from spleenkit.errors import BadInputError, SpleenkitError
+from spleenkit.errors import BadInputError, SpleenkitError, Terminated, user_error
 from spleenkit.presets import PRESETS, parse_value, recipe_names, resolve_preset
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -274,10 +276,18 @@ def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManage
 
 
 # --------------------------------------------------------------------------- evaluation and inference
+def _force_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force-preset", action="store_true",
+                        help="use --preset even where its spacing, orientation, window or network differ from the "
+                             "recipe the model was trained with (refused otherwise: the masks would change)")
+
+
 def _window_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and infer: preset, device, precision, sliding window, post-processing."""
     parser.add_argument("--preset", help=f"recipe for preprocessing and the window: {recipe_names()} (default: the "
-                                         "run's own, else seed)")
+                                         "model's own, carried in model.pt or named by its run manifest; else seed, "
+                                         "with a warning)")
+    _force_preset_option(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision: float16 on CUDA, bfloat16 on the CPU (default: the preset's on CUDA; "
@@ -302,7 +312,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               device=args.device, amp=args.amp, overlap=args.overlap, sw_batch_size=args.sw_batch,
                               blend=args.blend, stitch_device=args.stitch_device,
                               largest_component=args.largest_component, fill_holes=args.fill_holes,
-                              save_predictions=args.save_predictions, max_cases=args.max_cases, distributed=context)
+                              save_predictions=args.save_predictions, max_cases=args.max_cases, distributed=context,
+                              force_preset=args.force_preset)
     if context is not None and not context.is_main:
         return 0
     print(format_summary(result.summary))
@@ -326,12 +337,14 @@ def _infer(args: argparse.Namespace) -> int:
     result = infer(args.model, args.input, args.out, preset=args.preset, device=args.device, amp=args.amp,
                    largest_component=args.largest_component, fill_holes=args.fill_holes, overlap=args.overlap,
                    sw_batch_size=args.sw_batch, blend=args.blend, stitch_device=args.stitch_device,
-                   overlay=args.overlay, force=args.force)
+                   overlay=args.overlay, force=args.force, force_preset=args.force_preset)
     for case in result.cases:
         print(f"{case.name}: {case.mask} (spleen {case.spleen_volume_ml:.1f} mL, {case.seconds:.1f} s)"
               + (f" - {len(case.warnings)} warning(s), see above" if case.warnings else ""))
         if case.segmentation:
             print(f"{case.name}: {case.segmentation} (DICOM Segmentation of the series)")
+        elif case.segmentation_not_written:
+            print(f"{case.name}: no DICOM Segmentation: {case.segmentation_not_written}")
     print(f"manifest: {result.manifest_path} (peak memory {result.peak_memory_mib:.0f} MiB)")
     return 0
 
@@ -342,12 +355,13 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
                         "resampled and the original image space; writes RUN_DIR/evaluation/.")
     evaluate.add_argument("--model", required=True, help="the run's model.pt")
     evaluate.add_argument("--data", required=True, help="dataset folder in the MSD layout")
-    evaluate.add_argument("--out", help="output folder (default RUN_DIR/evaluation)")
+    evaluate.add_argument("--out", help="output folder, predictions in OUT/predictions (default RUN_DIR/evaluation, "
+                                        "predictions in RUN_DIR/predictions)")
     evaluate.add_argument("--split", choices=("validation", "training", "all"), default="validation",
                           help="which labelled cases (default validation: the bundle's split)")
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of the split")
     evaluate.add_argument("--save-predictions", action=argparse.BooleanOptionalAction, default=True,
-                          help="write each original-space prediction to RUN_DIR/predictions (default yes)")
+                          help="write each original-space prediction to predictions/ (default yes)")
     _window_options(evaluate)
     _distributed_options(evaluate)
     masks = _command(subparsers, "evaluate-masks", _evaluate_masks,
@@ -407,7 +421,7 @@ def _pretrained_fetch(args: argparse.Namespace) -> int:
 def _pretrained_load(args: argparse.Namespace) -> int:
     from spleenkit.pretrained import load_pretrained
 
-    _, info = load_pretrained(args.path, preset=args.preset)
+    _, info = load_pretrained(args.path, preset=args.preset, force_preset=args.force_preset)
     print(f"{info.weights}: loaded into the kit's UNet with strict key matching "
           f"({info.parameters:,} parameters in {info.tensors} tensors)")
     return 0
@@ -417,7 +431,7 @@ def _export(args: argparse.Namespace) -> int:
     from spleenkit.export import export_model
 
     summary = export_model(args.model, args.out, preset=args.preset, onnx=args.onnx, metadata_file=args.metadata,
-                           check=args.check)
+                           check=args.check, force_preset=args.force_preset)
     for kind in ("torchscript", "onnx"):
         if kind in summary:
             difference = summary.get(f"{kind}_max_abs_difference")
@@ -461,8 +475,9 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     load = _command(weights, "load", _pretrained_load,
                     "Load a bundle's models/model.pt into the kit's UNet (weights only, strict keys); print its size.")
     load.add_argument("path", help="model.pt, the bundle folder, or the folder holding it")
-    load.add_argument("--preset", default="seed",
-                      help=f"recipe whose network to build: {recipe_names()} (default seed)")
+    load.add_argument("--preset", help=f"recipe whose network to build: {recipe_names()} (default: the one the "
+                                       "weights carry, else seed)")
+    _force_preset_option(load)
 
     export = _command(subparsers, "export", _export,
                       "Export a model.pt to TorchScript (with the bundle metadata inside) and optionally ONNX; "
@@ -470,8 +485,9 @@ def _add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--model", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="TorchScript file to write (model.ts); ONNX goes beside it")
     export.add_argument("--onnx", action="store_true", help="also write an ONNX file (needs onnx and onnxscript)")
-    export.add_argument("--preset", default="seed",
-                        help=f"recipe whose network to build: {recipe_names()} (default seed)")
+    export.add_argument("--preset", help=f"recipe whose network to build: {recipe_names()} (default: the model's "
+                                         "own, carried in model.pt or named by its run manifest; else seed)")
+    _force_preset_option(export)
     export.add_argument("--metadata", help="metadata JSON to store in the TorchScript file (default: none)")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the exported model with the eager one on a random patch (default yes)")
@@ -492,8 +508,8 @@ def _train(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with _process_group(args) as context:
         result = train(args.data, args.out, preset, device=args.device, amp=args.amp, resume=args.resume,
-                       resume_anyway=args.resume_anyway, num_workers=args.workers, progress=progress,
-                       distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr)
+                       resume_anyway=args.resume_anyway, start_afresh=args.start_afresh, num_workers=args.workers,
+                       progress=progress, distributed=context, sync_bn=args.sync_bn, scale_lr=args.scale_lr)
     if context is not None and not context.is_main:
         return 0
     dice = ("none (no validation ran)" if result.best_dice is None
@@ -523,6 +539,10 @@ def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume-anyway", action="store_true",
                        help="with --resume: continue even though the preset or its settings differ from the run's "
                             "(the differences are recorded in the manifest)")
+    train.add_argument("--start-afresh", action="store_true",
+                       help="with --resume: where nothing usable is left to resume (no complete checkpoint_last.pt, "
+                            "or no readable manifest.json), train from the first epoch instead of refusing; the "
+                            "earlier run is moved into previous-<time>/ whole")
     train.add_argument("--seed", type=int, help="random seed (default: the preset's, 123)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     train.add_argument("--workers", type=int, help="threads filling the cache and loader workers (default: all cores)")
@@ -635,13 +655,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(handler(args) or 0)
-    except SpleenkitError as error:
-        print(f"spleenkit: error: {error}", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            return int(handler(args) or 0)
+    except KeyboardInterrupt as error:  # SIGINT, and SIGTERM alike: what finished is kept and described
+        terminated = isinstance(error, Terminated)
+        print(f"spleenkit: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as error:
+        known = user_error(error)  # the one mapping of the kit's errors, OSError and memory to one line
+        if known is None:
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"spleenkit: error: {known}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("spleenkit: interrupted", file=sys.stderr)
-        return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM (``kill``, ``timeout``, a batch system) stop a command as Ctrl-C does, with
+    :class:`~spleenkit.errors.Terminated`, so that infer, evaluate and train record what they finished; both
+    wait for a file being written to be whole (:func:`spleenkit.io.interrupt`)."""
+    import signal
+    import threading
+
+    from spleenkit.io import interrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        interrupt(Terminated("terminated by SIGTERM"))
+
+    def keyboard(signum: int, frame: object) -> None:
+        interrupt(KeyboardInterrupt())
+
+    previous = {number: signal.signal(number, handler)
+                for number, handler in ((signal.SIGTERM, terminate), (signal.SIGINT, keyboard))}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Metrics use MONAI (Dice, ``HausdorffDistanceMetric(percentile=95)``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -27,11 +28,12 @@ from spleenkit.distributed import distributed_map
 from spleenkit.errors import BadInputError
 from spleenkit.images import case_name, read_binary_mask, read_nifti, same_grid, voxel_spacing, write_mask
 from spleenkit.io import check_writable, write_json
-from spleenkit.manifest import build_manifest, now, write_manifest
+from spleenkit.manifest import build_manifest, now, write_manifest, write_stopped_manifest
 from spleenkit.metrics import mask_metrics, summarize, write_rows_csv
+from spleenkit.model import recipe_for
 from spleenkit.predict import original_space_mask, postprocessing, predict_logits, prepare_prediction
 from spleenkit.presets import Preset, get_preset
-from spleenkit.runs import run_preset
+from spleenkit.runs import EVALUATION_DIR, PREDICTIONS_DIR, output_folder
 from spleenkit.transforms import validation_transforms
 
 if TYPE_CHECKING:
@@ -139,37 +141,57 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
                  overlap: float | None = None, sw_batch_size: int | None = None, blend: str = "constant",
                  stitch_device: str = "cpu", largest_component: bool = False, fill_holes: bool = False,
                  save_predictions: bool = True, figures: bool = True,
-                 max_cases: int | None = None, distributed: DistributedContext | None = None) -> EvaluationResult:
+                 max_cases: int | None = None, distributed: DistributedContext | None = None,
+                 force_preset: bool = False) -> EvaluationResult:
     """Evaluate ``model`` (a run's ``model.pt``) on a dataset split and write the results.
 
     Writes ``per_case.csv``, ``summary.json``, ``manifest.json`` and a per-case figure into
     ``out_dir`` (default ``RUN_DIR/evaluation``) and, with ``save_predictions``, each case's
-    original-space mask into ``RUN_DIR/predictions``. The preset defaults to the run's own.
-    Under torchrun (``distributed``), the cases are shared among the ranks and rank 0 writes everything.
+    original-space mask into ``predictions/`` (``RUN_DIR/predictions``, or ``out_dir/predictions`` when
+    ``out_dir`` is given). The recipe is the model's own (:func:`spleenkit.model.recipe_for`; another ``preset``
+    that changes the masks needs ``force_preset``). The output folder is locked while it is written; both
+    folders are checked writable before any work; an interrupted run (Ctrl-C, SIGTERM) records the cases it
+    finished in the manifest. Under torchrun (``distributed``), the cases are shared among the ranks and rank 0
+    writes everything.
     """
+    if max_cases is not None and (isinstance(max_cases, bool) or max_cases < 1):
+        raise BadInputError(f"--max-cases {max_cases}: evaluate at least 1 case (leave it out for all)")
     model = Path(model)
     run_dir = model.parent
-    preset = run_preset(run_dir) if preset is None else get_preset(preset)
-    out = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
-    if distributed is None or distributed.is_main:
-        check_writable(out)
+    preset, recipe_source = recipe_for(model, preset, force_preset)
+    out = Path(out_dir) if out_dir is not None else run_dir / EVALUATION_DIR
+    predictions_dir = (out if out_dir is not None else run_dir) / PREDICTIONS_DIR
     device_ = pick_device(device) if distributed is None else distributed.device
     prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,
                                     blend=blend, stitch_device=stitch_device, largest_component=largest_component,
                                     fill_holes=fill_holes)
-    amp, network, inferer = prediction.amp, prediction.network, prediction.inferer
     cases = select_cases(data_dir, preset, split)
     if max_cases is not None:
         cases = cases[:max_cases]
     if not cases:
         raise BadInputError(f"no labelled cases in the {split} split", data_dir)
-    preprocessing = validation_transforms(preset)
-    settings = {**prediction.settings, "data_dir": str(data_dir), "split": split}
+    settings = {**prediction.settings, "recipe_from": recipe_source, "data_dir": str(data_dir), "split": split}
     if distributed is not None:
         settings["processes"] = distributed.world_size
+    with contextlib.ExitStack() as folders:
+        if distributed is None or distributed.is_main:  # rank 0 writes: it holds the lock
+            check_writable(folders.enter_context(output_folder(out, lock=True)))
+            if save_predictions:
+                check_writable(folders.enter_context(output_folder(predictions_dir)))
+        return _evaluate_cases(cases, prediction, preset, settings, out, predictions_dir, save_predictions,
+                               figures, distributed, largest_component, fill_holes)
+
+
+def _evaluate_cases(cases: list[dict[str, str]], prediction: Any, preset: Preset, settings: dict[str, Any],
+                    out: Path, predictions_dir: Path, save_predictions: bool, figures: bool,
+                    distributed: DistributedContext | None, largest_component: bool,
+                    fill_holes: bool) -> EvaluationResult:
+    """The body of :func:`evaluate_run` once its folders are ready: score each case, write the results."""
+    amp, network, inferer, device_ = prediction.amp, prediction.network, prediction.inferer, prediction.device
+    preprocessing = validation_transforms(preset)
     started = now()
-    log.info("evaluating %d %s case(s) with %s", len(cases), split, ", ".join(f"{k}={v}" for k, v in settings.items()
-                                                                             if k not in ("model", "data_dir")))
+    log.info("evaluating %d %s case(s) with %s", len(cases), settings["split"],
+             ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("model", "data_dir")))
     rows: list[dict[str, Any]] = []
     predictions: dict[str, Path] = {}
 
@@ -178,11 +200,20 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
                              preprocessing)
 
     # one process: every case in turn; under torchrun: rank r scores cases r, r+N ... and rank 0 gets all
-    for item, (case_rows, mask) in distributed_map(score, cases, distributed):
-        rows.extend(case_rows)
-        if save_predictions:
-            name = case_rows[0]["case"]
-            predictions[name] = write_mask(mask, item["image"], run_dir / "predictions" / f"{name}.nii.gz")
+    try:
+        for item, (case_rows, mask) in distributed_map(score, cases, distributed):
+            rows.extend(case_rows)
+            if save_predictions:
+                name = case_rows[0]["case"]
+                predictions[name] = write_mask(mask, item["image"], predictions_dir / f"{name}.nii.gz")
+    except BaseException as error:
+        if rows and (distributed is None or distributed.is_main):  # what finished is described
+            done = list(dict.fromkeys(row["case"] for row in rows))
+            write_stopped_manifest(out, error, build_manifest(
+                settings, device=str(device_), started=started, finished=None, preset=preset.to_dict(),
+                cases_done=done, predictions=[str(p) for p in predictions.values()],
+                not_done=[case_name(c["image"]) for c in cases[len(done):]]))
+        raise
     if distributed is not None and not distributed.is_main:  # rank 0 writes the results
         return EvaluationResult([], {}, out, out / "per_case.csv", out / "summary.json")
     summary = summarize(rows)
@@ -196,4 +227,3 @@ def evaluate_run(model: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     write_manifest(out, build_manifest(settings, device=str(device_), started=started, finished=now(),
                                        preset=preset.to_dict(), outputs=[csv_path.name, summary_path.name]))
     return EvaluationResult(rows, summary, out, csv_path, summary_path, predictions, figure_paths)
-

@@ -945,7 +945,8 @@ def _dice_loss(answer: Any, preset: Any) -> str:
     found = compare_objects(answer, expected, "DiceLoss")
     if not found:
         raise Hint(f"{found.difference}. The network gives 2 channels of logits and the label 1 channel of 0/1: "
-                   "to_onehot_y=True, softmax=True.")
-    return ("the kit's DiceLoss: softmax over the 2 logit channels, the label one-hot encoded; without the cross-"
-            "entropy term of DiceCELoss.")
+                   "to_onehot_y=True, softmax=True; include_background as the recipe has it "
+                   f"({preset.include_background}).")
+    return ("the kit's DiceLoss: softmax over the 2 logit channels, the label one-hot encoded, the background in "
+            "the Dice or not as the recipe says; without the cross-entropy term of DiceCELoss.")
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spleenkit.errors import BadInputError, SpleenkitError
-from spleenkit.io import write_with
-from spleenkit.model import check_finite_weights, load_model
+from spleenkit.errors import BadInputError, SpleenkitError, first_line
+from spleenkit.io import write_with, write_with_companions
+from spleenkit.model import RECIPE_KEY, check_finite_weights, load_model, recipe_for
 from spleenkit.presets import Preset
 
 if TYPE_CHECKING:
@@ -76,22 +76,69 @@ def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
                 sample_shape: tuple[int, ...] = SAMPLE_SHAPE,
                 check: Callable[[Path], None] | None = None) -> Path:
     """Export ``network`` to ONNX with any batch size and any spatial size divisible by 16 (``check`` as for
-    :func:`export_torchscript`)."""
+    :func:`export_torchscript`).
+
+    Weights below :data:`ONNX_EMBED_LIMIT` are embedded, so the file is whole on its own; larger ones go into
+    ``NAME.data`` beside it (ONNX's 2 GB limit), named after the final file and placed first. Either way the
+    export is copied into another folder and loaded there with ONNX Runtime (and ``check``ed) before it replaces
+    anything: a file that depends on anything but its own named companion is refused.
+    """
     if not onnx_available():
         raise SpleenkitError("ONNX export needs the onnx and onnxscript packages: pip install 'spleenkit[export]'")
+    import inspect
+
     import torch
 
     network = network.eval()
     sample = torch.zeros(sample_shape)
     spatial = torch.export.Dim.AUTO
     dynamic = {"x": {0: torch.export.Dim("batch", max=1024), 2: spatial, 3: spatial, 4: spatial}}
+    external = parameter_bytes(network) > ONNX_EMBED_LIMIT
+    options = {"external_data": external} if "external_data" in inspect.signature(torch.onnx.export).parameters \
+        else {}
 
     def write(path: Path) -> None:
         torch.onnx.export(network, (sample,), str(path), dynamo=True, input_names=["image"], output_names=["pred"],
-                          dynamic_shapes=dynamic, verbose=False)
+                          dynamic_shapes=dynamic, verbose=False, **options)
+
+    def check_elsewhere(path: Path) -> None:  # what a user's copy of the file (and its named companion) gets
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="spleenkit-onnx-") as elsewhere:
+            copy = Path(elsewhere) / path.name
+            shutil.copyfile(path, copy)
+            companion = path.with_name(path.name + ".data")
+            if companion.is_file():
+                shutil.copyfile(companion, copy.with_name(companion.name))
+            try:
+                if check is not None:
+                    check(copy)
+                else:
+                    _onnx_session(copy)
+            except SpleenkitError:
+                raise
+            except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types
+                raise SpleenkitError(f"the ONNX export does not load on its own ({first_line(error)}); nothing was "
+                                     "replaced") from error
 
     with _quiet_exporter():
-        return write_with(out, write, check=check)
+        return write_with_companions(out, write, check=check_elsewhere)[0]
+
+
+#: Weights up to this size are embedded in the ONNX file (protobuf's limit is 2 GiB for the whole file).
+ONNX_EMBED_LIMIT = 1_800_000_000
+
+
+def parameter_bytes(network: torch.nn.Module) -> int:
+    """Bytes of the network's weights and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+
+
+def _onnx_session(path: str | os.PathLike[str]) -> Any:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
@@ -129,9 +176,7 @@ def run_exported(path: str | os.PathLike[str], image: torch.Tensor) -> np.ndarra
 
     path = Path(path)
     if path.suffix == ".onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = _onnx_session(path)
         return session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
     module, _ = load_exported(path)
     with torch.no_grad():
@@ -155,19 +200,29 @@ def parity(network: torch.nn.Module, exported: str | os.PathLike[str], sample_sh
     return difference if math.isfinite(difference) else math.inf
 
 
-def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], preset: Preset | str = "seed",
+def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], preset: Preset | str | None = None,
                  onnx: bool = False, metadata_file: str | os.PathLike[str] | None = None,
-                 check: bool = True) -> dict[str, Any]:
+                 check: bool = True, force_preset: bool = False) -> dict[str, Any]:
     """Export the weights in ``model`` (a model.pt) to TorchScript at ``out`` (and ONNX beside it).
 
-    Loads strictly with ``weights_only=True`` and refuses NaN or infinite weights; with ``check`` each
-    exported file is run against the eager network *before* it replaces an earlier export, and a
-    difference above :data:`TOLERANCE` is an error that leaves the earlier file as it was. Returns a summary.
+    The network is the model's own recipe's (:func:`spleenkit.model.recipe_for`: carried in model.pt, else its run
+    manifest, else seed with a warning; another ``preset`` that changes the masks needs ``force_preset``), and the
+    recipe goes into the TorchScript file's metadata (``spleenkit_recipe``). Loads strictly with
+    ``weights_only=True`` and refuses NaN or infinite weights; an existing ``out`` that is not a model export
+    (TorchScript, ONNX) is refused, never overwritten; with ``check`` each exported file is run against the eager
+    network *before* it replaces an earlier export, and a difference above :data:`TOLERANCE` is an error that
+    leaves the earlier file as it was. Returns a summary.
     """
     out = Path(out)
     if out.is_dir():
         raise BadInputError("is a folder; give the file to write, e.g. model.ts", out)
-    network = load_model(model, preset)
+    onnx_out = out.with_suffix(".onnx")
+    if onnx and onnx_out == out:
+        raise BadInputError("--out names the TorchScript file (model.ts); the ONNX file goes beside it as .onnx", out)
+    for target, kind in ((out, "torchscript"), *(((onnx_out, "onnx"),) if onnx else ())):
+        refuse_non_export(target, kind)
+    recipe, _ = recipe_for(model, preset, force_preset)
+    network = load_model(model, recipe)
     check_finite_weights(network, model)
     metadata: dict[str, Any] = {}
     if metadata_file:
@@ -175,6 +230,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
             metadata = json.loads(Path(metadata_file).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise BadInputError(f"cannot read the metadata ({error})", metadata_file) from error
+    metadata = {**metadata, RECIPE_KEY: recipe.to_dict()} if isinstance(metadata, dict) else metadata
     differences: dict[str, float] = {}
 
     def checked(kind: str) -> Callable[[Path], None] | None:
@@ -182,9 +238,40 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
 
     written = {"torchscript": export_torchscript(network, out, metadata, check=checked("torchscript"))}
     if onnx:
-        written["onnx"] = export_onnx(network, out.with_suffix(".onnx"), check=checked("onnx"))
+        written["onnx"] = export_onnx(network, onnx_out, check=checked("onnx"))
     summary: dict[str, Any] = {kind: str(path) for kind, path in written.items()}
     for kind, difference in differences.items():
         summary[f"{kind}_max_abs_difference"] = difference
     summary["tolerance"] = TOLERANCE
+    summary["preset"] = recipe.name
     return summary
+
+
+def refuse_non_export(path: str | os.PathLike[str], kind: str = "torchscript") -> None:
+    """Refuse to overwrite an existing ``path`` that is not a model export (a TorchScript archive, an ONNX model):
+    ``--out notes.txt`` must not replace the notes."""
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise BadInputError("exists and is not a file; give the file to write", path)
+    if kind == "torchscript":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                ok = any(name.endswith("/data.pkl") for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            ok = False
+    else:
+        try:
+            import onnx
+
+            onnx.load_model(str(path), load_external_data=False)
+            ok = True
+        except Exception:  # noqa: BLE001 - not a protobuf ONNX model
+            ok = False
+    if not ok:
+        what = "a TorchScript" if kind == "torchscript" else "an ONNX"
+        raise BadInputError(f"exists and is not {what} model export; refusing to overwrite it: choose another --out, "
+                            "or move the file away", path)

@@ -35,10 +35,11 @@ from spleenkit.images import (
     write_mask,
 )
 from spleenkit.io import check_writable
-from spleenkit.manifest import build_manifest, now, write_manifest
+from spleenkit.manifest import build_manifest, now, write_manifest, write_stopped_manifest
+from spleenkit.model import recipe_for
 from spleenkit.predict import predict_mask, prepare_prediction
-from spleenkit.presets import Preset, get_preset
-from spleenkit.runs import output_folder, run_preset
+from spleenkit.presets import Preset
+from spleenkit.runs import output_folder
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -138,6 +139,9 @@ class CaseOutput:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     segmentation: str | None = None  # the DICOM Segmentation written for a DICOM series input
+    segmentation_not_written: str | None = None  # for a DICOM series input without one: why
+    series: str | None = None  # a DICOM series input's SeriesInstanceUID
+    derived: list[str] = field(default_factory=list)  # source values the DICOM Segmentation derived or filled
 
 
 @dataclass
@@ -161,7 +165,7 @@ def check_inputs(volumes: Sequence[InputVolume], preset: Preset, force: bool = F
         try:
             if volume.kind == "nifti":
                 read_nifti(volume.path)  # the header first: its messages are the clearest
-            image, data = read_input(volume.path)
+            image, data = read_input(volume.path, volume.series_uid)
         except BadInputError as error:
             problems.append(str(error))
             continue
@@ -187,34 +191,38 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
           preset: Preset | str | None = None, device: str = "auto", amp: bool | None = None,
           largest_component: bool = False, fill_holes: bool = False, overlap: float | None = None,
           sw_batch_size: int | None = None, blend: str = "constant", stitch_device: str = "cpu",
-          overlay: bool = True, force: bool = False) -> InferenceResult:
+          overlay: bool = True, force: bool = False, force_preset: bool = False) -> InferenceResult:
     """Segment the spleen in every volume under ``input`` and write masks, overlays and a manifest.
 
     For each input ``NAME`` the output folder gets ``NAME_spleen.nii.gz`` (uint8, the input's
     exact shape and affine) and ``NAME_overlay.png``; for a DICOM series also ``NAME_spleen_seg.dcm``, a DICOM
     Segmentation referencing the series' instances; ``manifest.json`` lists them with the settings, timings,
     peak memory, any warnings (orientation, input, DICOM Segmentation) and the folder entries skipped.
-    The preset defaults to the one in the model's run folder (else "seed").
+    The recipe is the model's own (:func:`spleenkit.model.recipe_for`: carried in model.pt, else named by its
+    run manifest, else seed with a warning); a ``preset`` whose preprocessing or network differs from it is
+    refused unless ``force_preset``.
 
     Before anything is written every input gets ``data check``'s checks (:func:`check_inputs`; ``force``
-    segments images whose values do not look like CT) and the model's weights must be finite. If a case
-    fails or the run is interrupted, the masks already written stay and the manifest lists them.
+    segments images whose values do not look like CT) and the model's weights must be finite. The output
+    folder is locked while it is written (:class:`~spleenkit.runs.RunLock`: a second ``infer`` into it stops,
+    naming the first). If a case fails or the run is interrupted (Ctrl-C or SIGTERM), the masks already
+    written stay and the manifest lists them.
     """
     model = Path(model)
     volumes, skipped = scan_inputs(input)
     for entry in skipped:
         log.warning("%s: skipped %s", input, entry)
-    preset = run_preset(model.parent) if preset is None else get_preset(preset)
+    preset, recipe_source = recipe_for(model, preset, force_preset)
     input_warnings = check_inputs(volumes, preset, force)
     device_ = pick_device(device)
     prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,
                                     blend=blend, stitch_device=stitch_device, largest_component=largest_component,
                                     fill_holes=fill_holes)
     amp, network, inferer = prediction.amp, prediction.network, prediction.inferer
-    settings = {**prediction.settings, "input": str(input), "force": force}
+    settings = {**prediction.settings, "recipe_from": recipe_source, "input": str(input), "force": force}
     started = now()
     cases: list[CaseOutput] = []
-    with output_folder(out_dir) as out:
+    with output_folder(out_dir, lock=True) as out:
         check_writable(out)
         try:
             for volume in volumes:
@@ -222,10 +230,9 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
                                         fill_holes, overlay, input_warnings.get(volume.name, []), voxel_spacing))
         except BaseException as error:
             if cases:  # what finished is described, and why the rest is missing
-                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error) or type(error).__name__
-                write_manifest(out, build_manifest(
+                write_stopped_manifest(out, error, build_manifest(
                     settings, device=str(device_), started=started, finished=None, preset=preset.to_dict(),
-                    cases=[asdict(c) for c in cases], skipped=skipped, stopped=reason,
+                    cases=[asdict(c) for c in cases], skipped=skipped,
                     not_done=[v.name for v in volumes[len(cases):]]))
             raise
         peak = peak_memory_mib()
@@ -253,13 +260,21 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     for warning in warnings_:
         log.warning(warning)
     mask_path = write_mask(mask, image, out / f"{volume.name}{MASK_SUFFIX}")
-    segmentation = None
+    segmentation, not_written, derived = None, None, []
     if volume.kind == "dicom":  # and a DICOM Segmentation of the series, for viewers that read DICOM
 
         try:
-            segmentation = str(write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}"))
-        except BadInputError as error:
-            warnings_.append(f"{volume.name}: no DICOM Segmentation written: {error}")
+            written = write_dicom_seg(mask, image.affine, volume.path, out / f"{volume.name}{SEG_SUFFIX}",
+                                      volume.series_uid)
+            segmentation, derived = str(written.path), written.derived
+        except BadInputError as error:  # the mask is right and written: a missing SEG is a warning, not a failure
+            not_written = str(error)
+        except Exception as error:  # noqa: BLE001 - idem, whatever highdicom or pydicom raise
+            not_written = f"{type(error).__name__}: {error}".splitlines()[0]
+        for line in derived:
+            log.info("%s: DICOM Segmentation: %s", volume.name, line)
+        if not_written:
+            warnings_.append(f"{volume.name}: no DICOM Segmentation written: {not_written}")
             log.warning(warnings_[-1])
     overlay_path = None
     if overlay:
@@ -272,4 +287,5 @@ def _infer_one(volume: InputVolume, out: Path, network: torch.nn.Module, preset:
     seconds = round(time.perf_counter() - begun, 2)
     log.info("%s: spleen %.1f mL -> %s (%.1f s)", volume.name, volume_ml, mask_path, seconds)
     return CaseOutput(volume.name, str(volume.path), str(mask_path), overlay_path, list(mask.shape),
-                      round(volume_ml, 2), seconds, warnings_ + input_warnings, segmentation)
+                      round(volume_ml, 2), seconds, warnings_ + input_warnings, segmentation, not_written,
+                      volume.series_uid, derived)

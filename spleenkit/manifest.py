@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -12,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from spleenkit.environment import package_versions
+from spleenkit.errors import Terminated, first_line
 from spleenkit.io import write_json
 
 MANIFEST_NAME = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def now() -> str:
@@ -56,3 +60,23 @@ def write_manifest(run_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
 def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a run folder's manifest."""
     return json.loads((Path(run_dir) / MANIFEST_NAME).read_text())
+
+
+def stop_reason(error: BaseException) -> str:
+    """Why a run stopped, for its manifest: interrupted (Ctrl-C), terminated (SIGTERM), or the error's first line."""
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM)"
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else first_line(error)
+
+
+def write_stopped_manifest(run_dir: str | os.PathLike[str], error: BaseException,
+                           manifest: dict[str, Any]) -> Path | None:
+    """Write the manifest of a run that stopped early, with ``stopped`` saying why (:func:`stop_reason`). A failure
+    to write it (a full disk) is logged and None returned, so that the error that stopped the run is the one
+    reported."""
+    manifest["stopped"] = stop_reason(error)
+    try:
+        return write_manifest(run_dir, manifest)
+    except Exception as failure:  # noqa: BLE001 - the first error is the one to report
+        log.warning("%s: could not record the stopped run (%s)", run_dir, failure)
+        return None

@@ -1,8 +1,13 @@
-"""The bundle's UNet, and saving and loading its weights safely.
+"""The bundle's UNet, and saving and loading its weights safely, with the recipe they were trained with.
 
 The network is built exactly as spleen_ct_segmentation's ``network_def`` so that official
 weights load with strict key matching. Checkpoints are read with ``weights_only=True`` and
 written atomically (a temporary file renamed into place), so a crash never leaves half a file.
+
+A network built here carries its recipe: its state dict's metadata (``state_dict._metadata``, which
+``torch.save`` keeps and which ``load_state_dict``, MONAI's ``CheckpointLoader`` and ``ckpt_export``
+ignore) holds the preset under :data:`RECIPE_KEY`. So a ``model.pt`` stays a plain state dict the bundle
+loads, and a copy taken out of its run folder still says how to preprocess for it (:func:`model_recipe`).
 """
 
 from __future__ import annotations
@@ -12,14 +17,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spleenkit.errors import BadInputError
+from spleenkit.errors import BadInputError, first_line
 from spleenkit.io import atomic_write
 from spleenkit.presets import Preset, get_preset
+from spleenkit.runs import recorded_preset
 
 if TYPE_CHECKING:
     import torch
 
 BUNDLE_PARAMETER_COUNT = 4_808_917
+#: The entry of a state dict's metadata that holds the recipe of the network it came from.
+RECIPE_KEY = "spleenkit_recipe"
+#: Recipe settings that change the masks a model gives (preprocessing and network): a ``--preset`` that differs
+#: from the model's own in one of them is refused unless forced.
+MASK_SETTINGS = ("spacing", "orientation", "intensity_range", "channels", "strides", "num_res_units", "norm")
 
 
 def build_unet(preset: Preset | str = "seed") -> torch.nn.Module:
@@ -27,7 +38,7 @@ def build_unet(preset: Preset | str = "seed") -> torch.nn.Module:
     from monai.networks.nets import UNet
 
     preset = get_preset(preset)
-    return UNet(
+    network = UNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=2,
@@ -36,6 +47,89 @@ def build_unet(preset: Preset | str = "seed") -> torch.nn.Module:
         num_res_units=preset.num_res_units,
         norm=preset.norm,
     )
+    carry_recipe(network, preset)
+    return network
+
+
+def carry_recipe(network: torch.nn.Module, preset: Preset) -> torch.nn.Module:
+    """Make every state dict of ``network`` carry ``preset`` in its metadata (see the module's note), so that
+    the weights saved from it (model.pt, checkpoints) say which recipe they need."""
+    import json
+
+    recipe = json.loads(json.dumps(preset.to_dict(), default=str))
+
+    def record(module: Any, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
+        local_metadata[RECIPE_KEY] = recipe
+
+    register = getattr(network, "register_state_dict_post_hook", None) or network._register_state_dict_hook
+    register(record)
+    return network
+
+
+def stored_recipe(checkpoint: Any) -> dict[str, Any] | None:
+    """The recipe a loaded checkpoint carries (a bare state dict or ``{"model": ...}``), or None."""
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"),
+                                                                                   dict) else checkpoint
+    metadata = getattr(state, "_metadata", None)
+    if not isinstance(metadata, dict):
+        return None
+    for entry in metadata.values():  # the root module's entry (""), or "module" for a DDP wrapper's weights
+        if isinstance(entry, dict) and isinstance(entry.get(RECIPE_KEY), dict):
+            return entry[RECIPE_KEY]
+    return None
+
+
+def model_recipe(path: str | os.PathLike[str]) -> tuple[Preset | None, str]:
+    """The recipe of the weights in ``path`` and where it was found: carried inside the file, else recorded by
+    the run manifest beside it (runs of earlier versions); ``(None, "none")`` when neither says."""
+    path = Path(path)
+    stored = stored_recipe(load_checkpoint(path))
+    if stored is not None:
+        try:
+            return Preset.from_dict(stored), "the model file"
+        except BadInputError as error:
+            raise BadInputError(f"the recipe stored with the weights cannot be rebuilt ({error})", path) from error
+    recorded = recorded_preset(path.parent)
+    return (recorded, "the run manifest beside it") if recorded is not None else (None, "none")
+
+
+def recipe_differences(recipe: Preset, other: Preset, settings: Sequence[str] = MASK_SETTINGS) -> list[str]:
+    """``setting: recipe's -> other's`` for each of ``settings`` where the two differ."""
+    import json
+
+    mine, theirs = (json.loads(json.dumps(p.to_dict(), default=str)) for p in (recipe, other))
+    return [f"{key}: {mine.get(key)!r} -> {theirs.get(key)!r}" for key in settings if mine.get(key) != theirs.get(key)]
+
+
+def recipe_for(model: str | os.PathLike[str], preset: Preset | str | None = None,
+               force: bool = False) -> tuple[Preset, str]:
+    """The recipe to run ``model`` with, and where it came from. Without ``preset``: the model's own
+    (:func:`model_recipe`), else the seed recipe, said in a warning. With ``preset``: that one, but one whose
+    preprocessing or network (:data:`MASK_SETTINGS`) differs from the model's own is refused unless ``force``,
+    as it would give other masks without a word."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    own, source = model_recipe(model)
+    if preset is None:
+        if own is not None:
+            return own, source
+        assumed = get_preset("seed")
+        log.warning("%s carries no recipe and no run manifest beside it names one: assuming the %s recipe (%s mm "
+                    "voxels, %s, window %g..%g HU, %s norm); pass --preset to choose another", model, assumed.name,
+                    "x".join(f"{s:g}" for s in assumed.spacing), assumed.orientation, *assumed.intensity_range,
+                    assumed.norm)
+        return assumed, "assumed (seed)"
+    chosen = get_preset(preset)
+    differences = [] if own is None else recipe_differences(own, chosen)
+    if differences and not force:
+        raise BadInputError(f"the model was trained with the {own.name} recipe (found in {source}), and --preset "  # type: ignore[union-attr]
+                            f"{chosen.name} changes its masks: {'; '.join(differences)}. Leave out --preset to use "
+                            "the model's own, or pass --force-preset (force_preset=True) to use it anyway", model)
+    if differences:
+        log.warning("%s: using --preset %s although the model's recipe differs (%s)", model, chosen.name,
+                    "; ".join(differences))
+    return chosen, "--preset" if own is None else f"--preset (the model's own in {source})"
 
 
 def count_parameters(network: torch.nn.Module) -> int:
@@ -62,17 +156,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     path = Path(path)
     if not path.is_file():
-        raise BadInputError("checkpoint not found", path)
+        raise BadInputError("checkpoint not found" if not path.exists() else "not a file", path)
+    if path.stat().st_size == 0:
+        raise BadInputError("empty file (0 bytes): a save that never finished? Use another copy of the model", path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise BadInputError(
-            "refusing to load: the checkpoint holds objects other than tensors and plain data "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+            f"refusing to load: the checkpoint holds objects other than tensors and plain data ({first_line(error)})",
             path,
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise BadInputError(f"corrupt or truncated checkpoint ({str(error).splitlines()[0]})", path) from error
+        raise BadInputError(f"corrupt or truncated checkpoint ({first_line(error)})", path) from error
     except Exception as error:  # noqa: BLE001 - a text or other non-checkpoint file fails deep in the unpickler
         raise BadInputError(f"not a PyTorch checkpoint (a model.pt written by torch.save); reading it failed with "
                             f"{type(error).__name__}", path) from error

@@ -32,9 +32,9 @@ from typing import Any
 
 from spleenkit import __version__
 from spleenkit.environment import PeakMemory
-from spleenkit.errors import BadInputError, NotebookRunError
+from spleenkit.errors import BadInputError, NotebookRunError, first_line
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
-from spleenkit.io import write_json, write_text
+from spleenkit.io import check_writable, write_json, write_text
 from spleenkit.presets import FIELDS, lookup_preset, parse_value, resolve_preset
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,13 @@ def load_profile(profile: str, repo: Path | None = None) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise BadInputError(f"{path}: not valid YAML ({error})") from error
+    except yaml.YAMLError as error:  # one line: what is wrong and where (PyYAML's own message quotes the text)
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or first_line(error)
+        raise BadInputError(f"{path}: not valid YAML ({problem}{where})") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{path}: cannot read the profile ({first_line(error)})") from error
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: a profile is a mapping with the keys {', '.join(sorted(PROFILE_KEYS))}")
     unknown = sorted(set(data) - PROFILE_KEYS)
@@ -368,7 +373,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
     out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a file in its place, a read-only disk: one line, before any notebook runs
 
     summary = RunSummary(profile=settings["name"], output_dir=str(out), python=sys.executable, results=[])
     started = time.perf_counter()

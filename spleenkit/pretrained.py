@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spleenkit.errors import BadInputError, PretrainedUnavailableError
-from spleenkit.model import build_unet, count_parameters, load_weights
+from spleenkit.model import build_unet, count_parameters, load_weights, recipe_for
 from spleenkit.presets import Preset
 
 if TYPE_CHECKING:
@@ -107,11 +107,17 @@ class PretrainedInfo:
     tensors: int
 
 
-def load_pretrained(path: str | os.PathLike[str], preset: Preset | str = "seed",
-                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, PretrainedInfo]:
-    """Load the official (or any bundle-format) ``model.pt`` into the kit's UNet, strictly, in eval mode."""
+def load_pretrained(path: str | os.PathLike[str], preset: Preset | str | None = None,
+                    device: torch.device | str = "cpu", force_preset: bool = False
+                    ) -> tuple[torch.nn.Module, PretrainedInfo]:
+    """Load the official (or any bundle-format) ``model.pt`` into the kit's UNet, strictly, in eval mode.
+
+    The network is the weights' own recipe's where they carry one (a kit run's model.pt), else ``preset``, else
+    the seed recipe (the bundle's, which the official weights need), said in a warning
+    (:func:`spleenkit.model.recipe_for`)."""
     weights = find_weights(path)
-    network = load_weights(build_unet(preset), weights).to(device).eval()
+    recipe, _ = recipe_for(weights, preset, force_preset)
+    network = load_weights(build_unet(recipe), weights).to(device).eval()
     info = PretrainedInfo(weights=weights, parameters=count_parameters(network),
                           tensors=len(network.state_dict()))
     logger.info("loaded %s: %d parameters in %d tensors", weights, info.parameters, info.tensors)

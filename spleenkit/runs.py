@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from spleenkit.errors import BadInputError
+from spleenkit.errors import BadInputError, os_error
 from spleenkit.io import check_writable
 from spleenkit.manifest import read_manifest
 from spleenkit.presets import Preset, get_preset
@@ -33,8 +33,13 @@ METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "run.lock"
+EVALUATION_DIR = "evaluation"
+PREDICTIONS_DIR = "predictions"
 #: What a run writes; a fresh run moves these into ``previous-<time>/`` instead of overwriting them.
 RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, MODEL_NAME, MANIFEST_NAME)
+#: The folders of a run that describe its model; a fresh run moves them aside with its files (a new model beside
+#: the old model's evaluation and predictions would be silently wrong).
+RUN_FOLDERS = (TENSORBOARD_DIR, EVALUATION_DIR, PREDICTIONS_DIR)
 
 
 # --------------------------------------------------------------------------- the lock
@@ -58,7 +63,7 @@ class RunLock:
             try:
                 stream = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
             except OSError as error:
-                raise BadInputError(f"cannot create the run lock ({error.strerror or error})", self.path) from error
+                raise os_error(error, self.path, "cannot create the run lock") from error
             try:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -159,12 +164,10 @@ def prepare_run_dir(run_dir: str | os.PathLike[str], resume: bool = False) -> Pa
 
 
 def move_earlier_run_aside(run_dir: str | os.PathLike[str]) -> Path | None:
-    """Move an earlier run's files (model, checkpoint, metrics, manifest, TensorBoard events) into
-    ``previous-<time>/``; return that folder, or None when there was nothing to move."""
+    """Move an earlier run into ``previous-<time>/`` whole: its files (model, checkpoint, metrics, manifest) and
+    folders (TensorBoard, evaluation, predictions); return that folder, or None when there was nothing to move."""
     run_dir = Path(run_dir)
-    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    tensorboard = run_dir / TENSORBOARD_DIR
-    old += sorted(tensorboard.glob("events.out.tfevents.*")) if tensorboard.is_dir() else []
+    old = [run_dir / name for name in (*RUN_FILES, *RUN_FOLDERS) if (run_dir / name).exists()]
     if not old:
         return None
     keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -178,6 +181,49 @@ def move_earlier_run_aside(run_dir: str | os.PathLike[str]) -> Path | None:
     log.warning("%s held an earlier run: its files were moved to %s (pass resume=True / --resume to "
                 "continue a run instead)", run_dir, keep)
     return keep
+
+
+def resume_problems(run_dir: str | os.PathLike[str]) -> list[str]:
+    """What a resume of ``run_dir`` lacks (empty when it can resume): a complete ``checkpoint_last.pt`` (the
+    weights, optimiser and epoch to continue from) and a readable ``manifest.json`` naming the run's recipe
+    (without it a changed recipe could not be noticed). Cheap: the checkpoint is not loaded here."""
+    import zipfile
+
+    run_dir = Path(run_dir)
+    checkpoint, manifest = run_dir / CHECKPOINT_NAME, run_dir / MANIFEST_NAME
+    problems = []
+    if not checkpoint.is_file():
+        problems.append(f"{checkpoint} is missing (no epoch was saved, or it was removed)")
+    elif checkpoint.stat().st_size == 0 or not zipfile.is_zipfile(checkpoint):
+        problems.append(f"{checkpoint} is corrupt or truncated (the run was killed while saving it?)")
+    if not manifest.is_file():
+        problems.append(f"{manifest} is missing, so the run's recipe is unknown")
+    else:
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8")).get("parameters", {}).get("preset")
+        except (OSError, ValueError, AttributeError) as error:
+            problems.append(f"{manifest} is unreadable ({type(error).__name__}), so the run's recipe is unknown")
+        else:
+            if not isinstance(recorded, dict) or not recorded.get("name"):
+                problems.append(f"{manifest} names no recipe")
+    return problems
+
+
+def decide_resume(run_dir: str | os.PathLike[str], resume: bool, start_afresh: bool = False) -> bool:
+    """Whether a run continues the one in ``run_dir``. A resume needs a usable checkpoint and manifest
+    (:func:`resume_problems`); without them it is refused, naming what is missing, unless ``start_afresh``:
+    then the run starts from the first epoch and :func:`prepare_run_dir` moves the earlier run aside whole."""
+    if not resume:
+        return False
+    problems = resume_problems(run_dir)
+    if not problems:
+        return True
+    if not start_afresh:
+        raise BadInputError(f"cannot resume: {'; '.join(problems)}. Pass --start-afresh (start_afresh=True) to "
+                            "train from the first epoch (the earlier run is moved aside whole), or train into a new "
+                            "--out", run_dir)
+    log.warning("%s: nothing usable to resume (%s); starting afresh", run_dir, "; ".join(problems))
+    return False
 
 
 def holds_files(folder: str | os.PathLike[str], ignore: tuple[str, ...] = (LOCK_NAME,)) -> bool:
@@ -201,11 +247,11 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
     try:
         if lock:
             if folder.exists() and not folder.is_dir():
-                raise BadInputError("the output folder is a file", folder)
+                raise BadInputError("the output folder is not writable: a file has its name", folder)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise BadInputError(f"cannot create the output folder ({error.strerror or error})", folder) from error
+                raise os_error(error, folder, "the output folder is not writable") from error
             holder = RunLock(folder).acquire()
         yield folder
     except BaseException:
@@ -222,19 +268,26 @@ def output_folder(folder: str | os.PathLike[str], *, lock: bool = False) -> Iter
 
 def run_preset(run_dir: str | os.PathLike[str], fallback: Preset | str = "seed") -> Preset:
     """The preset a run was trained with, read from its manifest (``parameters.preset``), else ``fallback``."""
+    recorded = recorded_preset(run_dir)
+    return get_preset(fallback) if recorded is None else recorded
+
+
+def recorded_preset(run_dir: str | os.PathLike[str]) -> Preset | None:
+    """The preset a run folder's manifest records (``parameters.preset``), or None when there is no readable
+    manifest naming one (a manifest naming a preset this version cannot rebuild: None, with a warning)."""
     try:
         parameters = read_manifest(run_dir).get("parameters", {})
-    except (OSError, ValueError):
-        return get_preset(fallback)
-    stored = parameters.get("preset")
+        stored = parameters.get("preset") if isinstance(parameters, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
     try:
         if isinstance(stored, str):
             return get_preset(stored)
         if isinstance(stored, dict) and stored.get("name"):
             return Preset.from_dict(stored)
     except BadInputError as error:
-        log.warning("the run's manifest names a preset that cannot be rebuilt (%s); using %s", error, fallback)
-    return get_preset(fallback)
+        log.warning("%s: the run's manifest names a preset that cannot be rebuilt (%s)", run_dir, error)
+    return None
 
 
 def read_metrics(source: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -2,8 +2,10 @@
 
 The deterministic part matches the bundle's ``train#deterministic_transforms`` step for step
 (LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd -> ScaleIntensityRanged ->
-EnsureTyped); the training chain adds ``RandCropByPosNegLabeld``. Keep the order and values
-here and nowhere else.
+EnsureTyped), or, for a preset with ``crop_foreground`` (the tutorial), MONAI's spleen tutorial's
+chain in its order (LoadImaged -> EnsureChannelFirstd -> ScaleIntensityRanged -> CropForegroundd ->
+Orientationd -> Spacingd); the training chain adds ``RandCropByPosNegLabeld``. Keep the order and
+values here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ IMAGE, LABEL = "image", "label"
 
 
 def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...] = (IMAGE, LABEL)) -> list[Transform]:
-    """The cacheable, deterministic preprocessing: load, channel first, orient, resample, window."""
+    """The cacheable, deterministic preprocessing: load, channel first, orient, resample, window (the bundle's
+    order); with ``crop_foreground``, the tutorial's: load, channel first, window, crop to the body, orient,
+    resample. Scaling before the crop decides what is cropped: the scaled image's positive voxels."""
     from monai.transforms import (
         CropForegroundd,
         EnsureChannelFirstd,
@@ -34,18 +38,14 @@ def deterministic_transforms(preset: Preset | str = "seed", keys: tuple[str, ...
     keys = list(keys)
     modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
     low, high = preset.intensity_range
-    chain: list[Transform] = [
-        LoadImaged(keys=keys),
-        EnsureChannelFirstd(keys=keys),
-        # labels=None (MONAI 1.6's default: axis names from the image's space), stated to silence its warning
-        Orientationd(keys=keys, axcodes=preset.orientation, labels=None),
-        Spacingd(keys=keys, pixdim=tuple(preset.spacing), mode=modes),
-        ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-    ]
+    load = [LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys)]
+    # labels=None (MONAI 1.6's default: axis names from the image's space), stated to silence its warning
+    geometry = [Orientationd(keys=keys, axcodes=preset.orientation, labels=None),
+                Spacingd(keys=keys, pixdim=tuple(preset.spacing), mode=modes)]
+    window = ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
     if preset.crop_foreground:
-        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True))
-    chain.append(EnsureTyped(keys=keys))
-    return chain
+        return [*load, window, CropForegroundd(keys=keys, source_key=IMAGE), *geometry]
+    return [*load, *geometry, window, EnsureTyped(keys=keys)]
 
 
 def random_transforms(preset: Preset | str = "seed") -> list[Transform]:

@@ -51,6 +51,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_untrained_run(tmp_path_factory.mktemp("tiny-run"), TINY)
 
 
+@pytest.fixture(scope="session")
+def random_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset of MONAI model-zoo's CI test for this bundle: 10 pairs ``image_N.nii.gz`` / ``label_N.nii.gz`` of
+    64^3 random 0/1 voxels (int8, identity affine), no dataset.json. Session-scoped: treat it as read-only."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("random_volumes")
+    generator = np.random.default_rng(0)
+    for index in range(10):
+        for kind in ("image", "label"):
+            voxels = generator.integers(0, 2, size=(64, 64, 64)).astype(np.int8)
+            nib.save(nib.Nifti1Image(voxels, np.eye(4)), folder / f"{kind}_{index}.nii.gz")
+    return folder
+
+
 @pytest.fixture
 def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exercise checks as a student meets them: not strict, nothing recorded (tests that want either set it).

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import enum
 import math
+import textwrap
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from spleenkit.manifest import build_manifest, write_manifest
@@ -23,6 +26,16 @@ TINY = get_preset("quick", spacing=(6.0, 6.0, 6.0), channels=(4, 8, 16, 32, 64),
 # epoch (48, not 32: PyTorch's CPU bfloat16 Conv3d gradient is wrong on the 2-voxel bottom of a 32^3 patch)
 TINY_TRAINING = {"spacing": (6.0, 6.0, 6.0), "patch_size": 48, "num_samples": 1, "batch_size": 2,
                  "validation_cases": 2, "sliding_window_overlap": 0.25, "sliding_window_batch_size": 4}
+# train()'s keyword arguments for a quiet tiny run that validates every epoch
+TRAIN = {**TINY_TRAINING, "validation_interval": 1, "seed": 7, "progress": False, "num_workers": 1}
+# a child process that holds a run folder's lock until it is killed (argv[1]: the folder)
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from spleenkit.runs import RunLock
+    with RunLock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
 
 
 def write_untrained_run(run: Path, preset: Preset) -> Path:
@@ -32,6 +45,25 @@ def write_untrained_run(run: Path, preset: Preset) -> Path:
     atomic_save(build_unet(preset).state_dict(), run / "model.pt")
     write_manifest(run, build_manifest({"preset": preset.to_dict()}))
     return run / "model.pt"
+
+
+def error_of(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, which must be one 'spleenkit: error:' line, not a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("spleenkit: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def ct_like(path: Path, shape: tuple[int, int, int] = (48, 48, 12), spacing: float = 5.0,
+            dtype: type = np.int16) -> Path:
+    """A small CT-like volume (air around a soft-tissue body with a brighter organ), 240 mm across."""
+    volume = np.full(shape, -1000, dtype=np.float32)
+    volume[8:-8, 8:-8] = 40
+    volume[12:20, 26:34] = 120
+    nib.Nifti1Image(volume.astype(dtype), np.diag([spacing, spacing, spacing, 1.0])).to_filename(path)
+    return path
 
 
 def write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray, series_uid: str | None = None,

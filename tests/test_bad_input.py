@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, TINY_TRAINING, write_dicom_series
+from helpers import HOLD_LOCK, TINY, TRAIN, ct_like, error_of, write_dicom_series
 
 from spleenkit.cli import main, parse_setting
 from spleenkit.errors import BadInputError
@@ -29,7 +28,6 @@ from spleenkit.manifest import build_manifest, read_manifest, write_manifest
 from spleenkit.model import atomic_save, build_unet
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {**TINY_TRAINING, "validation_interval": 1, "seed": 7, "progress": False, "num_workers": 1}
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -37,30 +35,11 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def error_of(capsys: pytest.CaptureFixture[str]) -> str:
-    """The CLI's stderr, which must be one 'spleenkit: error:' line, not a traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("spleenkit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def seed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained weights of the bundle's own UNet (the CLI's default preset)."""
     torch.manual_seed(0)
     return atomic_save(build_unet("seed").state_dict(), tmp_path_factory.mktemp("seed") / "model.pt")
-
-
-def ct_like(path: Path, shape: tuple[int, int, int] = (48, 48, 12), spacing: float = 5.0,
-            dtype: type = np.int16) -> Path:
-    """A small CT-like volume (air around a soft-tissue body with a brighter organ), 240 mm across."""
-    volume = np.full(shape, -1000, dtype=np.float32)
-    volume[8:-8, 8:-8] = 40
-    volume[12:20, 26:34] = 120
-    nib.Nifti1Image(volume.astype(dtype), np.diag([spacing, spacing, spacing, 1.0])).to_filename(path)
-    return path
 
 
 def with_singular_affine(path: Path) -> Path:
@@ -269,15 +248,6 @@ def test_only_the_io_module_renames_single_files_into_place() -> None:
 
 
 # --------------------------------------------------------------------------- data loss: run-folder lock
-HOLD_LOCK = textwrap.dedent("""
-    import sys, time
-    from spleenkit.runs import RunLock
-    with RunLock(sys.argv[1]):
-        print("locked", flush=True)
-        time.sleep(120)
-""")
-
-
 def test_a_second_run_into_a_locked_folder_stops_naming_the_holder(synthetic_dataset: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from spleenkit.training import train
@@ -389,6 +359,7 @@ def test_a_cache_beyond_memory_is_refused_with_a_suggested_rate(synthetic_datase
 
     monkeypatch.setattr(environment, "total_memory_gib", lambda: 0.001)
     monkeypatch.setattr("spleenkit.training.run.check_step_fits", lambda preset, device: None)
+    monkeypatch.setattr("spleenkit.images.READ_MEMORY_SHARE", float("inf"))  # reading one case alone still fits
     with pytest.raises(BadInputError, match=r"the cache cannot fit: caching .* GiB of 0\.0 GiB.*--cache-rate 0\.\d+"):
         train(synthetic_dataset, tmp_path / "run", "quick", epochs=1, **TRAIN)
     assert not (tmp_path / "run").exists()

@@ -47,20 +47,21 @@ SEED_COMMANDS = {
     "infer": "python -m monai.bundle run evaluating --meta_file configs/metadata.json --config_file "
              "configs/inference.json --logging_file configs/logging.conf",
 }
-# tiny settings for CPU: 4 training and 2 validation phantoms, 32^3 crops at 4x4x5 mm, one epoch
+# tiny settings for CPU: the quick recipe (validation every 10 epochs) for one epoch, which must still validate and
+# leave models/model.pt; 4 training and 2 validation phantoms, 32^3 crops at 4x4x5 mm
 SPACING = [4, 4, 5]
 PATCH = [32, 32, 32]
 
 
 def tiny(dataset: Path, root: Path, **extra: Any) -> dict[str, Any]:
-    return {"dataset_dir": str(dataset), "bundle_root": str(root), "epochs": 1, "val_interval": 1,
+    return {"dataset_dir": str(dataset), "bundle_root": str(root), "preset": "quick", "epochs": 1,
             "patch_size": PATCH, "spacing": SPACING, "num_samples": 1, "num_workers": 0, "validation_cases": 2,
             **extra}
 
 
 def tiny_inference(dataset: Path, root: Path) -> dict[str, Any]:
-    return {"dataset_dir": str(dataset), "bundle_root": str(root), "roi_size": PATCH, "spacing": SPACING,
-            "num_workers": 0}
+    return {"dataset_dir": str(dataset), "bundle_root": str(root), "preset": "quick", "roi_size": PATCH,
+            "spacing": SPACING, "num_workers": 0}
 
 
 def run_bundle(command: str, overrides: dict[str, Any], timeout: int = 400) -> subprocess.CompletedProcess:
@@ -286,6 +287,95 @@ def test_missing_model_is_a_clear_error(kind: str, synthetic_dataset: Path, tmp_
     assert str(tmp_path / "models" / "model.pt") in str(error) and "no trained model here" in str(error)
 
 
+# --------------------------------------------------------------------------- the configs' one face into the package
+def test_configs_reach_the_package_only_through_spleenkit_bundle() -> None:
+    """Every path into the kit that a config names is ``spleenkit.bundle.<name>``, and each such name is there:
+    moving a function inside the package changes a line of ``spleenkit.bundle.FACE``, never a config."""
+    import re
+
+    import spleenkit.bundle as face
+
+    used: set[str] = set()
+    for path in sorted(CONFIGS.glob("*.json")):
+        text = path.read_text()
+        for name in re.findall(r"spleenkit(?:\.\w+)+", text):
+            assert name == "spleenkit.bundle" or name.startswith("spleenkit.bundle."), f"{path.name}: {name}"
+            used.add(name.removeprefix("spleenkit.bundle").lstrip("."))
+        imports = [item for item in json.loads(text).get("imports", []) if "spleenkit" in item]
+        assert imports in ([], ["$import spleenkit", "$import spleenkit.bundle"]), f"{path.name}: {imports}"
+    used.discard("")
+    assert {"recipe", "load_datalist", "pick_device", "FinalValidation"} <= used
+    missing = [name for name in sorted(used) if not callable(getattr(face, name, None))]
+    assert missing == [], missing
+    assert set(face.FACE) <= used  # no stale entries: each name the face hands out is one a config calls
+    with pytest.raises(AttributeError):
+        face.not_a_name  # noqa: B018
+
+
+# --------------------------------------------------------------------------- a failure's last line
+def test_a_failed_start_ends_with_the_kits_line_and_leaves_no_manifest(tmp_path: Path) -> None:
+    """``python -m monai.bundle run`` prints MONAI's wrapped traceback; its last line is the kit's message, and a
+    training that could not start left no models/manifest.json (nor the bundle root)."""
+    command = bundle_command("train", overrides={"dataset_dir": str(tmp_path / "no-such-dataset"), "preset": "quick",
+                                                 "epochs": 1, "bundle_root": str(tmp_path / "root")})
+    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert "Failed to evaluate" in result.stderr  # MONAI's traceback is still there, above
+    assert lines[-1] == f"spleenkit: error: {tmp_path / 'no-such-dataset'}: dataset folder not found", lines[-3:]
+    assert not (tmp_path / "root" / "models" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"preset": "quik"}, "spleenkit: error: preset=quik: unknown preset 'quik'; choose one of"),
+    ({"network_def#strides": [2, 2]}, "spleenkit: error: strides=2,2: expected 4 strides, one between each pair of"),
+    ({"network_def#norm": "batc"}, "spleenkit: error: norm=batc: expected one of batch, instance"),
+    ({"network_def#_target_": "UNett"}, "spleenkit: error: the bundle stopped: ModuleNotFoundError: Cannot locate"),
+])
+def test_the_last_line_names_the_fault(overrides: dict[str, Any], expected: str, synthetic_dataset: Path,
+                                       tmp_path: Path) -> None:
+    from spleenkit.bundle import last_line
+
+    flow = workflow("train", ["train.json"], dataset_dir=str(synthetic_dataset), bundle_root=str(tmp_path),
+                    validation_cases=2, cache_rate=0, num_workers=0, **overrides)
+    with pytest.raises(Exception) as caught:
+        flow.initialize()
+        flow.run()
+    line = last_line(caught.value)  # MONAI raised its wrapper ("Failed to evaluate ...") or its own error
+    assert expected in line and "\n" not in line, line
+    assert not (tmp_path / "models" / "manifest.json").exists()
+
+
+def test_a_mistyped_override_ends_with_the_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    """The excepthook the bundle installs under ``python -m monai.bundle``: the traceback, then one line."""
+    import types
+
+    from spleenkit.bundle import report_last
+
+    printed: list[str] = []
+    system = types.SimpleNamespace(excepthook=lambda *error: printed.append("traceback"), stderr=sys.stderr)
+    report_last(system)
+    report_last(system)  # installed once
+    try:
+        try:
+            check_overrides([MONAI_MAIN, "run", "training", "--config_file", str(CONFIGS / "train.json"), "--epoch",
+                             "1"])
+        except BadInputError as error:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from error
+    except RuntimeError as error:
+        system.excepthook(RuntimeError, error, error.__traceback__)
+    assert printed == ["traceback"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "spleenkit: error: --epoch names no key of the bundle's configs; did you mean --epochs?")
+
+
+def test_cli_bundle_run_gives_the_kits_line_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bundle", "run", "train", "--set", f"dataset_dir={tmp_path / 'none'}", "--set",
+                 f"bundle_root={tmp_path / 'root'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"spleenkit: error: {tmp_path / 'none'}: dataset folder not found"
+
+
 # --------------------------------------------------------------------------- the five commands on CPU
 @pytest.fixture(scope="module")
 def trained(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -303,12 +393,13 @@ def test_training_command_writes_the_best_model(trained: Path) -> None:
     from spleenkit.model import load_model
     from spleenkit.runs import run_preset
 
-    network = load_model(trained / "models" / "model.pt")  # a plain UNet state dict, strict keys, weights only
+    network = load_model(trained / "models" / "model.pt", "quick")  # a plain UNet state dict, strict keys
     assert all(torch.isfinite(value).all() for value in network.state_dict().values() if value.is_floating_point()), \
         "training left non-finite weights"
     assert list((trained / "eval").glob("events.out.tfevents.*"))
     recipe = run_preset(trained / "models")  # models/ is a kit run folder: its manifest holds the recipe
     assert recipe.patch_size == tuple(PATCH) and recipe.spacing == tuple(SPACING) and recipe.epochs == 1
+    assert recipe.name == "quick" and recipe.validation_interval == 10  # validated at its last epoch all the same
 
 
 @pytest.mark.slow
@@ -351,7 +442,7 @@ def test_multi_gpu_training_falls_back_to_gloo_on_cpu(synthetic_dataset: Path, t
     result = run_bundle("train-multi-gpu", tiny(synthetic_dataset, tmp_path))
     assert_ok(result)
     assert "cpu, gloo)" in result.stdout + result.stderr  # spleenkit.distributed: gloo between CPU processes
-    load_model(tmp_path / "models" / "model.pt")
+    load_model(tmp_path / "models" / "model.pt", "quick")  # validated at its only epoch, though quick's interval is 10
 
 
 @pytest.mark.slow

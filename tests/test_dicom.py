@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import write_dicom_series
-from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
+from dicom_series import from_volume, gdcm_jpeg_lossless
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 import spleenkit.inference
-from spleenkit.dicom_seg import SEG_SUFFIX, write_dicom_seg
+from spleenkit.dicom_seg import SEG_SUFFIX, read_back_with_dcmqi, write_dicom_seg
 from spleenkit.errors import BadInputError
 from spleenkit.images import read_dicom_series
 from spleenkit.inference import infer
@@ -23,6 +23,15 @@ HU_LEVEL = 150  # the stand-in prediction: voxels brighter than this
 # pyjpegls, which pydicom might otherwise prefer)
 CORE_DECODER = {RLELossless: "pydicom", JPEGLSLossless: "pylibjpeg", JPEG2000Lossless: "pylibjpeg",
                 JPEGLosslessSV1: "pylibjpeg"}
+
+
+def write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """The volume (NIfTI order, RAS affine) as an uncompressed series, one file per slice."""
+    series = from_volume(volume, affine)
+    for ds, name in zip(series.datasets, series.names, strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / name, enforce_file_format=True)
+    return folder
 
 
 def phantom() -> tuple[np.ndarray, np.ndarray]:
@@ -44,42 +53,19 @@ def phantom() -> tuple[np.ndarray, np.ndarray]:
 def series(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom as an uncompressed DICOM series with what a scanner's export has (frame of reference, numbers)."""
     volume, affine = phantom()
-    folder = write_dicom_series(tmp_path_factory.mktemp("dicom") / "series", volume, affine)
-    frame_of_reference = generate_uid()
-    for path in sorted(folder.iterdir()):
-        dataset = pydicom.dcmread(path)
-        dataset.FrameOfReferenceUID, dataset.SeriesNumber = frame_of_reference, 3
-        dataset.save_as(path)
-    return folder
-
-
-def compress_with_gdcm(source: Path, target: Path) -> None:
-    """JPEG lossless (process 14, selection value 1), which pydicom cannot encode, written by GDCM."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(source))
-    assert reader.Read(), source
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    assert change.Change(), "GDCM could not compress to JPEG lossless"
-    writer = gdcm.ImageWriter()
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    writer.SetFileName(str(target))
-    assert writer.Write(), target
+    return write_dicom_series(tmp_path_factory.mktemp("dicom") / "series", volume, affine)
 
 
 def compressed_copy(series: Path, folder: Path, syntax: pydicom.uid.UID) -> Path:
     folder.mkdir()
     for path in sorted(series.iterdir()):
-        if syntax == JPEGLosslessSV1:
-            compress_with_gdcm(path, folder / path.name)
+        dataset = pydicom.dcmread(path)
+        if syntax == JPEGLosslessSV1:  # which pydicom cannot encode: GDCM
+            dataset.PixelData = gdcm_jpeg_lossless(dataset)
+            dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
         else:  # pydicom's own RLE encoder, pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000)
-            dataset = pydicom.dcmread(path)
             dataset.compress(syntax)
-            dataset.save_as(folder / path.name)
+        dataset.save_as(folder / path.name)
     return folder
 
 
@@ -118,7 +104,7 @@ def threshold_mask(image: nib.spatialimages.SpatialImage) -> np.ndarray:
 
 
 def test_infer_writes_a_dicom_seg_whose_frames_land_on_their_source_slices(
-        series: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        series: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import highdicom as hd
 
     # a prediction known in advance, different on every slice: the bright voxels of the image it is given
@@ -167,13 +153,18 @@ def test_infer_writes_a_dicom_seg_whose_frames_land_on_their_source_slices(
     assert np.array_equal(volume.array.reshape(-1), nifti[tuple(mapped)])
 
 
-def test_a_series_a_seg_cannot_describe_still_gets_its_mask(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
-    volume, affine = phantom()
-    folder = write_dicom_series(tmp_path / "no_frame_of_reference", volume, affine)  # no FrameOfReferenceUID
+def test_a_series_a_seg_cannot_describe_still_gets_its_mask(series: Path, tiny_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no_frame_of_reference"
+    folder.mkdir()
+    for path in sorted(series.iterdir()):
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(folder / path.name)
     result = infer(tiny_model, folder, tmp_path / "out", amp=False, overlay=False)
     (case,) = result.cases
     assert Path(case.mask).is_file() and case.segmentation is None
-    assert any("no DICOM Segmentation written" in w and "Frame Of Reference" in w for w in case.warnings)
+    assert "has no FrameOfReferenceUID" in case.segmentation_not_written
+    assert any("no DICOM Segmentation written" in w and "FrameOfReferenceUID" in w for w in case.warnings)
     assert not list((tmp_path / "out").glob(f"*{SEG_SUFFIX}*"))
 
 
@@ -193,6 +184,32 @@ def test_an_empty_mask_still_makes_a_seg_with_a_frame_per_instance(series: Path,
     import highdicom as hd
 
     image = read_dicom_series(series)
-    path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm")
+    path = write_dicom_seg(np.zeros(image.shape, np.uint8), image.affine, series, tmp_path / "seg.dcm").path
     seg = hd.seg.segread(path)
     assert int(seg.NumberOfFrames) == len(list(series.iterdir())) and not seg.pixel_array.any()
+    back = read_back_with_dcmqi(path, image)  # and 3D Slicer's converter reads it as an empty segment
+    assert back.shape == image.shape and not back.any()
+
+
+# --------------------------------------------------------------------------- the kit's own series writer
+def test_the_kit_writes_a_series_that_readers_place_on_the_image_grid(tmp_path: Path) -> None:
+    """write_dicom_series (notebook 06 makes its DICOM input with it): read back by the kit and by SimpleITK
+    (GDCM), the volume and its grid are the image's."""
+    import SimpleITK as sitk
+
+    from spleenkit.images import write_dicom_series
+
+    volume, affine = phantom()
+    image = nib.Nifti1Image(volume, affine)
+    folder = write_dicom_series(image, tmp_path / "written")
+    back = read_dicom_series(folder)
+    assert np.array_equal(np.asarray(back.dataobj), volume) and np.allclose(back.affine, affine, atol=1e-4)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    itk = reader.Execute()
+    assert np.array_equal(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), volume)
+    direction = np.array(itk.GetDirection()).reshape(3, 3) * np.array(itk.GetSpacing())
+    assert np.allclose(np.diag([-1, -1, 1]) @ direction, affine[:3, :3], atol=1e-4)
+    assert np.allclose(np.diag([-1, -1, 1]) @ np.array(itk.GetOrigin()), affine[:3, 3], atol=1e-4)
+    with pytest.raises(BadInputError, match="exists and is not empty"):
+        write_dicom_series(image, folder)

@@ -242,7 +242,8 @@ def test_evaluate_run_writes_consistent_results(tiny_run: Path, synthetic_datase
     out = tmp_path / "evaluation"
     result = evaluate_run(tiny_run / "model.pt", synthetic_dataset, out_dir=out, amp=False, largest_component=True)
     assert [p.name for p in sorted(out.iterdir())] == ["manifest.json", "per_case.csv", "per_case_metrics.png",
-                                                        "summary.json"]
+                                                        "predictions", "summary.json"]
+    assert all(path.parent == out / "predictions" for path in result.prediction_paths.values())  # --out honoured
     rows = read_rows_csv(result.csv_path)
     assert len(rows) == 2 * ONE_HELD_OUT.validation_cases
     assert {row["space"] for row in rows} == {"resampled", "original"}

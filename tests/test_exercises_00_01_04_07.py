@@ -143,7 +143,11 @@ def test_override_exercise_builds_the_recipe_from_the_students_parser() -> None:
 # --------------------------------------------------------------------------- 08
 def test_dice_loss_exercise_compares_every_argument() -> None:
     quick = PRESETS["quick"]
-    assert status("08-dice-loss", DiceLoss(to_onehot_y=True, softmax=True), preset=quick)[0] == "correct"
+    assert status("08-dice-loss", DiceLoss(include_background=False, to_onehot_y=True, softmax=True),
+                  preset=quick)[0] == "correct"
+    state, hint = status("08-dice-loss", DiceLoss(to_onehot_y=True, softmax=True), preset=quick)  # the tutorial's
+    assert state == "wrong" and "include_background" in hint and "(False)" in hint  # quick leaves it out
+    assert status("08-dice-loss", DiceLoss(to_onehot_y=True, softmax=True), preset=PRESETS["seed"])[0] == "correct"
     assert status("08-dice-loss", None, preset=quick)[0] == "unanswered"
     state, hint = status("08-dice-loss", DiceLoss(sigmoid=True), preset=quick)
     assert state == "wrong" and "to_onehot_y" in hint

@@ -27,23 +27,38 @@ def test_the_tutorial_chain_is_correct_and_a_stub_is_not_answered() -> None:
 
 
 def test_the_chain_check_names_the_first_wrong_step_or_argument() -> None:
-    from monai.transforms import Compose, Spacingd
+    from monai.transforms import Compose, CropForegroundd, Spacingd
 
-    seed_chain = training_transforms("seed")  # the usual slip: CropForegroundd forgotten
+    seed_chain = training_transforms("seed")  # the usual slip: the bundle's order, orienting before windowing
     verdict = check("02-chain", seed_chain, preset="tutorial")
-    assert not verdict and "step 6 is EnsureTyped, expected CropForegroundd" in verdict.message
+    assert not verdict and "step 3 is Orientationd, expected ScaleIntensityRanged" in verdict.message
 
-    quick_numbers = list(training_transforms("quick").transforms)  # the chain of the lesson, its numbers unchanged
     reference = list(training_transforms("tutorial").transforms)
-    mixed = Compose(quick_numbers[:5] + [reference[5]] + quick_numbers[5:])
-    verdict = check("02-chain", mixed, preset="tutorial")
-    assert not verdict and "step 4 (Spacingd)" in verdict.message and "pixdim" in verdict.message
+    late_crop = reference[:2] + reference[4:6] + reference[2:4] + reference[6:]  # windowed and cropped after resampling
+    verdict = check("02-chain", Compose(late_crop), preset="tutorial")
+    assert not verdict and "step 3 is Orientationd, expected ScaleIntensityRanged" in verdict.message
 
-    steps = copy.deepcopy(list(reference))
+    quick_numbers = training_transforms("quick").transforms  # the tutorial's order with the lesson's numbers
+    steps = [quick_numbers[0], quick_numbers[1], quick_numbers[4], reference[3], quick_numbers[2], quick_numbers[3],
+             *reference[6:]]
+    verdict = check("02-chain", Compose(steps), preset="tutorial")
+    assert not verdict and "step 6 (Spacingd)" in verdict.message and "pixdim" in verdict.message
+
+    steps = copy.deepcopy(reference)
     steps[_step(Compose(steps), "Spacingd")] = Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 2.0),
                                                         mode="bilinear")  # the label interpolated
     verdict = check("02-chain", Compose(steps), preset="tutorial")
     assert not verdict and "mode" in verdict.message and "'nearest'" in verdict.message
+
+    steps = copy.deepcopy(reference)  # the kit's earlier CropForegroundd: not the tutorial's argument
+    steps[3] = CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True)
+    verdict = check("02-chain", Compose(steps), preset="tutorial")
+    assert not verdict and "step 4 (CropForegroundd)" in verdict.message and "allow_smaller" in verdict.message
+
+    padded = copy.deepcopy(reference)  # the bundle's extra steps are not the tutorial's
+    verdict = check("02-chain", Compose(padded[:6] + list(training_transforms("seed").transforms[5:7]) + padded[6:]),
+                    preset="tutorial")
+    assert not verdict and "step 7 is EnsureTyped, expected RandCropByPosNegLabeld" in verdict.message
 
     assert "expected Compose" in check("02-chain", ["LoadImaged", "Spacingd"], preset="tutorial").message
 
@@ -89,12 +104,14 @@ def test_the_loss_check_names_the_first_setting_that_differs() -> None:
 
     assert check("03-loss", make_loss("seed"), preset="seed")
     assert check("03-loss", None, preset="seed").status == "unanswered"
-    bundle = dict(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
+    bundle = dict(include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
                   smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
+    assert check("03-loss", DiceCELoss(**bundle), preset="seed")  # release 0.5.9's train.json, argument for argument
     per_crop = check("03-loss", DiceCELoss(**{**bundle, "batch": False}), preset="seed")
     assert not per_crop and "batch is False, expected True" in per_crop.message
-    background = check("03-loss", DiceCELoss(**{**bundle, "include_background": True}), preset="seed")
-    assert not background and "include_background" in background.message
+    background = check("03-loss", DiceCELoss(**{**bundle, "include_background": False}), preset="seed")
+    assert not background and "include_background is False, expected True" in background.message
+    assert check("03-loss", DiceCELoss(**{**bundle, "include_background": False}), preset="quick")  # its own choice
     dice_only = check("03-loss", DiceLoss(to_onehot_y=True, softmax=True), preset="seed")
     assert not dice_only and "DiceLoss, expected DiceCELoss" in dice_only.message
 

@@ -236,8 +236,11 @@ def test_missing_or_mismatched_checkpoints_are_named(example_ct_dir: Path, tmp_p
     with pytest.raises(BadInputError, match=r"nope\.pt: checkpoint not found"):
         infer(tmp_path / "nope.pt", example_ct_dir / "ct.nii.gz", tmp_path / "out")
     atomic_save(build_unet(TINY).state_dict(), tmp_path / "tiny.pt")
-    with pytest.raises(BadInputError, match=r"tiny\.pt: checkpoint does not match"):
+    with pytest.raises(BadInputError, match=r"tiny\.pt: the model was trained with the quick recipe .* changes its "
+                                            r"masks: spacing: \[6\.0, 6\.0, 6\.0\] -> \[1\.5, 1\.5, 2\.0\]"):
         infer(tmp_path / "tiny.pt", example_ct_dir / "ct.nii.gz", tmp_path / "out", preset="seed")
+    with pytest.raises(BadInputError, match=r"tiny\.pt: checkpoint does not match"):
+        infer(tmp_path / "tiny.pt", example_ct_dir / "ct.nii.gz", tmp_path / "out", preset="seed", force_preset=True)
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 

@@ -95,8 +95,9 @@ def test_failing_save_leaves_the_previous_file_intact(tmp_path: Path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(BadInputError, match="checkpoint.pt: cannot write \\(no space left on the device\\)") as caught:
         atomic_save({"weights": torch.zeros(3)}, path)
+    assert isinstance(caught.value.__cause__, OSError)  # one line for the user, the cause kept
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary file left

@@ -24,7 +24,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 NOTEBOOK_TOOLS = {"jupyterlab", "notebook", "jupyter-server", "papermill", "nbval", "nbclient", "nbformat", "ipykernel",
                   "ipywidgets"}
 # what only the dev extra declares (Binder still gets pytest, which nbval, a notebook tool, needs)
-DEV_TOOLS = {"pytest", "ruff", "jupyter-repo2docker", "playwright", "simpleitk", "python-gdcm", "pyjpegls", "onnx"}
+DEV_TOOLS = {"pytest", "ruff", "jupyter-repo2docker", "playwright", "simpleitk", "python-gdcm", "pyjpegls", "onnx",
+             "dcmqi"}
 
 
 def requirements(*extras: str) -> dict[str, Requirement]:

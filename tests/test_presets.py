@@ -44,6 +44,7 @@ TYPED: dict[str, tuple[str, Any, str | None]] = {
     "num_res_units": ("1", 1, "-1"),
     "norm": ("INSTANCE", "instance", "layer"),
     "loss": ("dice", "dice", "focal"),
+    "include_background": ("no", False, "maybe"),
     "optimizer": ("novograd", "novograd", "sgd"),
     "learning_rate": ("1e-3", 1e-3, "0"),
     "scheduler": ("cosine", "cosine", "cubic"),

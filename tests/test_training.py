@@ -229,14 +229,15 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
     from monai.optimizers import Novograd
 
     from spleenkit.presets import get_preset
-    from spleenkit.training import make_loss, make_optimizer, make_scheduler
+    from spleenkit.training import epoch_level_schedule, make_loss, make_optimizer, make_scheduler
 
     bundle_loss = ConfigParser({"loss": {
-        "_target_": "DiceCELoss", "include_background": False, "to_onehot_y": True, "softmax": True,
+        "_target_": "DiceCELoss", "include_background": True, "to_onehot_y": True, "softmax": True,
         "squared_pred": True, "batch": True, "smooth_nr": 0.00001, "smooth_dr": 0.00001, "lambda_dice": 0.5,
         "lambda_ce": 0.5}}).get_parsed_content("loss")
     assert describe(make_loss("seed")) == describe(bundle_loss)
-    assert isinstance(make_loss("tutorial"), DiceLoss)
+    assert isinstance(make_loss("tutorial"), DiceLoss) and make_loss("tutorial").include_background
+    assert not make_loss("quick").dice.include_background  # the kit's choice for its small-budget recipes
 
     weights = [torch.nn.Parameter(torch.zeros(2))]
     assert isinstance(make_optimizer("bundle-0.5.9", weights), Novograd)
@@ -254,6 +255,8 @@ def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
         cosine.optimizer.step()
         cosine.step()
     assert cosine.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    # StepLR steps once per epoch (0.5.9's LrScheduleHandler default); the cosine decay once per iteration
+    assert epoch_level_schedule("bundle-0.5.9") and not epoch_level_schedule("fast")
 
 
 def test_step_timing_compares_float32_and_bfloat16() -> None:

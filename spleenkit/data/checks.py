@@ -3,11 +3,15 @@
 :func:`check_dataset` reads every listed file and collects every problem (it does not stop at
 the first) with the file and the reason, plus a per-case summary row (shape, spacing,
 orientation, HU range, spleen volume). An empty spleen mask is a warning, not an error.
+:func:`check_training_cases` runs the same checks of a case (:func:`check_case`) on the cases a
+training is about to read, and adds the rules of a split: no file listed twice, and at least one
+non-empty label on each side.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -18,8 +22,10 @@ import numpy as np
 
 from spleenkit.data.datalist import listed_path
 from spleenkit.errors import BadInputError
-from spleenkit.images import read_dicom_series, read_nifti
+from spleenkit.images import case_name, read_dicom_series, read_nifti
 from spleenkit.presets import Preset, get_preset
+
+log = logging.getLogger(__name__)
 
 #: Affines of an image and its label may differ by this much (mm) and still match.
 AFFINE_TOLERANCE = 1e-3
@@ -220,11 +226,12 @@ def _geometry(image: Any) -> tuple[tuple[float, ...], str]:
     return spacing, orientation
 
 
-def read_input(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a folder holding one DICOM series."""
+def read_input(path: str | os.PathLike[str], series_uid: str | None = None) -> tuple[Any, np.ndarray]:
+    """An input CT as (image, voxels): a NIfTI file (:func:`read_volume`) or a DICOM series in a folder (the
+    series ``series_uid``, or the folder's only one)."""
     path = Path(path)
     if path.is_dir():
-        image = read_dicom_series(path)
+        image = read_dicom_series(path, series_uid)
         return image, np.asanyarray(image.dataobj)
     return read_volume(path)
 
@@ -236,7 +243,7 @@ def _missing(path: Path, report: DatasetReport) -> bool:
     return True
 
 
-def _check_image(path: Path, summary: CaseSummary, report: DatasetReport) -> Any | None:
+def _check_image(path: Path, summary: CaseSummary, report: DatasetReport, preset: Preset | None = None) -> Any | None:
     if _missing(path, report):
         return None
     try:
@@ -244,7 +251,7 @@ def _check_image(path: Path, summary: CaseSummary, report: DatasetReport) -> Any
     except BadInputError as error:
         report.problems.append(Problem(str(path), str(error).removeprefix(f"{path}: ")))
         return None
-    found = inspect_image(image, data)
+    found = inspect_image(image, data, preset)
     summary.shape = found.shape
     summary.spacing, summary.orientation = found.spacing, found.orientation
     summary.hu_min, summary.hu_max = found.hu_min, found.hu_max
@@ -291,6 +298,90 @@ def _check_label(path: Path, image: Any, summary: CaseSummary, report: DatasetRe
     return ok
 
 
+def check_case(image_path: str | os.PathLike[str], label_path: str | os.PathLike[str] | None = None,
+               section: str = "training", preset: Preset | None = None) -> DatasetReport:
+    """The one check of a case (``data check``, training and, for its images, ``infer``): the image through
+    :func:`inspect_image`; the label readable, not the image itself, on the image's grid (shape and affine),
+    finite and holding only 0 and 1. Returns a report with the case's row, its problems and warnings."""
+    image_path = Path(image_path)
+    report = DatasetReport(image_path.parent)
+    summary = CaseSummary(case_name(image_path), section)
+    image = _check_image(image_path, summary, report, preset)
+    if label_path is not None:
+        label_path = Path(label_path)
+        if label_path.exists() and image_path.exists() and label_path.resolve() == image_path.resolve():
+            report.problems.append(Problem(str(label_path), "the label is the image itself (dataset.json names the "
+                                                            "same file as image and label)"))
+        else:
+            _check_label(label_path, image, summary, report)
+    summary.ok = not report.problems
+    report.cases.append(summary)
+    return report
+
+
+def listed_twice(records: list[tuple[str, dict[str, Any]]]) -> list[Problem]:
+    """A problem for each file named more than once (as image or label, in any section): a case listed twice
+    trains twice, or lands in training and validation both; a label shared by two cases belongs to one."""
+    seen: dict[Path, tuple[int, str]] = {}
+    problems = []
+    for number, (section, record) in enumerate(records):
+        for key in ("image", "label"):
+            if key not in record:
+                continue
+            path = Path(record[key])
+            resolved = path.resolve() if path.exists() else path.absolute()
+            where = f"the {key} of {section} case {case_name(record['image'])}"
+            if resolved not in seen:
+                seen[resolved] = (number, where)
+            elif seen[resolved][0] != number:  # (a label that is its own image: check_case says so)
+                problems.append(Problem(str(path), f"listed twice: as {seen[resolved][1]} and as {where} (one file "
+                                                   "belongs to one case, on one side of the split)"))
+    return problems
+
+
+def check_training_cases(train_items: list[dict[str, str]], validation_items: list[dict[str, str]],
+                         workers: int | None = None) -> DatasetReport:
+    """Check the cases a training is about to read, before anything heavy: every case through :func:`check_case`
+    as ``data check`` does (labels' values and type, grid and affine matching the image, finite values; the image
+    rules with data check's defaults, not the training recipe's window), no file listed twice across
+    the split, and at least one non-empty label in training and in validation (else the network learns nothing,
+    or its validation Dice is undefined). The first problem is raised as a :class:`BadInputError` naming the
+    file, the case and the rule; the report (rows, warnings) is returned when all is well."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = [("training", r) for r in train_items] + [("validation", r) for r in validation_items]
+    report = DatasetReport(Path(train_items[0]["image"]).parent.parent if train_items else Path("."))
+    report.problems.extend(listed_twice(records))
+    if not report.problems:
+        workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
+        with ThreadPoolExecutor(workers) as pool:  # reading and decompressing releases the GIL
+            reports = list(pool.map(lambda item: check_case(item[1]["image"], item[1].get("label"), item[0]),
+                                    records))
+        for case in reports:
+            report.cases += case.cases
+            report.problems += case.problems
+            report.warnings += case.warnings
+    if not report.problems:
+        for section in ("training", "validation"):
+            rows = [case for case in report.cases if case.section == section]
+            labels = [record["label"] for side, record in records if side == section and "label" in record]
+            if rows and labels and all(not case.spleen_ml for case in rows):
+                why = ("the network would learn nothing" if section == "training"
+                       else "the validation Dice would be undefined")
+                report.problems.append(Problem(str(Path(labels[0]).parent), f"every {section} label is empty (no "
+                                               f"spleen voxel in {len(rows)} case(s)): {why}"))
+    if report.problems:
+        first = report.problems[0]
+        bad = next((f" ({c.section} case {c.case})" for c in report.cases if not c.ok), "")
+        more = len(report.problems) - 1
+        raise BadInputError(f"{first.message}{bad}; training reads only checked data"
+                            + (f"; {more} more problem(s): `spleenkit data check` lists them all" if more else ""),
+                            first.path)
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    return report
+
+
 def check_dataset(dataset_dir: str | os.PathLike[str],
                   sections: tuple[str, ...] = ("training", "test")) -> DatasetReport:
     """Read every file listed in ``dataset.json`` and report all problems, warnings and a row per case."""
@@ -311,6 +402,7 @@ def check_dataset(dataset_dir: str | os.PathLike[str],
     if not isinstance(description, dict) or not isinstance(description.get("training"), list):
         report.problems.append(Problem(str(manifest), "has no 'training' list"))
         return report
+    listed: list[tuple[str, dict[str, Any]]] = []
     for section in sections:
         entries = description.get(section, [])
         if not isinstance(entries, list):
@@ -331,11 +423,11 @@ def check_dataset(dataset_dir: str | os.PathLike[str],
             except BadInputError as error:
                 report.problems.append(Problem(str(manifest), str(error).removeprefix(f"{manifest}: ")))
                 continue
-            summary = CaseSummary(Path(record["image"]).name.removesuffix(".nii.gz"), section)
-            before = len(report.problems)
-            image = _check_image(image_path, summary, report)
-            if label_path is not None:
-                _check_label(label_path, image, summary, report)
-            summary.ok = len(report.problems) == before
-            report.cases.append(summary)
+            case = check_case(image_path, label_path, section)
+            report.cases += case.cases
+            report.problems += case.problems
+            report.warnings += case.warnings
+            listed.append((section, {key: str(path) for key, path in
+                                     (("image", image_path), ("label", label_path)) if path is not None}))
+    report.problems.extend(listed_twice(listed))
     return report

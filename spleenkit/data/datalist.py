@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from spleenkit.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 Datalist = list[dict[str, str]]
 
@@ -61,12 +64,14 @@ def load_datalist(dataset_dir: str | os.PathLike[str], section: str = "training"
     return sorted(items, key=lambda record: Path(record["image"]).name)
 
 
-def split_datalist(items: Datalist, validation_cases: int = 9) -> tuple[Datalist, Datalist]:
+def split_datalist(items: Datalist, validation_cases: int = 9, *,
+                   warn_small_training: bool = False) -> tuple[Datalist, Datalist]:
     """The bundle's split: sorted by image name, the last ``validation_cases`` for validation.
 
     A split that would keep fewer cases to train on than it holds out is refused: it happens when a
     recipe made for MSD's 41 cases (9 for validation) meets a small dataset (12 phantoms would train
-    on 3), and such a run would teach the wrong lesson without a word.
+    on 3), and such a run would teach the wrong lesson without a word. With ``warn_small_training`` (the
+    MONAI bundle, whose original takes ``images[:-9]`` whatever the dataset) it is a warning instead.
     """
     items = sorted(items, key=lambda record: Path(record["image"]).name)
     most = len(items) // 2  # no more held out than trained on
@@ -77,11 +82,14 @@ def split_datalist(items: Datalist, validation_cases: int = 9) -> tuple[Datalist
             f"cannot hold out {validation_cases} validation case(s) from {len(items)} labelled case(s); {fix}"
         )
     if validation_cases > len(items) - validation_cases:
-        raise BadInputError(
+        message = (
             f"holding out {validation_cases} of {len(items)} labelled cases for validation would leave only "
             f"{len(items) - validation_cases} to train on: the recipe's validation_cases suits a larger dataset "
             f"(MSD: 9 of 41); {fix}"
         )
+        if not warn_small_training:
+            raise BadInputError(message)
+        log.warning("%s", message.replace("would leave", "leaves"))
     return items[:-validation_cases], items[-validation_cases:]
 
 

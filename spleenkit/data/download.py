@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from spleenkit.data.synthetic import msd_description
-from spleenkit.errors import BadInputError, ChecksumError, SpleenkitError
+from spleenkit.errors import BadInputError, ChecksumError, SpleenkitError, first_line
 from spleenkit.images import read_nifti
 from spleenkit.io import write_json, write_text, write_with
+from spleenkit.runs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,10 @@ def download_file(url: str, destination: str | os.PathLike[str], *, md5: str | N
         raise SpleenkitError(f"{url}: download failed ({reason}); run again to resume") from error
     if response is not None:
         with response:
+            kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind in ("text/html", "application/xhtml+xml"):  # a mirror's landing page, a login or error page
+                raise SpleenkitError(f"{url}: the address answers with a web page ({kind}), not the file; open it "
+                                     "in a browser to find the file's own address")
             status = getattr(response, "status", 200)
             if start and status != 206:
                 log.info("the server does not resume downloads; starting %s again", destination.name)
@@ -210,7 +215,7 @@ def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str], 
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise BadInputError(f"not a readable tar archive ({error})", archive) from error
+        raise BadInputError(_not_a_tar(archive, error), archive) from error
     with tar:
         try:
             members = tar.getmembers()
@@ -260,6 +265,20 @@ def safe_extract(archive: str | os.PathLike[str], root: str | os.PathLike[str], 
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return placed
+
+
+def _not_a_tar(archive: Path, error: BaseException) -> str:
+    """One line on why ``archive`` is no tar archive (tarfile lists a line per compression it tried)."""
+    try:
+        with open(archive, "rb") as stream:
+            head = stream.read(512).lstrip().lower()
+    except OSError:
+        head = b""
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "not a tar archive but a web page (HTML): the address gave a landing or error page, not the file"
+    if not head:
+        return "not a tar archive: the file is empty"
+    return f"not a readable tar archive ({first_line(error)}): a truncated or different file"
 
 
 def _swap_into_place(source: Path, target: Path, staging: Path) -> Path:
@@ -332,7 +351,8 @@ def download_msd(root: str | os.PathLike[str], *, url: str = MSD_SPLEEN_URL, md5
         log.info("%s is already extracted and complete; nothing to do", dataset)
         return dataset
     archive = root / f"{MSD_SPLEEN_FOLDER}.tar"
-    download_file(url, archive, md5=md5, progress=progress, timeout=timeout)
+    with output_folder(root):  # a download that fails before writing anything leaves no empty folder
+        download_file(url, archive, md5=md5, progress=progress, timeout=timeout)
     log.info("extracting %s", archive)
 
     def complete(extracted: Path) -> None:

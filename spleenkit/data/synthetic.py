@@ -19,14 +19,15 @@ The same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
 import logging
 import math
 import os
+import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import numpy as np
 
 from spleenkit import __version__
 from spleenkit.errors import BadInputError
-from spleenkit.io import write_bytes
+from spleenkit.io import clean_stale_temporaries, temporary_name, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -962,33 +963,70 @@ def _description(cases: int, test_cases: int, seed: int, matrix: int, slice_spac
             f"{cases} labelled + {test_cases} test cases, {matrix}x{matrix} matrix, {slices})")
 
 
-def _holds_this_set(out: Path, description: str, overwrite: bool) -> bool:
-    """True if ``out`` already holds this very set; refuses a file, foreign files, or another set without overwrite."""
+#: The record of what the generator wrote (relative path -> sha256), kept in the dataset folder: ``--force`` removes
+#: only these files, and a set whose files are missing or changed is repaired.
+RECORD_NAME = ".spleenkit-synthetic.json"
+_GENERATED = re.compile(r"(imagesTr|labelsTr|imagesTs)/spleen_(\d+)\.nii\.gz")
+
+
+@dataclass
+class _ExistingSet:
+    """A synthetic set found in the output folder: its description, the files the generator wrote there, and
+    those of them that are missing or no longer what was written."""
+
+    description: str
+    files: list[str]
+    damaged: list[str]
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _existing_set(out: Path) -> _ExistingSet | None:
+    """What ``out`` holds: None when it is missing or empty; a folder holding files but no synthetic set (a file in
+    its place, a user's folder) is refused, never touched."""
     if not out.exists():
-        return False
+        return None
     if not out.is_dir():
         raise BadInputError("exists and is not a folder", out)
-    existing = _synthetic_description(out / "dataset.json")
-    if existing == description and not overwrite:
-        return True
-    if any(out.iterdir()):
-        if existing is None:  # never delete what the kit did not make
+    try:
+        record = json.loads((out / RECORD_NAME).read_text())
+        recorded = record["files"] if isinstance(record.get("files"), dict) else None
+    except (OSError, ValueError, AttributeError, KeyError):
+        record, recorded = {}, None  # a set of an earlier version: the files dataset.json lists are the generator's
+    description = _synthetic_description(out / "dataset.json")
+    if description is None and recorded is not None and str(record.get("description", "")).startswith(_PREFIX):
+        description = record["description"]  # dataset.json was removed: the record still names the set
+    if description is None:
+        if any(out.iterdir()):  # never delete what the kit did not make
             raise BadInputError("exists and holds files that are not a synthetic dataset made by spleenkit; "
                                 "refusing to replace them: choose a new or empty folder", out)
-        if not overwrite:
-            raise BadInputError("exists and holds another synthetic dataset; choose another folder or "
-                                "replace it (overwrite=True; --force on the command line)", out)
-    return False
-
-
-def _staging_folder(out: Path) -> Path:
-    """A new hidden folder beside ``out`` to build the set in (renamed into place at the end)."""
-    parent = out.parent
+        return None
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as error:
-        raise BadInputError(f"cannot write here ({error.strerror})", parent) from error
+        listed = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        listed = {}
+    names = [entry for item in listed.get("training", []) if isinstance(item, dict) for entry in item.values()]
+    names += [entry for entry in listed.get("test", []) if isinstance(entry, str)]
+    files = sorted({str(name).removeprefix("./") for name in names} | set(recorded or {}))
+    files = [name for name in files if _GENERATED.fullmatch(name) and (recorded is None or name in recorded)]
+    damaged = [name for name in files if not (out / name).is_file()
+               or (recorded is not None and _digest(out / name) != recorded[name])]
+    if not (out / "dataset.json").is_file():
+        damaged.append("dataset.json")
+    return _ExistingSet(description, files, damaged)
+
+
+def _damaged_cases(existing: _ExistingSet) -> list[int]:
+    """The case numbers whose files must be written again."""
+    return sorted({int(match[2]) for name in existing.damaged if (match := _GENERATED.fullmatch(name))})
 
 
 def _write_case(staging: Path, seed: int, matrix: int, slice_spacing: float | None, job: tuple[int, bool]) -> None:
@@ -1004,15 +1042,21 @@ def _write_case(staging: Path, seed: int, matrix: int, slice_spacing: float | No
               geometry.orientation, label.sum() * float(np.prod(geometry.spacing)) / 1000)
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished set to ``out``, moving an old one aside first and deleting it only afterwards."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+def _move_into_place(staging: Path, out: Path, remove: Sequence[str] = ()) -> None:
+    """Put the set built in ``staging`` at ``out``: a missing folder is renamed whole; into an existing one, the
+    generator's earlier files named in ``remove`` go, then each new file is renamed over its place, dataset.json
+    and the record last. Nothing else in ``out`` (a user's notes or runs) is touched."""
+    if not out.exists():
+        os.replace(staging, out)  # the whole new folder at once
+        return
+    for name in remove:
+        (out / name).unlink(missing_ok=True)
+    written = sorted((path for path in staging.rglob("*") if path.is_file()),
+                     key=lambda path: (path.parent == staging, path.name))  # dataset.json and the record last
+    for path in written:
+        target = out / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, seed: int = 0, test_cases: int = 2,
@@ -1021,10 +1065,12 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
     """Write ``cases`` labelled and ``test_cases`` unlabelled phantoms in the MSD Task09 layout.
 
     Files are ``spleen_N.nii.gz`` (int16 images, uint8 labels) under imagesTr/, labelsTr/ and
-    imagesTs/, with a dataset.json. The set is built in a temporary folder beside ``out_dir``
-    and renamed into place at the end. If ``out_dir`` already holds the same set (same
-    description in dataset.json), nothing is done; another synthetic set there is replaced
-    only with ``overwrite``, and a folder holding anything else is never touched.
+    imagesTs/, with a dataset.json and a record of what was written (:data:`RECORD_NAME`). The set is built in
+    a temporary folder beside ``out_dir`` and moved into place at the end. If ``out_dir`` already holds the
+    same set (same description in dataset.json), nothing is done, except that files of it which are missing or
+    changed are drawn again (the same seed gives the same bytes); another synthetic set there is replaced only
+    with ``overwrite``, and then only the files the generator wrote go (a user's files beside them stay); a
+    folder holding anything else is never touched. A staging folder left by a killed run is removed.
     ``matrix`` sets the in-plane size (the default 256 gives about 1.2-1.8 mm voxels; 512 gives MSD's
     0.6-0.9 mm and is four times slower); ``slice_spacing`` fixes the slice spacing (else 1.5-8 mm, drawn
     per case). ``workers`` threads draw cases in parallel (default: the CPU count, at most 4); the
@@ -1036,38 +1082,60 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], cases: int = 12, se
         raise BadInputError(f"matrix {matrix} is too small; use 32 or more (256 is realistic)")
     out = Path(out_dir).absolute()
     description = _description(cases, test_cases, seed, matrix, slice_spacing)
-    if _holds_this_set(out, description, overwrite):
-        log.info("%s already holds this synthetic dataset; nothing to do", out)
-        return out
-    staging = _staging_folder(out)
+    with contextlib.suppress(OSError):
+        clean_stale_temporaries(out)
+    existing = _existing_set(out)
+    numbers = list(range(1, cases + test_cases + 1))
+    if existing is not None and existing.description == description and not overwrite:
+        if not existing.damaged:
+            log.info("%s already holds this synthetic dataset; nothing to do", out)
+            return out
+        numbers = _damaged_cases(existing)
+        log.warning("%s: %d file(s) of the synthetic dataset are missing or changed (%s); drawing case(s) %s again",
+                    out, len(existing.damaged), ", ".join(existing.damaged[:4]), ", ".join(map(str, numbers)))
+    elif existing is not None and not overwrite:
+        raise BadInputError("exists and holds another synthetic dataset; choose another folder or "
+                            "replace it (overwrite=True; --force on the command line)", out)
+    staging = temporary_name(out)
     started = time.perf_counter()
     try:
+        staging.mkdir(0o777 & ~_umask(), parents=True)
         os.chmod(staging, 0o777 & ~_umask())
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (staging / sub).mkdir()
-        jobs = [(number, number <= cases) for number in range(1, cases + test_cases + 1)]
-        make = functools.partial(_write_case, staging, seed, matrix, slice_spacing)
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(make, jobs))
-        else:
-            for job in jobs:
-                make(job)
-        names = [f"spleen_{n}.nii.gz" for n, labelled in jobs if labelled]
-        tests = [f"spleen_{n}.nii.gz" for n, labelled in jobs if not labelled]
-        payload = json.dumps(msd_description(names, tests, description), indent=4).encode()
-        write_bytes(staging / "dataset.json", payload)
-        _move_into_place(staging, out)
+        _draw_cases(staging, [(number, number <= cases) for number in numbers], seed, matrix, slice_spacing, workers)
+        names = [f"spleen_{n}.nii.gz" for n in range(1, cases + 1)]
+        tests = [f"spleen_{n}.nii.gz" for n in range(cases + 1, cases + test_cases + 1)]
+        write_bytes(staging / "dataset.json",
+                    json.dumps(msd_description(names, tests, description), indent=4).encode())
+        drawn = {path.relative_to(staging).as_posix(): _digest(path) for path in sorted(staging.rglob("*.nii.gz"))}
+        files = {name: drawn.get(name) or _digest(out / name) for name in
+                 [f"imagesTr/{n}" for n in names] + [f"labelsTr/{n}" for n in names] + [f"imagesTs/{n}" for n in tests]}
+        write_bytes(staging / RECORD_NAME, (json.dumps({"description": description, "files": files}, indent=1)
+                                            + "\n").encode())
+        stale = [] if existing is None else [name for name in existing.files if name not in files]
+        _move_into_place(staging, out, remove=stale)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
         raise BadInputError(f"cannot write the dataset ({error.strerror or error})", getattr(error, "filename", out)
                             or out) from error
-    except BaseException:
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("wrote %d labelled and %d test phantoms to %s in %.1f s", cases, test_cases, out,
+    log.info("wrote %s to %s in %.1f s", f"{cases} labelled and {test_cases} test phantoms"
+             if len(numbers) == cases + test_cases else f"case(s) {', '.join(map(str, numbers))} again", out,
              time.perf_counter() - started)
     return out
+
+
+def _draw_cases(staging: Path, jobs: list[tuple[int, bool]], seed: int, matrix: int, slice_spacing: float | None,
+                workers: int | None) -> None:
+    """Render ``jobs`` (case number, labelled) into ``staging``'s imagesTr/, labelsTr/ and imagesTs/."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (staging / sub).mkdir(exist_ok=True)
+    make = functools.partial(_write_case, staging, seed, matrix, slice_spacing)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(make, jobs))
+    else:
+        for job in jobs:
+            make(job)

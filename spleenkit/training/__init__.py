@@ -27,6 +27,7 @@ from spleenkit.training.engines import (
     build_evaluator,
     build_loaders,
     build_trainer,
+    epoch_level_schedule,
     make_loss,
     make_optimizer,
     make_scheduler,
@@ -54,11 +55,11 @@ from spleenkit.training.run import TrainingResult, train
 from spleenkit.training.timing import measure_step_seconds
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "RESUMABLE_SETTINGS", "CacheEstimate", "Datasets", "RunRecorder", "StopOnNonFinite",
+    "CHECKPOINT_FORMAT", "CacheEstimate", "Datasets", "RESUMABLE_SETTINGS", "RunRecorder", "StopOnNonFinite",
     "TrainingResult", "TrainingStep", "ValidateAndKeepBest", "build_datasets", "build_evaluator", "build_loaders",
     "build_trainer", "check_patch_fits", "check_resume_recipe", "check_step_fits", "default_num_workers",
-    "estimate_cache_memory", "estimate_step_memory", "make_iteration_update", "make_loss", "make_optimizer",
-    "make_scheduler", "make_train_sampler", "measure_step_seconds", "mixed_precision_step", "read_last_checkpoint",
-    "recipe_differences", "resampled_shape", "restore_checkpoint", "train", "training_amp", "training_precision",
-    "validation_precision",
+    "epoch_level_schedule", "estimate_cache_memory", "estimate_step_memory", "make_iteration_update", "make_loss",
+    "make_optimizer", "make_scheduler", "make_train_sampler", "measure_step_seconds", "mixed_precision_step",
+    "read_last_checkpoint", "recipe_differences", "resampled_shape", "restore_checkpoint", "train", "training_amp",
+    "training_precision", "validation_precision",
 ]

@@ -119,15 +119,17 @@ def build_loaders(datasets: Datasets, preset: Preset, *, num_workers: int | None
 
 # --------------------------------------------------------------------------- loss, optimiser, schedule
 def make_loss(preset: Preset | str = "seed") -> torch.nn.Module:
-    """DiceCELoss exactly as the bundle sets it, or the tutorial's DiceLoss."""
+    """DiceCELoss exactly as the bundle sets it, or the tutorial's DiceLoss; the background channel in the
+    Dice or not as the preset says (``include_background``)."""
     from monai.losses import DiceCELoss, DiceLoss
 
     preset = get_preset(preset)
     if preset.loss == "dice_ce":
-        return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True,
-                          batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
+        return DiceCELoss(include_background=preset.include_background, to_onehot_y=True, softmax=True,
+                          squared_pred=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5,
+                          lambda_ce=0.5)
     if preset.loss == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True)
+        return DiceLoss(include_background=preset.include_background, to_onehot_y=True, softmax=True)
     raise BadInputError(f"unknown loss {preset.loss!r}; use dice_ce or dice")
 
 
@@ -145,10 +147,16 @@ def make_optimizer(preset: Preset | str, parameters: Iterable[torch.nn.Parameter
     raise BadInputError(f"unknown optimizer {preset.optimizer!r}; use adam or novograd")
 
 
+def epoch_level_schedule(preset: Preset | str) -> bool:
+    """Whether the preset's schedule steps once per epoch (StepLR, as bundle 0.5.9's LrScheduleHandler does by
+    default) rather than once per iteration (the cosine decay over every iteration)."""
+    return get_preset(preset).scheduler == "step"
+
+
 def make_scheduler(preset: Preset | str, optimizer: torch.optim.Optimizer,
                    total_iterations: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The preset's learning-rate schedule, stepped once per iteration: none, StepLR (bundle 0.5.9)
-    or a cosine decay to zero over ``total_iterations``."""
+    """The preset's learning-rate schedule: none, StepLR (bundle 0.5.9; ``step_size`` in epochs, stepped once per
+    epoch as there) or a cosine decay to zero over ``total_iterations``, stepped once per iteration."""
     import torch
 
     preset = get_preset(preset)
@@ -228,7 +236,7 @@ def build_trainer(network: torch.nn.Module, train_loader: Iterable, evaluator: S
                             None if run_dir is None else Path(run_dir) / MODEL_NAME, write=write),
     ]
     if scheduler is not None:
-        handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=False))
+        handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=epoch_level_schedule(preset)))
     if writer is not None:
         handlers.append(TensorBoardStatsHandler(summary_writer=writer, tag_name="train_loss",
                                                 output_transform=loss_of, epoch_log=False))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spleenkit.data.checks import check_training_cases
 from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist, split_datalist
 from spleenkit.devices import Precision, amp_dtype, describe_device, pick_device, use_fast_layout
 from spleenkit.distributed import (
@@ -37,7 +38,7 @@ from spleenkit.distributed import (
 )
 from spleenkit.environment import peak_memory_mib
 from spleenkit.errors import BadInputError, NonFiniteTrainingError
-from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest
+from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest, write_stopped_manifest
 from spleenkit.model import build_unet, load_weights
 from spleenkit.presets import Preset, resolve_preset
 from spleenkit.runs import (
@@ -45,6 +46,7 @@ from spleenkit.runs import (
     METRICS_NAME,
     MODEL_NAME,
     TENSORBOARD_DIR,
+    decide_resume,
     output_folder,
     prepare_run_dir,
     read_metrics,
@@ -74,7 +76,9 @@ def _labelled_split(data_dir: str | os.PathLike[str], preset: Preset) -> tuple[D
     if unlabelled:
         raise BadInputError(f"{len(unlabelled)} training case(s) have no label, e.g. {unlabelled[0]}",
                             Path(data_dir) / "dataset.json")
-    return split_datalist(items, preset.validation_cases)
+    train_items, validation_items = split_datalist(items, preset.validation_cases)
+    check_training_cases(train_items, validation_items)  # data check's checks, before anything heavy
+    return train_items, validation_items
 
 
 @dataclass
@@ -106,7 +110,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
           seed: int | None = None, num_workers: int | None = None, cache_rate: float | None = None,
           progress: bool = True, distributed: DistributedContext | None = None, sync_bn: bool = False,
           scale_lr: str = "none", resume_anyway: bool = False, init_weights: str | os.PathLike[str] | None = None,
-          **preset_overrides: Any) -> TrainingResult:
+          start_afresh: bool = False, **preset_overrides: Any) -> TrainingResult:
     """Train the bundle's UNet on an MSD-layout dataset folder and fill ``run_dir``.
 
     Under torchrun, pass ``distributed=spleenkit.distributed.init_process_group()``: each rank trains
@@ -117,7 +121,8 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     ``learning_rate=1e-3``, ``validation_interval=1`` ...; None: the recipe's own), applied with ``epochs``,
     ``amp``, ``seed`` and ``cache_rate`` through :func:`~spleenkit.presets.resolve_preset`. ``resume=True``
     continues from ``run_dir/checkpoint_last.pt`` (to the preset's or the given number of epochs); a recipe other
-    than the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest).
+    than the run's is refused with the differences listed unless ``resume_anyway`` (recorded in the manifest); a
+    resume without a usable checkpoint or manifest is refused unless ``start_afresh`` (see ``runs.decide_resume``).
     ``init_weights`` fine-tunes: the network starts from these weights (a kit run's ``model.pt`` or
     MONAI's released ``model.pt``, loaded strictly) instead of a random initialisation.
 
@@ -138,6 +143,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
         check_sync_bn(torch_device)
     check_step_fits(preset, torch_device)
     with output_folder(run_dir, lock=is_main_process()):
+        resume = decide_resume(run_dir, resume, start_afresh) if is_main_process() else resume
         return _train_in_folder(
             data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
             resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
@@ -294,6 +300,10 @@ def _run_trainer(engines: _Engines, preset: Preset, start_epoch: int, manifest: 
         if is_main_process():
             manifest.update(finished=now(), error=str(error))
             write_manifest(run_path, manifest)
+        raise
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: the manifest says the run stopped, and why
+        if is_main_process():
+            write_stopped_manifest(run_path, error, {**manifest, "finished": now()})
         raise
     finally:
         if engines.writer is not None:
