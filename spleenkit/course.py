@@ -340,8 +340,8 @@ def course_rows(notebooks: Sequence[Path], verdicts: Sequence[Verdict]) -> list[
             verdict = last.get(item.exercise_id or "")
             title = EXERCISES[item.exercise_id].title if item.exercise_id in EXERCISES else item.heading
             rows.append({"notebook": path.name, "exercise": item.exercise_id or "?", "title": title,
-                         "status": verdict.status if verdict else "not run",
-                         "message": verdict.message if verdict else ""})
+                         "status": verdict.status if verdict is not None else "not run",  # a Verdict is true
+                         "message": verdict.message if verdict is not None else ""})  # only when correct
     return rows
 
 

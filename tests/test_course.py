@@ -113,6 +113,18 @@ def test_verdicts_are_recorded_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_p
         read_results(results)
 
 
+def test_the_course_table_shows_a_skipped_exercise_as_skipped(tmp_path: Path) -> None:
+    from spleenkit.course import course_rows
+    from spleenkit.exercises import Verdict
+
+    path = tmp_path / "01_lesson.ipynb"
+    nbformat.write(read(_lesson_repo(tmp_path / "repo") / "notebooks" / "01_lesson.ipynb"), path)
+    skipped = Verdict("01-load-case", "load a case with MONAI", "skipped", "no labelled case")
+    rows = course_rows([path], [skipped])
+    assert [(row["exercise"], row["status"]) for row in rows] == [("01-volume", "not run"),
+                                                                  ("01-load-case", "skipped")]
+
+
 def test_a_mistake_of_the_notebook_author_raises() -> None:
     with pytest.raises(BadInputError, match="no exercise '01-nope'"):
         check("01-nope", 1)
@@ -486,10 +498,10 @@ LESSON = [
              "    return float(voxels * np.prod(label.header.get_zooms()[:3]) / 1000)", [SOLUTION_TAG]),
     ("code", "from spleenkit.exercises import check\n\ncheck('01-volume', my_spleen_ml)", [CHECK_TAG]),
     ("markdown", "Because voxels differ in size from scan to scan.", [INSTRUCTOR_TAG]),
-    ("markdown", "## Exercise 2 · Window", []),
-    ("code", "def my_window_stats(item, window):\n    return {'median_hu': 0, 'below': 0, 'above': 0}",
-     [SOLUTION_TAG]),
-    ("code", "check('01-window', my_window_stats, items=[], window=(-57, 164))", [CHECK_TAG]),
+    ("markdown", "## Exercise 2 · Shape", []),
+    ("code", "def my_describe_case(item):\n    image = nib.load(item['image'])\n"
+             "    return {'shape': (1, *image.shape), 'spacing': image.header.get_zooms()[:3]}", [SOLUTION_TAG]),
+    ("code", "check('01-load-case', my_describe_case)", [CHECK_TAG]),
     ("markdown", "## Summary", []),
     ("code", "print('the lesson goes on')", []),
 ]
@@ -514,7 +526,7 @@ def test_course_check_passes_the_instructor_copy_and_strict_mode_fails_a_student
     result = check_course(repo=repo, out_dir=tmp_path / "checked")
     assert result.ok, result.summary.failures
     assert [(row["exercise"], row["status"]) for row in result.rows] == [("01-volume", "correct"),
-                                                                         ("01-window", "skipped")]
+                                                                         ("01-load-case", "correct")]
 
     student_repo = _lesson_repo(tmp_path / "student")
     path = student_repo / "notebooks" / "01_lesson.ipynb"
