@@ -122,6 +122,7 @@ SURFACE: dict[str, str] = {
     "make_optimizer": "spleenkit.training",
     "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
+    "mixed_precision_step": "spleenkit.training",
     "resolve_preset": "spleenkit.training",
     "summarize_run": "spleenkit.runs",
     "train": "spleenkit.training",
