@@ -124,6 +124,7 @@ SURFACE: dict[str, str] = {
     "make_optimizer": "spleenkit.training",
     "make_scheduler": "spleenkit.training",
     "measure_step_seconds": "spleenkit.training",
+    "mixed_precision_step": "spleenkit.training",
     "train": "spleenkit.training",
     "training_precision": "spleenkit.training",
     # transforms

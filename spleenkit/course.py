@@ -3,16 +3,19 @@
 The numbered notebooks in ``notebooks/`` are the **instructor copies**. Each exercise there is:
 
 1. a markdown cell with an ``## Exercise N · title`` heading: the task;
-2. a code cell tagged ``solution``: the working answer, which assigns the answer's name(s);
-3. a code cell tagged ``check``: ``check("NN-name", answer, ...)`` from :mod:`spleenkit.exercises`.
+2. a code cell tagged ``solution``: the working answer, which assigns the answer's name(s) or defines the
+   answer's function (``def my_...``);
+3. a code cell tagged ``check``: ``check("NN-name", answer, ...)`` from :mod:`spleenkit.exercises`;
+4. where the task asks the student to predict or to say why, a markdown cell tagged ``instructor`` with a
+   short answer for the instructor.
 
 A **student copy** (:func:`build_student_copies`, ``spleenkit course student --out DIR``) is the same
 notebook with every solution cell replaced by a stub that sets the names the check cell reads to
 ``None`` (so the check says "not answered yet" instead of crashing, and the cells after it run),
-tagged ``answer`` instead of ``solution``, with every output removed, and with Colab and Binder
-badges that open the student copy. Solutions are written once, in the instructor copy; the student
-copies committed in ``student/`` are generated from them (``spleenkit course student --out student
---force``), and a test fails when they are stale.
+tagged ``answer`` instead of ``solution``, without the cells tagged ``instructor``, with every output
+removed, and with Colab and Binder badges that open the student copy. Solutions are written once, in the
+instructor copy; the student copies committed in ``student/`` are generated from them (``spleenkit course
+student --out student --force``), and a test fails when they are stale.
 
 :func:`check_course` (``spleenkit course check``) runs the instructor copies with the papermill
 runner, which sets strict mode and records every verdict, and reports each exercise's status.
@@ -45,10 +48,13 @@ from spleenkit.notebooks import (
 SOLUTION_TAG = "solution"
 CHECK_TAG = "check"
 ANSWER_TAG = "answer"
+INSTRUCTOR_TAG = "instructor"  # a markdown cell for the instructor only (the answer to a "predict" or "why?")
 STUB_COMMENT = "# your code here"
 EXERCISE_HEADING = re.compile(r"^#+\s*Exercise\b", re.MULTILINE)
 HEADING = re.compile(r"^#+\s", re.MULTILINE)
 CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](?P<id>[^"']+)["']""")
+# a task that asks the student to predict, or asks a question beyond "compute this": its answer is an instructor cell
+PROMPT = re.compile(r"\bpredict\b|\bwhy\b|\?", re.IGNORECASE)
 MIN_EXERCISES, MAX_EXERCISES = 2, 4
 # The student copies committed in the repository: a folder beside notebooks/, so that the notebooks' relative
 # paths (../data, ../runs) mean the same, and the student copies' badges open them there.
@@ -65,6 +71,7 @@ class ExerciseCells:
     checks: list[int] = field(default_factory=list)
     exercise_id: str | None = None
     answer_names: list[str] = field(default_factory=list)
+    instructor: list[int] = field(default_factory=list)
 
 
 def _tags(cell: Any) -> list[str]:
@@ -122,6 +129,12 @@ def assigned_names(source: str, imports: bool = False) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def defined_functions(source: str) -> list[str]:
+    """Names of the functions a cell defines at its own level (an answer may be a function: ``def my_...``)."""
+    return [statement.name for statement in _python(source).body
+            if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
 def read_names(source: str) -> set[str]:
     """Every name a cell reads."""
     return {node.id for node in ast.walk(_python(source)) if isinstance(node, ast.Name)
@@ -141,9 +154,13 @@ def find_exercises(notebook: Any) -> list[ExerciseCells]:
                 current = ExerciseCells(heading=line.lstrip("#").strip(), task=index)
                 exercises.append(current)
             continue
-        if current is None or cell.cell_type != "code":
+        if current is None:
             continue
         tags = _tags(cell)
+        if INSTRUCTOR_TAG in tags:
+            current.instructor.append(index)
+        if cell.cell_type != "code":
+            continue
         if SOLUTION_TAG in tags:
             current.solutions.append(index)
         if CHECK_TAG in tags:
@@ -153,7 +170,8 @@ def find_exercises(notebook: Any) -> list[ExerciseCells]:
     for item in exercises:
         if item.solutions and item.checks:
             wanted = set().union(*(read_names(notebook.cells[i].source) for i in item.checks))
-            assigned = [name for i in item.solutions for name in assigned_names(notebook.cells[i].source)]
+            assigned = [name for i in item.solutions for source in [notebook.cells[i].source]
+                        for name in [*assigned_names(source), *defined_functions(source)]]
             item.answer_names = [name for name in dict.fromkeys(assigned) if name in wanted]
     return exercises
 
@@ -190,6 +208,15 @@ def exercise_problems(path: str | os.PathLike[str], notebook: Any | None = None)
             seen.add(item.exercise_id)
         if item.solutions and item.checks and not item.answer_names:
             problems.append(f"{where}: the check cell reads no name that the solution cell assigns")
+    for item in exercises:
+        task = notebook.cells[item.task].source.split("\n", 1)[-1]
+        if PROMPT.search(task) and not item.instructor:
+            problems.append(f"{item.heading!r} (cell {item.task}): the task asks to predict or a question, and no "
+                            f"cell tagged {INSTRUCTOR_TAG!r} answers it")
+    for index, cell in enumerate(notebook.cells):
+        if INSTRUCTOR_TAG in _tags(cell) and cell.cell_type != "markdown":
+            problems.append(f"cell {index} is tagged {INSTRUCTOR_TAG!r} but is code: a student copy drops it, so "
+                            "it must be a markdown note")
     tagged = {i for i, cell in enumerate(notebook.cells) if {SOLUTION_TAG, CHECK_TAG} & set(_tags(cell))}
     inside = {i for item in exercises for i in (*item.solutions, *item.checks)}
     for index in sorted(tagged - inside):
@@ -247,8 +274,8 @@ def student_badges(notebook: Any, name: str) -> bool:
 
 
 def student_notebook(notebook: Any, name: str | None = None) -> Any:
-    """A student copy of an instructor notebook: solution cells become stubs, and every output goes; with the
-    notebook's file ``name``, its badges open the student copy (:func:`student_badges`)."""
+    """A student copy of an instructor notebook: solution cells become stubs, instructor notes and every output
+    go; with the notebook's file ``name``, its badges open the student copy (:func:`student_badges`)."""
     student = copy.deepcopy(notebook)
     if name is not None:
         student_badges(student, name)
@@ -257,6 +284,7 @@ def student_notebook(notebook: Any, name: str | None = None) -> Any:
             cell = student.cells[index]
             cell.source = stub_source(item.answer_names or assigned_names(cell.source))
             cell.metadata["tags"] = [ANSWER_TAG if tag == SOLUTION_TAG else tag for tag in _tags(cell)]
+    student.cells = [cell for cell in student.cells if INSTRUCTOR_TAG not in _tags(cell)]
     for key in ("papermill", "widgets"):
         student.metadata.pop(key, None)
     for cell in student.cells:
@@ -316,8 +344,8 @@ def course_rows(notebooks: Sequence[Path], verdicts: Sequence[Verdict]) -> list[
             verdict = last.get(item.exercise_id or "")
             title = EXERCISES[item.exercise_id].title if item.exercise_id in EXERCISES else item.heading
             rows.append({"notebook": path.name, "exercise": item.exercise_id or "?", "title": title,
-                         "status": verdict.status if verdict else "not run",
-                         "message": verdict.message if verdict else ""})
+                         "status": verdict.status if verdict is not None else "not run",  # a Verdict is true
+                         "message": verdict.message if verdict is not None else ""})  # only when correct
     return rows
 
 

@@ -117,32 +117,79 @@ def test_the_loss_check_names_the_first_setting_that_differs() -> None:
 
 
 # --------------------------------------------------------------------------- 03: the training step
-def _step_function(*, zero_grad: bool = True, update: bool = True):
+def _step_function(*, zero_grad: bool = True, update: bool = True, autocast: str = "precision",
+                   scaler_use: str = "scaled", optimizer_steps: int = 1):
+    """The solution's step, with a slip switched on by the arguments."""
+
     def step(network, inputs, labels, loss_function, optimizer, scaler, precision):
         network.train()
         if zero_grad:
             optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(inputs.device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+        enabled = {"precision": precision.dtype is not None, "never": False, "always": True}[autocast]
+        with torch.autocast(inputs.device.type, dtype=precision.dtype, enabled=enabled):
             logits = network(inputs)
         loss = loss_function(logits.float(), labels)
-        scaler.scale(loss).backward()
-        if update:
+        if scaler_use == "scaled":
+            scaler.scale(loss).backward()
+        elif scaler_use == "scaled-unused":  # scale() called, the backward run on the unscaled loss
+            scaler.scale(loss)
+            loss.backward()
+        else:
+            loss.backward()
+        if scaler_use == "none":
+            optimizer.step()
+        else:
             scaler.step(optimizer)
-            scaler.update()
+            if optimizer_steps == 2:
+                optimizer.step()
+            if update:
+                scaler.update()
         return loss.item()
 
     return step
 
 
-def test_the_training_step_check_compares_losses_and_names_the_missing_piece() -> None:
-    assert check("03-train-step", _step_function(), preset="seed")
+def test_the_training_step_check_passes_the_solution_and_tells_what_it_saw() -> None:
+    verdict = check("03-train-step", _step_function(), preset="seed")
+    assert verdict, verdict.message
+    assert "bfloat16 autocast" in verdict.message and "scaler.scale" in verdict.message
     assert check("03-train-step", None, preset="seed").status == "unanswered"
-    drifting = check("03-train-step", _step_function(zero_grad=False), preset="seed")
-    assert not drifting and "zero_grad" in drifting.message
-    frozen = check("03-train-step", _step_function(update=False), preset="seed")
-    assert not frozen and "never changes" in frozen.message
+
+
+@pytest.mark.parametrize("slip, hint", [
+    ({"autocast": "never", "scaler_use": "none"}, "without that autocast"),  # was "correct" before
+    ({"autocast": "never"}, "without that autocast"),
+    ({"autocast": "always"}, "autocast was on anyway"),
+    ({"scaler_use": "none"}, "never went through the gradient scaler"),
+    ({"scaler_use": "scaled-unused"}, "ran on the unscaled loss"),
+    ({"optimizer_steps": 2}, "stepped 2 times"),
+    ({"update": False}, "scaler.update()"),
+    ({"zero_grad": False}, "zero_grad"),
+])
+def test_the_training_step_check_sees_what_the_step_does(slip: dict, hint: str) -> None:
+    verdict = check("03-train-step", _step_function(**slip), preset="seed")
+    assert not verdict and hint in verdict.message, verdict.message
+
+
+def test_the_training_step_check_names_the_crash_and_the_line() -> None:
+    def skeleton(network, inputs, labels, loss_function, optimizer, scaler, precision):
+        network.train()
+        ...
+        return loss.item()  # noqa: F821 - the task's skeleton, run before it is filled in
+
+    verdict = check("03-train-step", skeleton, preset="seed")  # raised NameError out of the check cell before
+    assert not verdict and "NameError: name 'loss' is not defined" in verdict.message
+    assert "return loss.item()" in verdict.message
     crashing = check("03-train-step", lambda network, inputs: 0.0, preset="seed")
     assert not crashing and "TypeError" in crashing.message
+
+
+def test_the_probe_works_whatever_precision_this_cpu_trains_in() -> None:
+    from spleenkit.devices import choose_precision
+
+    here = choose_precision("cpu", None)  # bfloat16 where the CPU has it natively, else float32: either way
+    assert here.dtype in (None, torch.bfloat16)
+    assert check("03-train-step", _step_function(), preset="quick")  # the check forces both dtypes itself
 
 
 # --------------------------------------------------------------------------- what the lessons show
@@ -197,13 +244,29 @@ def test_the_augmentation_figure_shows_one_panel_per_transform() -> None:
     assert figure.axes[0].lines or figure.axes[0].collections  # the spleen outline is drawn on the slice
 
 
-# --------------------------------------------------------------------------- 03: the best epoch (kept)
-def test_the_best_epoch_check_knows_the_last_and_the_lowest_loss_slips() -> None:
+# --------------------------------------------------------------------------- 03: the best epoch
+def best_epoch(records):
+    validated = [record for record in records if record["val_dice"] is not None]
+    return max(validated, key=lambda record: record["val_dice"])["epoch"]
+
+
+def test_the_best_epoch_check_knows_the_last_the_lowest_loss_and_the_position_slips() -> None:
     metrics = [{"epoch": 1, "loss": 0.9, "val_dice": 0.2}, {"epoch": 2, "loss": 0.7, "val_dice": None},
                {"epoch": 3, "loss": 0.6, "val_dice": 0.8}, {"epoch": 4, "loss": 0.5, "val_dice": 0.7}]
-    assert check("03-best-epoch", 3, metrics=metrics)
+    verdict = check("03-best-epoch", best_epoch, metrics=metrics)
+    assert verdict and "epoch 3 of this run" in verdict.message
     assert check("03-best-epoch", None, metrics=metrics).status == "unanswered"
-    last = check("03-best-epoch", 4, metrics=metrics)  # the last epoch, which here is also the lowest loss
+    assert not check("03-best-epoch", 3, metrics=metrics)  # the number read off the table: not a function
+    last = check("03-best-epoch", lambda records: records[-1]["epoch"], metrics=metrics)
     assert not last and "last epoch is not always the best" in last.message
-    assert "looks like a Dice" in check("03-best-epoch", 0.8, metrics=metrics).message
-    assert check("03-best-epoch", 1, metrics=[{"epoch": 1, "loss": 1.0, "val_dice": None}]).status == "skipped"
+    lowest = check("03-best-epoch", lambda records: min(records, key=lambda r: r["loss"])["epoch"], metrics=metrics)
+    assert not lowest and "last epoch" in lowest.message  # in the first run the lowest loss is the last epoch
+    by_loss = check("03-best-epoch", lambda records: min(records[:-1], key=lambda r: r["loss"])["epoch"])
+    assert not by_loss
+    position = check("03-best-epoch", lambda records: records.index(max(
+        (r for r in records if r["val_dice"] is not None), key=lambda r: r["val_dice"])))
+    assert not position and "position in the list" in position.message
+    dice = check("03-best-epoch", lambda records: max(r["val_dice"] for r in records if r["val_dice"] is not None))
+    assert not dice and "looks like a Dice" in dice.message
+    unskipped = check("03-best-epoch", lambda records: max(records, key=lambda r: r["val_dice"])["epoch"])
+    assert not unskipped and "TypeError" in unskipped.message and "None" in unskipped.message

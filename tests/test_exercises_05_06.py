@@ -44,44 +44,53 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"predictions": predictions, "cases": labels, "summary": summarize(rows)}
 
 
-def metric_means(scored: dict, include_background: bool = False, percentile: float | None = 95,
-                 spacing: bool = True) -> tuple[float, float]:
-    """The solution's code (with the slips switched on by the arguments)."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-    from monai.transforms import AsDiscrete, LoadImage
+def metric_means(include_background: bool = False, percentile: float | None = 95, spacing: bool = True):
+    """The solution's function (with the slips switched on by the arguments)."""
 
-    load, one_hot = LoadImage(ensure_channel_first=True), AsDiscrete(to_onehot=2)
-    dice = DiceMetric(include_background=include_background, reduction="mean")
-    hd95 = HausdorffDistanceMetric(include_background=False, percentile=percentile, reduction="mean")
-    for name, label_path in scored["cases"].items():
-        predicted, truth = load(scored["predictions"][name]), load(label_path)
-        dice(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None])
-        hd95(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None],
-             spacing=truth.pixdim.tolist() if spacing else None)
-    return dice.aggregate().item(), hd95.aggregate().item()
+    def my_metric_means(prediction_files, label_files):
+        from monai.metrics import DiceMetric, HausdorffDistanceMetric
+        from monai.transforms import AsDiscrete, LoadImage
+
+        load, one_hot = LoadImage(ensure_channel_first=True), AsDiscrete(to_onehot=2)
+        dice = DiceMetric(include_background=include_background, reduction="mean")
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=percentile, reduction="mean")
+        for prediction_file, label_file in zip(prediction_files, label_files, strict=True):
+            predicted, truth = load(prediction_file), load(label_file)
+            dice(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None])
+            hd95(y_pred=one_hot(predicted)[None], y=one_hot(truth)[None],
+                 spacing=truth.pixdim.tolist() if spacing else None)
+        return dice.aggregate().item(), hd95.aggregate().item()
+
+    return my_metric_means
 
 
 def test_metric_means_pass_the_solution(scored: dict) -> None:
-    verdict = check("05-metric-means", metric_means(scored), **scored)
+    verdict = check("05-metric-means", metric_means(), **scored)
     assert verdict.status == "correct", verdict.message
-    assert "summary.json" in verdict.message
+    assert "summary.json" in verdict.message and "made up for the check" in verdict.message
 
 
 @pytest.mark.parametrize("slip, hint", [({"include_background": True}, "include_background=False"),
                                         ({"percentile": None}, "percentile=95"),
                                         ({"spacing": False}, "in voxels")])
 def test_metric_means_name_the_slip(scored: dict, slip: dict, hint: str) -> None:
-    verdict = check("05-metric-means", metric_means(scored, **slip), **scored)
+    verdict = check("05-metric-means", metric_means(**slip), **scored)
     assert verdict.status == "wrong" and hint in verdict.message, verdict.message
 
 
-def test_metric_means_reject_the_stub_resampled_numbers_and_nonsense(scored: dict) -> None:
+def test_metric_means_reject_the_stub_the_printed_summary_and_nonsense(scored: dict) -> None:
     assert check("05-metric-means", None, **scored).status == "unanswered"
-    assert check("05-metric-means", (None, None), **scored).status == "unanswered"
+    original = scored["summary"]["original"]
+    printed = (original["dice"]["mean"], original["hd95_mm"]["mean"])  # what format_summary prints above
+    verdict = check("05-metric-means", printed, **scored)
+    assert verdict.status == "wrong" and "expected a function" in verdict.message
+    verdict = check("05-metric-means", lambda predictions, labels: printed, **scored)
+    assert verdict.status == "wrong" and "made up for the check" in verdict.message
     resampled = scored["summary"]["resampled"]
-    verdict = check("05-metric-means", (resampled["dice"]["mean"], resampled["hd95_mm"]["mean"]), **scored)
-    assert verdict.status == "wrong" and "resampled" in verdict.message
-    assert "two numbers" in check("05-metric-means", 0.8, **scored).message
+    copied = {"summary": {**scored["summary"], "original": {**original, "dice": resampled["dice"]}}}
+    verdict = check("05-metric-means", metric_means(), **{**scored, **copied})
+    assert verdict.status == "wrong"
+    assert "two numbers" in check("05-metric-means", lambda predictions, labels: 0.8, **scored).message
 
 
 # --------------------------------------------------------------------------- 05: the post-processing chain
@@ -168,12 +177,62 @@ def test_sliding_window_call_catches_the_batch_axis_softmax_and_the_stub(window_
     assert check("06-sliding-window", None, **window_case).status == "unanswered"
 
 
-def test_windows_of_an_msd_sized_scan() -> None:
+def window_count(image_shape, roi_size, overlap):
+    import math
+
+    steps = [max(1, int(size * (1 - overlap))) for size in roi_size]
+    return math.prod(max(0, math.ceil((n - size) / step)) + 1 for n, size, step in zip(image_shape, roi_size, steps,
+                                                                                         strict=True))
+
+
+def test_windows_of_an_msd_sized_scan_and_of_shapes_the_student_never_saw() -> None:
+    import math
+
     shape, roi = (273, 273, 113), (96, 96, 96)
     assert sliding_window_count(shape, roi, 0.5) == 5 * 5 * 2
-    verdict = check("06-windows", 50, image_shape=shape, roi_size=roi, overlap=0.5)
-    assert verdict and "32 at overlap 0.25" in verdict.message  # 1.6x, not 4x
-    assert not check("06-windows", 4 * 32, image_shape=shape, roi_size=roi, overlap=0.5)
+    verdict = check("06-windows", window_count, image_shape=shape, roi_size=roi, overlap=0.5)
+    assert verdict and "32 at overlap 0.25" in verdict.message and "1.56x" in verdict.message  # not 4x
+    assert not check("06-windows", 50, image_shape=shape, roi_size=roi, overlap=0.5)  # the number, not a function
+    typed_in = check("06-windows", lambda *args: 50, image_shape=shape, roi_size=roi, overlap=0.5)
+    assert not typed_in and "(64, 64, 64)" in typed_in.message
+
+    def rounded_down(image_shape, roi_size, overlap):
+        steps = [max(1, int(size * (1 - overlap))) for size in roi_size]
+        return math.prod(1 if n <= s else (n - s) // st + 1 for n, s, st in zip(image_shape, roi_size, steps,
+                                                                                strict=True))
+
+    verdict = check("06-windows", rounded_down, image_shape=shape, roi_size=roi, overlap=0.5)
+    assert not verdict and "round the count up" in verdict.message
+
+
+def flip_left_right(image):
+    from monai.transforms import Flip
+
+    return Flip(spatial_axis=0)(image)
+
+
+def test_the_flip_must_keep_the_header_true(example_ct_dir: Path) -> None:
+    verdict = check("06-flip", flip_left_right, image=example_ct_dir / "ct.nii.gz",
+                    mask=example_ct_dir / "spleen_a.nii.gz")
+    assert verdict and "orientation_warnings finds nothing wrong" in verdict.message
+    assert check("06-flip", None).status == "unanswered"
+    slips = {lambda image: torch.flip(image, dims=[1]): "the header did not",  # what section 5 built
+             lambda image: image.flip(0): "nothing changed",  # the channel axis
+             lambda image: torch.flip(image, dims=[2]): "another axis",
+             lambda image: image.numpy()[:, ::-1].copy(): "no header",
+             lambda image: True: "no header"}  # the old exercise's answer
+    for answer, words in slips.items():
+        verdict = check("06-flip", answer)
+        assert not verdict and words in verdict.message, (words, verdict.message)
+
+    def origin_kept(image):
+        flipped = torch.flip(image, dims=[1])
+        flipped.affine[:, 0] = -flipped.affine[:, 0]  # the axis turned, the origin left where it was
+        flipped.affine[3, 0] = 0
+        return flipped
+
+    verdict = check("06-flip", origin_kept)
+    assert not verdict and "the origin did not move" in verdict.message
 
 
 def test_notebook_06_counts_the_windows_it_talks_about() -> None:
@@ -188,16 +247,25 @@ def test_notebook_06_counts_the_windows_it_talks_about() -> None:
     assert "sliding_window_count(ct_resampled.shape[1:]" in code
 
 
-def test_spot_the_flip_on_the_real_ct(example_ct_dir: Path) -> None:
-    ct = nib.load(example_ct_dir / "ct.nii.gz")
-    spleen = np.asanyarray(nib.load(example_ct_dir / "spleen_a.nii.gz").dataobj)
-    mystery = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)  # voxels reversed, header kept
-    assert check("06-header-lies", True, image=mystery, mask=spleen[::-1]).status == "correct"
-    verdict = check("06-header-lies", False, image=mystery, mask=spleen[::-1])  # the typical slip: trust the header
-    assert verdict.status == "wrong" and "orientation_warnings" in verdict.message
-    assert check("06-header-lies", None, image=mystery, mask=spleen[::-1]).status == "unanswered"
-    assert "True or False" in check("06-header-lies", "yes", image=mystery, mask=spleen[::-1]).message
-    reverse_first_axis = np.diag([-1.0, 1, 1, 1])
-    reverse_first_axis[0, 3] = ct.shape[0] - 1  # voxel i of the copy is voxel n-1-i of the original
-    honest = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine @ reverse_first_axis)
-    assert check("06-header-lies", False, image=honest, mask=spleen[::-1]).status == "correct"
+# --------------------------------------------------------------------------- 05: the volume error
+def volume_error_ml(prediction_file, label_file):
+    from monai.transforms import LoadImage
+
+    load = LoadImage(ensure_channel_first=True)
+    predicted, truth = load(prediction_file), load(label_file)
+    return float((predicted > 0).sum() - (truth > 0).sum()) * float(truth.pixdim.prod()) / 1000
+
+
+def test_the_volume_error_keeps_its_sign_on_files_of_the_check(scored: dict) -> None:
+    case = "case_0"
+    context = {"prediction_file": scored["predictions"][case], "label_file": scored["cases"][case]}
+    verdict = check("05-volume-error", volume_error_ml, **context)
+    assert verdict and "the worst case holds +0.01 mL" in verdict.message  # one stray voxel of 12 mm³
+    assert check("05-volume-error", None, **context).status == "unanswered"
+    slips = {lambda p, r: -volume_error_ml(p, r): "sign is reversed", lambda p, r: abs(volume_error_ml(p, r)):
+             "keep the sign", lambda p, r: 1000 * volume_error_ml(p, r): "mm³",
+             lambda p, r: volume_error_ml(p, r) / 0.012: "number of voxels"}
+    for answer, words in slips.items():
+        verdict = check("05-volume-error", answer, **context)
+        assert not verdict and words in verdict.message, (words, verdict.message)
+    assert not check("05-volume-error", 0.012, **context)  # the number of the table, typed in

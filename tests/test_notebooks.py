@@ -122,7 +122,7 @@ def test_code_names_no_cuda_and_touches_no_sys_path(path: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_lesson_shape_exercises_and_summary(path: Path) -> None:
     notebook = read(path)
-    assert len(notebook.cells) <= 45, "keep a notebook under about 40 cells"
+    assert len(notebook.cells) <= 50, "keep a notebook under about 50 cells (instructor notes included)"
     headings = [line for cell in notebook.cells if cell.cell_type == "markdown"
                 for line in cell.source.splitlines() if line.startswith("#")]
     exercises = [h for h in headings if re.match(r"#+\s*Exercise", h)]

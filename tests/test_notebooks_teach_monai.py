@@ -47,3 +47,24 @@ def test_notebook_imports_and_uses_the_monai_it_teaches(notebook: str) -> None:
     for name in REQUIRED[notebook]:
         assert name in imported, f"{notebook} does not import {name} from monai"
         assert name in used, f"{notebook} imports {name} but never uses it"
+
+
+# notebook -> the MONAI names its exercises have the students write (in the solution cells of the instructor copy;
+# a student copy asks for them): 00 and 01 teach no MONAI in view, so their exercises do
+WRITTEN_BY_STUDENTS: dict[str, list[str]] = {
+    "00_welcome": ["DataLoader"],
+    "01_data": ["Compose", "LoadImaged", "EnsureChannelFirstd", "ScaleIntensityRanged"],
+}
+
+
+@pytest.mark.parametrize("notebook", sorted(WRITTEN_BY_STUDENTS))
+def test_the_first_notebooks_have_the_students_write_monai(notebook: str) -> None:
+    cells = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4).cells
+    solutions = ast.parse("\n".join(cell.source for cell in cells if "solution" in cell.metadata.get("tags", [])))
+    imported = {alias.asname or alias.name for node in ast.walk(solutions) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").split(".")[0] == "monai" for alias in node.names}
+    used = {node.id for node in ast.walk(solutions) if isinstance(node, ast.Name)}
+    tasks = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    for name in WRITTEN_BY_STUDENTS[notebook]:
+        assert name in imported and name in used, f"{notebook}: no exercise has the students write {name}"
+        assert name in tasks, f"{notebook}: no task names {name}"

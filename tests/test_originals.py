@@ -563,6 +563,10 @@ CLAIMS: dict[str, Callable[[Originals], bool]] = {
     # 02
     "the bundle's preprocessing chain": _chain_is_the_seeds,
     "write a chain yourself (the tutorial's)": _tutorial_chain,
+    "(with the bundle's 1 : 1 it is 1 in 256)": lambda o: (
+        (o.train["train"]["random_transforms"][0]["pos"], o.train["train"]["random_transforms"][0]["neg"]) == (1, 1)
+        and o.train["train"]["random_transforms"][0]["num_samples"] == 4
+        and o.train["train"]["dataloader"]["batch_size"] == 2),
     "(the bundle's 1.5 × 1.5 × 2 mm and 96³)": lambda o: (
         o.train["train"]["deterministic_transforms"][3]["pixdim"] == [1.5, 1.5, 2.0]
         and o.train["train"]["random_transforms"][0]["spatial_size"] == [96, 96, 96] and _chain_is_the_seeds(o)),
@@ -588,6 +592,8 @@ CLAIMS: dict[str, Callable[[Originals], bool]] = {
     "Build the bundle's loss with": _loss_is_the_seeds,
     "preset=\"seed\") # the bundle's loss": _loss_is_the_seeds,
     "with the background in (the bundle's)": lambda o: o.train["loss"]["include_background"] is True,
+    "the bundle's five levels of 16 to 256 feature maps": lambda o: (
+        o.train["network_def"]["channels"] == [16, 32, 64, 128, 256] and o.train["network_def"]["num_res_units"] == 2),
     "4,808,917 weights, the bundle's state-dict names": lambda o: (
         _network_is_the_seeds(o) and sum(p.numel() for p in o.get("network_def").parameters()) == 4_808_917),
     # 04, 05, 06
@@ -598,7 +604,7 @@ CLAIMS: dict[str, Callable[[Originals], bool]] = {
     '`"constant"` (the bundle\'s)': lambda o: str(_window(o)["mode"]) == "constant",
     "`constant` (the bundle's)": lambda o: str(_window(o)["mode"]) == "constant",
     "it gives the bundle's masks exactly": _masks_agree,
-    "the bundle's overlap of **0.5**": lambda o: _window(o)["overlap"] == 0.5,
+    "the bundle's overlap of 0.5": lambda o: _window(o)["overlap"] == 0.5,
     # 07
     "build the network from the **official JSON definition**": _official_definition_in_07,
     "official_definition = {": _official_definition_in_07,
