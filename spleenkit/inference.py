@@ -187,6 +187,19 @@ def check_inputs(volumes: Sequence[InputVolume], preset: Preset, force: bool = F
     return warnings_
 
 
+#: How many skipped folder entries are named one a line; the rest are counted (the manifest lists them all).
+SKIPPED_SHOWN = 10
+
+
+def _report_skipped(input: str | os.PathLike[str], skipped: Sequence[str]) -> None:
+    """Name the entries of an input folder that are not segmented, without flooding the log for a busy folder."""
+    for entry in skipped[:SKIPPED_SHOWN]:
+        log.warning("%s: skipped %s", input, entry)
+    if len(skipped) > SKIPPED_SHOWN:
+        log.warning("%s: skipped %d more entries (manifest.json lists every one)", input,
+                    len(skipped) - SKIPPED_SHOWN)
+
+
 def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir: str | os.PathLike[str],
           preset: Preset | str | None = None, device: str = "auto", amp: bool | None = None,
           largest_component: bool = False, fill_holes: bool = False, overlap: float | None = None,
@@ -209,10 +222,9 @@ def infer(model: str | os.PathLike[str], input: str | os.PathLike[str], out_dir:
     written stay and the manifest lists them.
     """
     model = Path(model)
+    preset, recipe_source = recipe_for(model, preset, force_preset)  # a missing or broken model stops first
     volumes, skipped = scan_inputs(input)
-    for entry in skipped:
-        log.warning("%s: skipped %s", input, entry)
-    preset, recipe_source = recipe_for(model, preset, force_preset)
+    _report_skipped(input, skipped)
     input_warnings = check_inputs(volumes, preset, force)
     device_ = pick_device(device)
     prediction = prepare_prediction(model, preset, device_, amp, overlap=overlap, sw_batch_size=sw_batch_size,

@@ -310,3 +310,23 @@ def test_peak_memory_is_this_programs_own() -> None:
                             "print(peak_memory_mib())"], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 300, child.stdout
     del ballast
+
+
+def test_a_missing_model_stops_before_the_input_folder_is_read_and_a_busy_folder_is_summarised(
+        synthetic_dataset: Path, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "scan.nii.gz").symlink_to(synthetic_dataset / "imagesTs" / sorted(
+        p.name for p in (synthetic_dataset / "imagesTs").iterdir())[0])
+    for n in range(14):
+        (busy / f"notes_{n:02d}.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="spleenkit.inference"):
+        with pytest.raises(BadInputError, match=r"nope\.pt: checkpoint not found"):
+            infer(tmp_path / "nope.pt", busy, tmp_path / "out")
+    assert not [r for r in caplog.records if "skipped" in r.getMessage()]  # the folder was never listed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spleenkit.inference"):
+        result = infer(tiny_model, busy, tmp_path / "out", overlay=False)
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 11 and lines[-1].endswith("skipped 4 more entries (manifest.json lists every one)")
+    assert len(json.loads(result.manifest_path.read_text())["skipped"]) == 14
