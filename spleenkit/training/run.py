@@ -155,16 +155,16 @@ def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLik
                      resume_anyway: bool, num_workers: int | None, progress: bool,
                      distributed: DistributedContext | None, sync_bn: bool, scale_lr: str, started_at: str,
                      started: float, init_weights: str | os.PathLike[str] | None = None) -> TrainingResult:
-    """The body of :func:`train`, run while this process holds the run folder's lock: choose the precision,
-    find where to resume, build the engines, write the manifest, train, record the result."""
+    """The body of :func:`train`, run while this process holds the run folder's lock: check the data, choose the
+    precision, find where to resume, build the engines, write the manifest, train, record the result."""
+    workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
+    if workers < 0:
+        raise BadInputError(f"number of workers must be 0 or more (got {workers})")
+    train_items, validation_items = _labelled_split(data_dir, preset)  # the data are checked before anything else
     # float32 on a CPU without native bfloat16, or where its bfloat16 gradients are wrong; ``amp`` forces it
     precision = training_precision(preset, torch_device, amp)
     validation = validation_precision(preset, torch_device, amp)
     log.info("training precision: %s (%s)", precision.name, precision.reason)
-    workers = workers_per_process(default_num_workers(), distributed) if num_workers is None else num_workers
-    if workers < 0:
-        raise BadInputError(f"number of workers must be 0 or more (got {workers})")
-    train_items, validation_items = _labelled_split(data_dir, preset)
     run_path = prepare_run_dir(run_dir, resume) if is_main_process() else Path(run_dir)
     checkpoint, recipe_changes = resume_point(run_path, preset, resume, resume_anyway)
     start_epoch = 0 if checkpoint is None else int(checkpoint["epoch"])
