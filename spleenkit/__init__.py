@@ -157,14 +157,21 @@ SURFACE: dict[str, str] = {
 __all__ = sorted({*SURFACE, "__version__"})
 
 
+def lazy_attribute(table: dict[str, str], namespace: dict[str, Any], name: str) -> Any:
+    """A module's PEP 562 ``__getattr__`` over ``table`` (name -> the module that holds it): import that module on
+    first use, keep the object in ``namespace`` (the module's globals) and return it. The package root's
+    :data:`SURFACE` and the bundle's face (:data:`spleenkit.bundle.FACE`) both resolve names this way."""
+    module = table.get(name)
+    if module is None:
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    namespace[name] = value
+    return value
+
+
 def __getattr__(name: str) -> Any:
     """Import the module that holds ``name`` on first use and return the object (PEP 562)."""
-    module = SURFACE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spleenkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(SURFACE, globals(), name)
 
 
 def __dir__() -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spleenkit import lazy_attribute
 from spleenkit.data.datalist import load_datalist, split_datalist
 from spleenkit.distributed import rank
 from spleenkit.errors import BadInputError, SpleenkitError
@@ -76,12 +76,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 
 def __getattr__(name: str) -> Any:
     """A name of :data:`FACE`: import its module on first use and return the object (PEP 562)."""
-    module = FACE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(FACE, globals(), name)
 
 
 def __dir__() -> list[str]:
