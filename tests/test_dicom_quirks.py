@@ -755,6 +755,8 @@ def test_the_readme_dicom_section_quotes_messages_the_kit_prints(inferred: tuple
     for path in sorted(single.glob("b_*"))[1:]:
         path.unlink()
     produced += scan_inputs(single)[1]
+    archive_without_dicomdir(tmp_path / "archive")
+    produced += scan_inputs(tmp_path / "archive")[1]
     text = (REPO / "README.md").read_text()
     section = text.split("## DICOM in, DICOM SEG out", 1)[1].split("\n## ", 1)[0]
     quoted = [span for span in re.findall(r"`([^`]*)`", section) if len(span) >= 24 and " " in span]
