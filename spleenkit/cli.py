@@ -370,10 +370,11 @@ def _add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     masks.add_argument("prediction", help="mask file to score (NIfTI)")
     masks.add_argument("reference", help="reference mask file on the same grid (NIfTI)")
     infer = _command(subparsers, "infer", _infer,
-                     "Segment the spleen in a NIfTI file, a folder of them, or a folder with one DICOM series; "
+                     "Segment the spleen in a NIfTI file, a folder of them, DICOM series or a DICOMDIR's export; "
                      "writes NAME_spleen.nii.gz on the input's exact grid, an overlay PNG and a manifest.")
     infer.add_argument("--model", required=True, help="model.pt (a run's, or the bundle's weights)")
-    infer.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM series folder")
+    infer.add_argument("--input", required=True, help="NIfTI file, or a folder of NIfTI files and DICOM series (a "
+                                                      "CD/DVD export with its DICOMDIR too)")
     infer.add_argument("--out", required=True, help="output folder")
     infer.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                        help="write an overlay PNG per input (default yes)")

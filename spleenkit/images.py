@@ -183,12 +183,13 @@ def find_inputs(path: str | os.PathLike[str]) -> list[InputVolume]:
     return scan_inputs(path)[0]
 
 
-def _dicom_volumes(folder: Path, prefix: str) -> tuple[list[InputVolume], list[str]]:
-    """The DICOM series of ``folder`` that are volumes, and a line per DICOM file or series that is not."""
+def _dicom_volumes(folder: Path, prefix: str) -> tuple[list[InputVolume], list[str], DicomFolder]:
+    """The DICOM series of ``folder`` that are volumes, a line per DICOM file or series that is not, and what the
+    folder was found to hold."""
     found = scan_dicom_folder(folder)
     skipped = [f"{prefix}{entry}" for entry in found.skipped]
     if len(found.series) <= 1:  # one series (or none): the reader says what is wrong with it, if anything
-        return [InputVolume(folder, "dicom", uid) for uid in found.series], skipped
+        return [InputVolume(folder, "dicom", uid) for uid in found.series], skipped, found
     volumes = []
     labels = found.labels()
     for uid, slices in sorted(found.series.items(), key=lambda item: _series_order(item[1][0].header, item[0])):
@@ -196,7 +197,7 @@ def _dicom_volumes(folder: Path, prefix: str) -> tuple[list[InputVolume], list[s
             skipped.append(f"{prefix}{slices[0].label} ({found.describe(uid)}: a single image, not a volume)")
         else:
             volumes.append(InputVolume(folder, "dicom", uid, labels[uid]))
-    return volumes, skipped
+    return volumes, skipped, found
 
 
 def _some(lines: Sequence[str], shown: int = 3) -> str:
@@ -217,36 +218,55 @@ def scan_inputs(path: str | os.PathLike[str]) -> tuple[list[InputVolume], list[s
     nothing in the folder is left out silently. Every NIfTI file and every DICOM series is an input; a
     folder holding several DICOM series gives one input per series (masks ``FOLDER_seriesN``), and DICOM
     files that are not slices of a volume (a DICOMDIR, a localizer, a dose report) are named and skipped.
-    A DICOM file that cannot be read is an error naming it."""
+    A DICOM file that cannot be read is an error naming it.
+
+    DICOM series are looked for in the folder's own files and in each subfolder (:func:`scan_dicom_folder`): a
+    DICOMDIR (a CD, DVD or PACS media export; given itself, it stands for its folder) brings in every image it
+    lists, however deep, as its folder's series; a subfolder without DICOM files of its own is searched
+    :data:`NESTED_LEVELS` levels down, so that files up to 4 levels below the input are found (deeper is named,
+    not searched: a bounded search keeps a mistaken ``--input`` quick and its report short).
+    """
     path = Path(path)
     if not path.exists():
         raise BadInputError("input not found", path)
     if path.is_file():
         if is_nifti(path):
             return [InputVolume(path, "nifti")], []
-        if _is_dicom_file(path):
+        if not _is_dicom_file(path):
+            raise BadInputError("not a NIfTI file (.nii or .nii.gz) or a DICOM folder", path)
+        if not _is_dicomdir(path):
             raise BadInputError("a single DICOM file; give the folder holding the whole series", path)
-        raise BadInputError("not a NIfTI file (.nii or .nii.gz) or a DICOM folder", path)
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        path = path.parent
+    entries = _entries(path)
     files = [p for p in entries if p.is_file()]
     volumes = [InputVolume(p, "nifti") for p in files if is_nifti(p) and not p.name.endswith(MASK_SUFFIX)]
     skipped = [f"{p.name} (a spleen mask this kit wrote)" for p in files if p.name.endswith(MASK_SUFFIX)]
     dicom_files = [p for p in files if not is_nifti(p) and _is_dicom_file(p)]
+    read_through_dicomdir: frozenset[str] = frozenset()
     if dicom_files:
-        found, why = _dicom_volumes(path, "")
+        found, why, scanned = _dicom_volumes(path, "")
         volumes += found
         skipped += why
+        read_through_dicomdir = scanned.listed
     skipped += [f"{p.name} (not a NIfTI or DICOM file)" for p in files if not is_nifti(p) and p not in dicom_files]
-    for folder in (p for p in entries if p.is_dir()):
-        inside = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        if any(_is_dicom_file(p) for p in inside):
-            found, why = _dicom_volumes(folder, f"{folder.name}/")
-            volumes += found
-            skipped += why + [f"{folder.name}/{p.name} (not a DICOM file)" for p in inside if not _is_dicom_file(p)]
-            if not found:
-                skipped.append(f"{folder.name}/ (no DICOM series of images in it)")
-        else:
-            skipped.append(f"{folder.name}/ (a folder without DICOM files)")
+    for folder in (p for p in entries if p.is_dir() and p.name not in read_through_dicomdir):
+        found, why, scanned = _dicom_volumes(folder, f"{folder.name}/")
+        inner = [p for p in _entries(folder) if p.is_dir()]
+        if not scanned.files:
+            deeper = (f"; {len(scanned.deeper)} folder(s) deeper are not searched, such as {folder.name}/"
+                      f"{scanned.deeper[0]}/" if scanned.deeper else "")
+            skipped.append(f"{folder.name}/ (a folder without DICOM files" + (
+                f", nor any in its subfolders {NESTED_LEVELS} levels down{deeper})" if inner else ")"))
+            continue
+        volumes += found
+        skipped += why + [f"{folder.name}/{p.name} (not a DICOM file)" for p in _entries(folder)
+                          if p.is_file() and not _is_dicom_file(p)]
+        if scanned.source != "subfolders":  # a folder of DICOM files: what lies below it is not its series
+            why_not = ("its DICOMDIR lists nothing in it: not read" if scanned.source == "dicomdir" else
+                       "in a folder of DICOM files: not searched")
+            skipped += [f"{folder.name}/{p.name}/ ({why_not})" for p in inner if p.name not in scanned.listed]
+        if not found:
+            skipped.append(f"{folder.name}/ (no DICOM series of images in it)")
     if not volumes:
         if not entries:
             raise BadInputError("the folder is empty: no NIfTI files or DICOM series to segment", path)
@@ -257,6 +277,14 @@ def scan_inputs(path: str | os.PathLike[str]) -> tuple[list[InputVolume], list[s
     if twice:
         raise BadInputError(f"two inputs would write the same mask {twice[0]}{MASK_SUFFIX}: rename one", path)
     return volumes, skipped
+
+
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        header = _read_dicom_header(path)
+    except BadInputError:
+        return False
+    return "DirectoryRecordSequence" in header or _sop_class(header) == MEDIA_DIRECTORY_STORAGE
 
 
 @dataclass
@@ -274,26 +302,31 @@ class DicomSlice:
     columns: int
     slope: float = 1.0
     intercept: float = 0.0
+    shown: str | None = None  # the file's path below the folder scanned, where it lies deeper than the folder
 
     @property
     def label(self) -> str:
-        return self.path.name if self.frame is None else f"{self.path.name} (frame {self.frame + 1})"
+        name = self.shown or self.path.name
+        return name if self.frame is None else f"{name} (frame {self.frame + 1})"
 
 
 @dataclass
 class DicomFolder:
     """What one folder's DICOM files hold: the slices of each series (by SeriesInstanceUID, in file-name order),
-    and a line per file that is not a slice of a volume, with why."""
+    and a line per file that is not a slice of a volume, with why. ``source`` says where the files came from
+    (:func:`scan_dicom_folder`): ``"own"`` the folder's own files, ``"dicomdir"`` also those its DICOMDIR lists
+    (``listed``: the names of its subfolders holding them), ``"subfolders"`` its subfolders' files."""
 
     folder: Path
     series: dict[str, list[DicomSlice]]
     skipped: list[str]
+    files: int = 0  # DICOM files read
+    source: str = "own"
+    listed: frozenset[str] = frozenset()
+    deeper: tuple[str, ...] = ()  # the folders below the levels searched (source "subfolders")
 
     def describe(self, uid: str) -> str:
-        header = self.series[uid][0].header
-        number = header.get("SeriesNumber")
-        text = header.get("SeriesDescription") or "no description"
-        return f"series {number if number not in (None, '') else uid} ({text})"
+        return _describe_series(self.series[uid][0].header, uid)
 
     def labels(self) -> dict[str, str]:
         """A short distinct label per series, for the names of their masks: ``seriesN`` by SeriesNumber,
@@ -363,6 +396,13 @@ def _not_a_slice(header: Any) -> str | None:
     return None
 
 
+def _describe_series(header: Any, uid: str) -> str:
+    """``series 3 (Abdomen 5.0 I30f)``: a series as a user finds it in a viewer (a DICOMDIR's SERIES record works)."""
+    number = header.get("SeriesNumber")
+    text = header.get("SeriesDescription") or "no description"
+    return f"series {number if number not in (None, '') else uid} ({text})"
+
+
 def _first(item: Any, shared: Any, sequence: str, attribute: str) -> Any:
     for source in (item, shared):
         if source is not None and sequence in source and len(source[sequence].value) \
@@ -423,25 +463,45 @@ def _dicom_slice(path: Path, header: Any, frame: int | None, position: Any, orie
                       intercept_)
 
 
-def scan_dicom_folder(folder: str | os.PathLike[str]) -> DicomFolder:
-    """Read the headers (no pixel data) of the DICOM files in ``folder`` and sort their slices into series.
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries in name order, without hidden ones."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
-    DICOM files that are not slices of a volume (a DICOMDIR, a localizer, a secondary capture, a SEG or
-    report) are skipped with a line saying why. A file that looks like DICOM but cannot be read, or an image
-    without the geometry a volume needs (ImagePositionPatient, ImageOrientationPatient, PixelSpacing), is an
-    error naming the file: it is never left out silently.
-    """
-    folder = Path(folder)
-    series: dict[str, list[DicomSlice]] = {}
-    skipped: list[str] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if is_nifti(path) or not _is_dicom_file(path):
-            continue
+
+def _shown(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
+
+
+class _Reading:
+    """The headers read for one folder's series so far: the slices by series, what was skipped and why, and which
+    files and SOP instances were read (a DICOMDIR's record is found by either)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.series: dict[str, list[DicomSlice]] = {}
+        self.skipped: list[str] = []
+        self.paths: set[Path] = set()  # the files read
+        self.named: set[Path] = set()  # the files not read, named in ``skipped``
+        self.instances: set[str] = set()
+        self.indexes: list[tuple[Path, Any]] = []  # the DICOMDIRs read, with their data sets
+
+    def read(self, path: Path, shown: str) -> None:
+        resolved = path.resolve()
+        if resolved in self.paths:
+            return
+        self.paths.add(resolved)
         header = _read_dicom_header(path)
+        meta = getattr(header, "file_meta", None)
+        instance = str(header.get("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "")
+                                                           if meta is not None else "") or "")
+        if instance:
+            self.instances.add(instance)
         why = _not_a_slice(header)
         if why:
-            skipped.append(f"{path.name} ({why})")
-            continue
+            self.skipped.append(f"{shown} ({why})")
+            if "DirectoryRecordSequence" in header:
+                self.indexes.append((path, header))
+            return
         if "Rows" not in header:
             raise BadInputError("an unreadable or truncated DICOM file: no image attributes (Rows, Columns) could "
                                 "be read", path)
@@ -449,8 +509,183 @@ def scan_dicom_folder(folder: str | os.PathLike[str]) -> DicomFolder:
         if not uid:
             raise BadInputError("the image has no SeriesInstanceUID: it cannot be told apart from other series",
                                 path)
-        series.setdefault(uid, []).extend(_slices_of(path, header))
-    return DicomFolder(folder, series, skipped)
+        slices = _slices_of(path, header)
+        if shown != path.name:
+            for item in slices:
+                item.shown = shown
+        self.series.setdefault(uid, []).extend(slices)
+
+
+def _dicomdir_records(header: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The directory records of a DICOMDIR that are in use, each with its ancestors (PATIENT, STUDY, SERIES), by
+    the offsets that link them (pydicom's FileSet follows the same links, but it drops a record whose file is
+    missing with only a warning and matches file names by case; here a missing file is named, and a CD mounted
+    on Linux may show its upper-case names in lower case)."""
+    records = {int(record.seq_item_tell): record for record in header.DirectoryRecordSequence}
+    found: list[tuple[Any, tuple[Any, ...]]] = []
+    seen: set[int] = set()
+
+    def walk(offset: int, parents: tuple[Any, ...]) -> None:
+        while offset:
+            if offset not in records or offset in seen:
+                raise ValueError(f"a record offset ({offset}) that leads to no record, or back to one")
+            seen.add(offset)
+            record = records[offset]
+            if record.get("RecordInUseFlag", 0xFFFF) != 0:  # 0: a record marked deleted
+                found.append((record, parents))
+                walk(int(record.get("OffsetOfReferencedLowerLevelDirectoryEntity") or 0), (*parents, record))
+            offset = int(record.get("OffsetOfTheNextDirectoryRecord") or 0)
+
+    walk(int(header.get("OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity") or 0), ())
+    return found
+
+
+def _on_disk(folder: Path, parts: Sequence[str], listings: dict[Path, dict[str, list[Path]]]) -> Path | None:
+    """The file ``parts`` (a ReferencedFileID) names below ``folder``, each name matched exactly or else regardless
+    of case (a unique match); None when there is none."""
+    here = folder
+    for part in parts:
+        there = here / part
+        if not there.exists():
+            if here not in listings:
+                listings[here] = {}
+                for entry in (here.iterdir() if here.is_dir() else ()):
+                    listings[here].setdefault(entry.name.lower(), []).append(entry)
+            matches = listings[here].get(part.lower(), [])
+            if len(matches) != 1:
+                return None
+            there = matches[0]
+        here = there
+    return here if here.is_file() else None
+
+
+def _read_dicomdir(reading: _Reading, path: Path, header: Any) -> set[str]:
+    """Read the images a DICOMDIR lists, at any depth below its folder, into ``reading``; name each listed file that
+    is missing (a missing image makes its series incomplete: skipped, never stacked with a gap or cut short).
+    Returns the names of the scanned folder's subfolders that hold listed files."""
+    folder, root, index = reading.folder, path.parent, _shown(path, reading.folder)
+    try:
+        records = _dicomdir_records(header)
+    except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as error:
+        reading.skipped.append(f"{index} (a DICOMDIR whose records cannot be followed "
+                               f"({type(error).__name__}: {error}); the files beside it are read)".splitlines()[0])
+        return set()
+    listings: dict[Path, dict[str, list[Path]]] = {}
+    listed: list[tuple[Path, str]] = []
+    missing: list[tuple[str, Any, Any]] = []
+    tops: set[str] = set()
+    for record, parents in records:
+        value = record.get("ReferencedFileID")
+        if not value:
+            continue
+        parts = [str(value)] if isinstance(value, str) else [str(part) for part in value]
+        if any(part in ("", ".", "..") or "/" in part or "\\" in part for part in parts):
+            reading.skipped.append(f"{'/'.join(parts)} (listed in {index} outside its folder: not read)")
+            continue
+        name = _shown(root / "/".join(parts), folder)
+        found = _on_disk(root, parts, listings)
+        below = Path(_shown(found, folder) if found is not None else name).parts
+        if len(below) > 1:
+            tops.add(below[0].lower())
+        if found is None:
+            series = next((p for p in reversed(parents) if p.get("DirectoryRecordType") == "SERIES"), None)
+            missing.append((name, record, series))
+        else:
+            listed.append((found, _shown(found, folder)))
+    for found, shown in sorted(listed, key=lambda item: item[1]):
+        if _is_dicom_file(found):
+            reading.read(found, shown)
+        else:
+            reading.skipped.append(f"{shown} (listed in {index}, but not a DICOM file)")
+            reading.named.add(found.resolve())
+    known = reading.paths | reading.named
+    for inner in sorted({found.parent for found, _ in listed} - {folder, root}):  # what was added after the burn
+        for entry in _entries(inner):
+            if entry.is_file() and entry.resolve() not in known:
+                reading.skipped.append(f"{_shown(entry, folder)} (not listed in {index}: not read)")
+                reading.named.add(entry.resolve())
+    incomplete: dict[str, list[tuple[str, Any]]] = {}
+    for name, record, series in missing:
+        if str(record.get("ReferencedSOPInstanceUIDInFile", "") or "") in reading.instances:
+            continue  # the instance was read under another name (a DICOMDIR beside the images it indexes)
+        kind = str(record.get("DirectoryRecordType", "") or "")
+        uid = str(series.get("SeriesInstanceUID", "") or "") if series is not None else ""
+        if kind == "IMAGE" and uid:
+            incomplete.setdefault(uid, []).append((name, series))
+        else:
+            reading.skipped.append(f"{name} (listed in {index}{' as ' + kind if kind else ''}, but missing)")
+    for uid, files in incomplete.items():
+        present = reading.series.pop(uid, None)
+        what = _describe_series(present[0].header if present else files[0][1], uid)
+        more = (f"; {len(files) - 1} more of its files {'is' if len(files) == 2 else 'are'} missing too"
+                if len(files) > 1 else "")
+        reading.skipped.append(f"{files[0][0]} (listed in {index}, but missing: {what} is incomplete and not "
+                               f"segmented{more})")
+    return {entry.name for entry in _entries(folder) if entry.is_dir() and entry.name.lower() in tops}
+
+
+#: Folder levels searched below a folder that holds no DICOM file of its own. The input folder's subfolders are
+#: scanned this way, so files lie at most 4 levels below the input, as DICOM/PATIENT/STUDY/SERIES/IMAGE.
+NESTED_LEVELS = 3
+
+
+def _nested_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files in ``folder``'s subfolders down to :data:`NESTED_LEVELS` levels, and the folders below those."""
+    files: list[Path] = []
+    level = [entry for entry in _entries(folder) if entry.is_dir()]
+    for _ in range(NESTED_LEVELS):
+        below: list[Path] = []
+        for inner in level:
+            for entry in _entries(inner):
+                if entry.is_dir():
+                    below.append(entry)
+                elif entry.is_file():
+                    files.append(entry)
+        level = below
+    return files, level
+
+
+def scan_dicom_folder(folder: str | os.PathLike[str]) -> DicomFolder:
+    """Read the headers (no pixel data) of a folder's DICOM files and sort their slices into series.
+
+    The folder's files are its own; where it holds a DICOMDIR (a CD, DVD or PACS media export), also every file
+    the DICOMDIR lists, however deep; where it holds no DICOM file at all, the files in its subfolders down to
+    :data:`NESTED_LEVELS` levels (an export without its DICOMDIR, PATIENT/STUDY/SERIES/IMAGE). DICOM files that
+    are not slices of a volume (a DICOMDIR, a localizer, a secondary capture, a SEG or report), a series with a
+    file its DICOMDIR lists but that is missing, and files or folders that are not read are skipped with a line
+    saying why. A file that looks like DICOM but cannot be read, or an image without the geometry a volume needs
+    (ImagePositionPatient, ImageOrientationPatient, PixelSpacing), is an error naming the file: it is never
+    left out silently.
+    """
+    folder = Path(folder)
+    reading = _Reading(folder)
+    own = [p for p in _entries(folder) if p.is_file() and not is_nifti(p) and _is_dicom_file(p)]
+    for path in own:
+        reading.read(path, path.name)
+    source, listed, deeper = "own", set(), []
+    for path, header in list(reading.indexes):
+        source = "dicomdir"
+        listed |= _read_dicomdir(reading, path, header)
+    if not own:
+        source = "subfolders"
+        files, deeper = _nested_files(folder)
+        for path in files:
+            if not is_nifti(path) and _is_dicom_file(path):
+                reading.read(path, _shown(path, folder))
+            else:
+                reading.skipped.append(f"{_shown(path, folder)} (not a DICOM file)")
+                reading.named.add(path.resolve())
+        for path, header in list(reading.indexes):  # a DICOMDIR found below lists its images, however deep
+            _read_dicomdir(reading, path, header)
+        read = [path.parent for path in reading.paths]
+        deeper = [inner for inner in deeper if not any(inner.resolve() in (p, *p.parents) for p in read)]
+        if not reading.paths:  # nothing DICOM below either: the caller names the folder in one line
+            reading.skipped = []
+        else:
+            reading.skipped += [f"{_shown(inner, folder)}/ (deeper than {NESTED_LEVELS} levels below {folder.name}/: "
+                                "not searched)" for inner in deeper]
+    return DicomFolder(folder, reading.series, reading.skipped, len(reading.paths), source, frozenset(listed),
+                       tuple(_shown(inner, folder) for inner in deeper))
 
 
 def check_series(slices: Sequence[DicomSlice], folder: str | os.PathLike[str]) -> list[DicomSlice]:

@@ -324,6 +324,28 @@ def write_dicomdir(folder: Path) -> Path:
     return folder / "DICOMDIR"
 
 
+def media_export(root: Path, datasets: Sequence[Dataset]) -> Path:
+    """The datasets as a CD, DVD or PACS media export holds them, written by pydicom's FileSet as a disc burner
+    writes a File-set: a DICOMDIR at ``root`` and each instance four levels down in PATIENT/STUDY/SERIES folders,
+    upper-case 8-character names without suffix (``PT000000/ST000000/SE000000/IM000000``, series and images in
+    the order given)."""
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for ds in datasets:
+        fileset.add(ds)
+    fileset.write(root)
+    return root / "DICOMDIR"
+
+
+def lower_cased(root: Path) -> Path:
+    """Every name below ``root`` in lower case, as Linux shows a CD whose ISO 9660 names are upper case (the
+    DICOMDIR still names them in upper case)."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rename(path.with_name(path.name.lower()))
+    return root
+
+
 def localizer(series: Series) -> Dataset:
     """A lateral scout (topogram) of the same study: one image, ImageType LOCALIZER, its own series."""
     template = series.datasets[0]
@@ -346,6 +368,18 @@ def localizer(series: Series) -> Dataset:
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
     ds.PixelData = np.full((48, 40), 1000, np.uint16).tobytes()
     return ds
+
+
+def dose_report(series: Series) -> Dataset:
+    """The scanner's dose report of the series' study: a secondary capture in its own series (999), without a
+    position."""
+    report = localizer(series)
+    report.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    report.SeriesInstanceUID, report.SeriesNumber, report.SeriesDescription = generate_uid(), 999, "Dose Report"
+    for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        delattr(report, name)
+    return report
 
 
 def enhanced(series: Series) -> Dataset:

@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 from nibabel.processing import resample_from_to
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 import spleenkit.inference
 from spleenkit.cli import main
@@ -152,13 +152,7 @@ def localizer_and_dose_report(folder: Path) -> g.Series:
     series = write(g.ct_series(), folder)
     scout = g.localizer(series)
     scout.save_as(folder / "scout.dcm", enforce_file_format=True)
-    report = g.localizer(series)
-    report.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    report.SeriesInstanceUID, report.SeriesNumber, report.SeriesDescription = generate_uid(), 999, "Dose Report"
-    for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        delattr(report, name)
-    report.save_as(folder / "dose_report.dcm", enforce_file_format=True)
+    g.dose_report(series).save_as(folder / "dose_report.dcm", enforce_file_format=True)
     (folder / "README.TXT").write_text("Exported by the archive.\n")
     return series
 
@@ -180,11 +174,50 @@ def sop_class_empty_without_file_meta(folder: Path) -> g.Series:
     return write(series, folder, file_meta=False)
 
 
+def media_export(folder: Path) -> g.Series:
+    """A CD or DVD export: the DICOMDIR at the top, the axial series and its scout four folders down, a README and
+    the viewer the disc starts beside them."""
+    series = g.ct_series()
+    g.media_export(folder, [*series.datasets, g.localizer(series)])
+    (folder / "README.TXT").write_text("Images of the examination, with a viewer.\n")
+    (folder / "VIEWER").mkdir()
+    (folder / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ" + bytes(510))
+    return series
+
+
+def media_export_lower_case(folder: Path) -> g.Series:
+    """The disc as Linux mounts it: every name in lower case, the DICOMDIR's records still in upper case."""
+    series = g.ct_series("ge")
+    g.media_export(folder, series.datasets)
+    g.lower_cased(folder)
+    return series
+
+
+def media_export_without_dicomdir(folder: Path) -> g.Series:
+    """The disc's folders copied without their DICOMDIR: the images are found three levels below the folder."""
+    series = g.ct_series()
+    g.media_export(folder, [*series.datasets, g.localizer(series)]).unlink()
+    return series
+
+
+def media_export_incomplete(folder: Path) -> g.Series:
+    """Two series on the disc, one file of the second lost in the copy (its head-end slice, which no gap would
+    show): the first is segmented, the second named as incomplete."""
+    first = g.ct_series()
+    second = g.ct_series("ge", g.Geometry(slices=10, step=6.0), study=first.datasets[0], series_number=4, seed=1)
+    g.media_export(folder, [*first.datasets, *second.datasets])
+    lost = folder / "PT000000" / "ST000000" / "SE000001" / "IM000000"
+    assert (pydicom.dcmread(lost).SeriesNumber, pydicom.dcmread(lost).InstanceNumber) == (4, 1)
+    lost.unlink()
+    return first
+
+
+MEDIA = [media_export, media_export_lower_case, media_export_without_dicomdir, media_export_incomplete]
 SEGMENTED = [siemens_tidy, ge_signed_padding_2000, padding_3024_intercept_0, slope_half_intercept_1000_unsigned,
              signed_hu_no_intercept, sop_class_empty_jpeg_2000, sop_class_missing, no_file_meta_no_preamble,
              implicit_vr_little_endian, explicit_vr_big_endian, shuffled_names_no_suffix, dicomdir_beside,
              identifiers_missing, slice_thickness_missing, positions_ascending, *map(compressed, g.COMPRESSIONS),
-             legacy_converted_enhanced_ct, enhanced_ct, localizer_and_dose_report, two_series]
+             legacy_converted_enhanced_ct, enhanced_ct, localizer_and_dose_report, two_series, *MEDIA]
 #: The masks that come with a SEG (a folder of two series gives two).
 WITH_SEG = [b.__name__ for b in SEGMENTED if b is not two_series] + ["two_series_series3", "two_series_series4"]
 #: What each case's SEG had to derive or fill in (a line of the manifest's "derived" holds each text).
@@ -205,7 +238,22 @@ SKIPPED = {"dicomdir_beside": ["dicomdir_beside/DICOMDIR (a DICOMDIR: the index 
                "localizer_and_dose_report/dose_report.dcm (a secondary capture without a position (a screenshot or "
                "dose report), not a slice of the volume)",
                "localizer_and_dose_report/scout.dcm (a localizer (scout) image, not a slice of the volume)",
-               "localizer_and_dose_report/README.TXT (not a DICOM file)"]}
+               "localizer_and_dose_report/README.TXT (not a DICOM file)"],
+           "media_export": [
+               "media_export/DICOMDIR (a DICOMDIR: the index of an export, not an image)",
+               "media_export/PT000000/ST000000/SE000001/IM000000 (a localizer (scout) image, not a slice of the "
+               "volume)",
+               "media_export/README.TXT (not a DICOM file)",
+               "media_export/VIEWER/ (its DICOMDIR lists nothing in it: not read)"],
+           "media_export_lower_case": [
+               "media_export_lower_case/dicomdir (a DICOMDIR: the index of an export, not an image)"],
+           "media_export_without_dicomdir": [
+               "media_export_without_dicomdir/PT000000/ST000000/SE000001/IM000000 (a localizer (scout) image, not a "
+               "slice of the volume)"],
+           "media_export_incomplete": [
+               "media_export_incomplete/DICOMDIR (a DICOMDIR: the index of an export, not an image)",
+               "media_export_incomplete/PT000000/ST000000/SE000001/IM000000 (listed in DICOMDIR, but missing: "
+               "series 4 (5mm Std ABD) is incomplete and not segmented)"]}
 
 
 @pytest.fixture(scope="module")
@@ -554,6 +602,136 @@ def test_the_generator_writes_what_it_claims() -> None:
     assert np.argwhere(spleen)[:, 0].min() > g.Geometry().columns // 2, "on the patient's left (LPS +x)"
 
 
+# --------------------------------------------------------------------------- media exports: a DICOMDIR, images deep
+def test_each_media_export_is_laid_out_as_a_disc_is(corpus: tuple[Path, dict[str, g.Series]]) -> None:
+    """pydicom's own File-set reader (not the kit's) sees the discs as their names say."""
+    import warnings
+
+    from pydicom.fileset import FileSet
+
+    root = corpus[0]
+    disc = FileSet(root / "media_export" / "DICOMDIR")
+    paths = [Path(instance.path).relative_to(root / "media_export") for instance in disc]
+    assert len(paths) == 13 and all(len(path.parts) == 4 for path in paths)
+    assert all(part.isupper() and len(part) == 8 and "." not in part for path in paths for part in path.parts)
+    lower = root / "media_export_lower_case"
+    assert all(path.name == path.name.lower() for path in lower.rglob("*"))
+    assert pydicom.dcmread(lower / "dicomdir").DirectoryRecordSequence[-1].ReferencedFileID[0] == "PT000000"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(FileSet(lower / "dicomdir")) == 0, "pydicom matches names by case: none of them"
+        incomplete = FileSet(root / "media_export_incomplete" / "DICOMDIR")
+    assert len(incomplete) == 21, "one of the 22 files the DICOMDIR lists is gone"
+    without = root / "media_export_without_dicomdir"
+    assert not list(without.rglob("DICOMDIR")) and len(list(without.rglob("IM*"))) == 13
+
+
+def export_of_two_series(folder: Path) -> dict[str, g.Series]:
+    """A disc with series 3 and 4 of one study, the scout and the dose report, as a PACS burns it."""
+    first = g.ct_series()
+    second = g.ct_series("ge", g.Geometry(slices=10, step=6.0), study=first.datasets[0], series_number=4, seed=1)
+    g.media_export(folder, [g.localizer(first), *first.datasets, *second.datasets, g.dose_report(first)])
+    return {"series3": first, "series4": second}
+
+
+def test_a_media_export_through_the_command_from_its_root(tiny_model: Path, tmp_path: Path) -> None:
+    """``infer --input`` the disc's root: each series of the DICOMDIR is an input, on exactly the grid the
+    generator made, and its SEG read back by dcmqi equals its mask; what is not a volume is named."""
+    disc = tmp_path / "CD_2019"
+    truth = export_of_two_series(disc)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "spleenkit", "infer", "--input", str(disc), "--model",
+                           str(tiny_model), "--out", str(tmp_path / "out"), "--no-overlay"],
+                          capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [case["name"] for case in manifest["cases"]] == ["CD_2019_series3", "CD_2019_series4"]
+    assert manifest["skipped"] == [
+        "DICOMDIR (a DICOMDIR: the index of an export, not an image)",
+        "PT000000/ST000000/SE000000/IM000000 (a localizer (scout) image, not a slice of the volume)",
+        "PT000000/ST000000/SE000003/IM000000 (a secondary capture without a position (a screenshot or dose report), "
+        "not a slice of the volume)"]
+    for case in manifest["cases"]:
+        geometry = truth[case["name"].rsplit("_", 1)[1]].geometry
+        mask = nib.load(case["mask"])
+        assert mask.shape == (geometry.columns, geometry.rows, geometry.slices)
+        assert np.allclose(mask.affine, g.expected_affine(geometry), atol=1e-4)
+        (segment,) = dcmqi_segments(Path(case["segmentation"]), tmp_path / f"dcmqi_{case['name']}")
+        on_mask_grid = np.asarray(resample_from_to(segment, mask, order=0).dataobj)
+        assert int(np.count_nonzero(on_mask_grid != np.asarray(mask.dataobj))) == 0
+    given_the_dicomdir, _ = scan_inputs(disc / "DICOMDIR")  # a DICOMDIR given itself stands for its folder
+    assert [volume.name for volume in given_the_dicomdir] == ["CD_2019_series3", "CD_2019_series4"]
+
+
+def test_a_disc_with_a_lost_file_is_refused_in_one_line_naming_it(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    disc = tmp_path / "CD"
+    g.media_export(disc, g.ct_series().datasets)
+    (disc / "PT000000" / "ST000000" / "SE000000" / "IM000005").unlink()
+    assert main(["infer", "--model", str(tiny_model), "--input", str(disc), "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"spleenkit: error: {disc}: ") and "PT000000/ST000000/SE000000/IM000005 (listed in " \
+        "DICOMDIR, but missing: series 3 (Abdomen 5.0 I30f 3 PV) is incomplete and not segmented)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dicomdir_that_cannot_be_followed_is_named_and_the_images_beside_it_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    write(g.ct_series(), folder)
+    index = g.write_dicomdir(folder)
+    broken = pydicom.dcmread(index)
+    broken.DirectoryRecordSequence[0].OffsetOfTheNextDirectoryRecord = 6  # the same length: no offset moves
+    broken.save_as(index)
+    volumes, skipped = scan_inputs(folder)
+    assert [volume.name for volume in volumes] == ["series"]
+    assert skipped == ["DICOMDIR (a DICOMDIR: the index of an export, not an image)",
+                       "DICOMDIR (a DICOMDIR whose records cannot be followed (ValueError: a record offset (6) that "
+                       "leads to no record, or back to one); the files beside it are read)"]
+
+
+def test_a_dicomdir_naming_a_file_outside_its_folder_is_not_followed(tmp_path: Path) -> None:
+    disc = tmp_path / "CD"
+    g.media_export(disc, g.ct_series().datasets)
+    index = pydicom.dcmread(disc / "DICOMDIR")
+    with pytest.warns(UserWarning, match="Invalid value for VR CS"):  # pydicom knows it is no DICOM name
+        index.DirectoryRecordSequence[-1].ReferencedFileID = ["..", "..", "..", "..", "IM000011"]  # the last record:
+    index.save_as(disc / "DICOMDIR")  # no record's offset moves
+    volumes, skipped = scan_inputs(disc)
+    assert not (tmp_path.parent / "IM000011").exists() and [volume.name for volume in volumes] == ["CD"]
+    assert skipped == ["DICOMDIR (a DICOMDIR: the index of an export, not an image)",
+                       "../../../../IM000011 (listed in DICOMDIR outside its folder: not read)",
+                       "PT000000/ST000000/SE000000/IM000011 (not listed in DICOMDIR: not read)"]
+
+
+def archive_without_dicomdir(root: Path) -> None:
+    """Series folders as archives and viewers export them without a DICOMDIR, some deeper than the search goes."""
+    g.save(g.ct_series(), root / "Patient_A" / "Study_1" / "Series_3")
+    (root / "Patient_A" / "Study_1" / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    (root / "Patient_A" / "Study_1" / "Series_3" / "thumbs" / "small").mkdir(parents=True)
+    g.save(g.ct_series(), root / "DICOM" / "PAT1" / "STU1" / "SER1" / "IMG")
+    g.save(g.ct_series(), root / "flat")
+    g.save(g.ct_series(), root / "flat" / "old")
+    (root / "Notes" / "2019").mkdir(parents=True)
+    (root / "Notes" / "2019" / "notes.txt").write_text("a note")
+
+
+def test_without_a_dicomdir_series_are_found_up_to_four_levels_below_the_input_and_deeper_is_named(
+        tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    archive_without_dicomdir(root)
+    volumes, skipped = scan_inputs(root)
+    assert [volume.name for volume in volumes] == ["Patient_A", "flat"]
+    assert skipped == [
+        "DICOM/ (a folder without DICOM files, nor any in its subfolders 3 levels down; 1 folder(s) deeper are not "
+        "searched, such as DICOM/PAT1/STU1/SER1/IMG/)",
+        "Notes/ (a folder without DICOM files, nor any in its subfolders 3 levels down)",
+        "Patient_A/Study_1/report.pdf (not a DICOM file)",
+        "Patient_A/Study_1/Series_3/thumbs/small/ (deeper than 3 levels below Patient_A/: not searched)",
+        "flat/old/ (in a folder of DICOM files: not searched)"]
+    assert read_dicom_series(root / "Patient_A").shape == (64, 60, 12)
+
+
 # --------------------------------------------------------------------------- the README holds the messages
 def test_the_readme_dicom_section_quotes_messages_the_kit_prints(inferred: tuple[int, str, dict],
                                                                   tmp_path: Path) -> None:
@@ -577,6 +755,8 @@ def test_the_readme_dicom_section_quotes_messages_the_kit_prints(inferred: tuple
     for path in sorted(single.glob("b_*"))[1:]:
         path.unlink()
     produced += scan_inputs(single)[1]
+    archive_without_dicomdir(tmp_path / "archive")
+    produced += scan_inputs(tmp_path / "archive")[1]
     text = (REPO / "README.md").read_text()
     section = text.split("## DICOM in, DICOM SEG out", 1)[1].split("\n## ", 1)[0]
     quoted = [span for span in re.findall(r"`([^`]*)`", section) if len(span) >= 24 and " " in span]
