@@ -97,7 +97,16 @@ def _notebooks_run(args: argparse.Namespace) -> int:
         logging.getLogger("papermill").setLevel(logging.WARNING)
     overrides = _settings(args.set)
     summary = run_notebooks(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides,
-                            kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output)
+                            kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output,
+                            memory_limit=args.memory_limit)
+    if summary.memory_limit and not summary.memory_limit["applied"]:
+        print(f"memory limit of {summary.memory_limit['limit_mib']:.0f} MiB not applied: "
+              f"{summary.memory_limit['reason']}", file=sys.stderr)
+    if args.memory_record:
+        from spleenkit.io import write_json
+        from spleenkit.notebooks import memory_record
+
+        write_json(args.memory_record, memory_record(summary))
     for failure in summary.failures:
         print(f"\n{failure.error}\n", file=sys.stderr)
     print(format_table(summary.results))
@@ -152,6 +161,13 @@ def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--kernel", help="Jupyter kernel name (default: a kernel running this Python)")
     run.add_argument("--keep-going", action="store_true", help="run the later notebooks after a failure")
     run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the log")
+    run.add_argument("--memory-limit", metavar="SIZE",
+                     help="run each kernel and its children in a Linux memory cgroup with this limit, as Binder "
+                          "does (1800M: Binder's 2 GiB less its Jupyter server); records the cgroup's highest "
+                          "charge and OOM kills per notebook; needs root and cgroup v1, else skipped with the reason")
+    run.add_argument("--memory-record", metavar="FILE",
+                     help="also write each notebook's peak memory, cgroup charge and OOM kills, the CPU and the date "
+                          "to FILE (JSON; notebooks/memory.json is the course outline's measurement)")
     listing = _command(commands, "list", _notebooks_list, "List the numbered notebooks and their titles.")
     listing.add_argument("--kept", action="store_true", help="only the notebooks with kept (nbval-compared) outputs")
     listing.add_argument("--paths", action="store_true", help="print paths only")

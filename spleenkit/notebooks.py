@@ -243,6 +243,11 @@ class NotebookResult:
     parameters: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     peak_mib: float | None = None  # the kernel's process tree at its largest (None: not measured here)
+    # under a memory limit (a cgroup, as Binder enforces it): the group's highest charge, how often the limit was
+    # hit (page cache reclaimed), and processes killed for memory; None without a limit
+    cgroup_max_usage_mib: float | None = None
+    cgroup_failcnt: int | None = None
+    oom_kills: int | None = None
 
 
 @dataclass
@@ -254,6 +259,8 @@ class RunSummary:
     python: str
     results: list[NotebookResult]
     seconds: float = 0.0
+    # the memory limit asked for: {"limit_mib": ..., "applied": bool, "reason": why not applied}; None: none asked
+    memory_limit: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -268,7 +275,8 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {"profile": self.profile, "output_dir": self.output_dir, "python": self.python, "ok": self.ok,
-                "seconds": round(self.seconds, 1), "notebooks": [asdict(r) for r in self.results]}
+                "seconds": round(self.seconds, 1), "memory_limit": self.memory_limit,
+                "notebooks": [asdict(r) for r in self.results]}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -300,17 +308,23 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def this_python_kernel() -> Iterator[str]:
+def this_python_kernel(cgroup_procs: str | os.PathLike[str] | None = None) -> Iterator[str]:
     """A kernel spec named ``python3`` that runs this interpreter, shadowing any other for the duration.
 
     Without it papermill may pick a ``python3`` kernel of another environment (a user-wide
-    kernel spec, say), where the kit is missing or is another version.
+    kernel spec, say), where the kit is missing or is another version. With ``cgroup_procs`` (a memory
+    cgroup's ``cgroup.procs``, see :mod:`spleenkit.memory_cgroup`) each kernel joins that group before it
+    starts, so the kernel and every process it starts live under the group's memory limit.
     """
+    from spleenkit.memory_cgroup import JOIN_AND_EXEC
+
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    if cgroup_procs is not None:
+        kernel = [sys.executable, "-c", JOIN_AND_EXEC, str(cgroup_procs), *kernel]
     with tempfile.TemporaryDirectory(prefix="spleenkit-kernel-") as folder:
         spec_dir = Path(folder) / "kernels" / "python3"
         spec_dir.mkdir(parents=True)
-        spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "Python 3 (spleenkit)", "language": "python"}
+        spec = {"argv": kernel, "display_name": "Python 3 (spleenkit)", "language": "python"}
         write_json(spec_dir / "kernel.json", spec, indent=1)
         jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
         with _environment({"JUPYTER_PATH": jupyter_path}):
@@ -320,7 +334,8 @@ def this_python_kernel() -> Iterator[str]:
 def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = None,
                   out_dir: str | os.PathLike[str] | None = None, repo: str | os.PathLike[str] | None = None,
                   overrides: dict[str, Any] | None = None, kernel_name: str | None = None,
-                  keep_going: bool = False, log_output: bool = False) -> RunSummary:
+                  keep_going: bool = False, log_output: bool = False,
+                  memory_limit: str | int | None = None) -> RunSummary:
     """Execute the numbered notebooks in order under a profile and write executed copies and ``summary.json``.
 
     ``overrides`` replace shared profile values (e.g. ``data_dir``) for the notebooks that declare
@@ -328,10 +343,20 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     ``keep_going``. ``kernel_name`` None means a kernel running this Python. Each notebook's peak memory
     (its kernel and every process the kernel starts, see :class:`~spleenkit.environment.PeakMemory`) is
     recorded as ``peak_mib``: the figure to hold against a memory limit such as Binder's 2 GiB.
+
+    ``memory_limit`` (``"1800M"``: Binder's 2 GiB less its Jupyter server) runs every kernel, with the processes
+    it starts, inside a Linux memory cgroup with that limit, as Binder enforces it
+    (:class:`~spleenkit.memory_cgroup.MemoryCgroup`): a notebook that does not fit is killed and fails, and each
+    notebook's cgroup figures are recorded (``cgroup_max_usage_mib``, ``cgroup_failcnt``, ``oom_kills``). Where
+    no cgroup can be made (not root, no cgroup v1, not Linux, a named kernel) the notebooks run without the
+    limit and ``summary.memory_limit["reason"]`` says why.
     """
+    import contextlib
+
     import papermill
 
     from spleenkit.environment import PeakMemory
+    from spleenkit.memory_cgroup import MIB, MemoryCgroup, cgroup_unavailable, parse_size
 
     repo = Path(repo).resolve() if repo else find_repo()
     settings = load_profile(profile, repo)
@@ -341,6 +366,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
         raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
     shared_overrides = _resolve_paths(dict(overrides or {}), repo)
     check_overrides(shared_overrides, notebooks)
+    limit_bytes = None if memory_limit is None else parse_size(memory_limit)
     out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     settings["shared"].update(shared_overrides)
@@ -349,10 +375,23 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     summary = RunSummary(profile=settings["name"], output_dir=str(out), python=sys.executable, results=[])
     started = time.perf_counter()
     failed = False
-    kernel = this_python_kernel() if kernel_name is None else _named_kernel(kernel_name)
     results_file = out / EXERCISE_RESULTS_FILE
     results_file.unlink(missing_ok=True)
-    with kernel as name, _environment({**KERNEL_ENVIRONMENT, RESULTS_ENV: str(results_file)}):
+    with contextlib.ExitStack() as stack:
+        group = None
+        if limit_bytes is not None:
+            reason = "a named kernel (--kernel) starts outside the runner's control" if kernel_name else \
+                cgroup_unavailable()
+            summary.memory_limit = {"limit_mib": round(limit_bytes / MIB, 1), "applied": reason is None,
+                                    "reason": reason}
+            if reason:
+                log.warning("memory limit of %.0f MiB not applied: %s", limit_bytes / MIB, reason)
+            else:
+                group = stack.enter_context(MemoryCgroup(limit_bytes))
+        kernel = _named_kernel(kernel_name) if kernel_name else \
+            this_python_kernel(group.procs_file if group else None)
+        name = stack.enter_context(kernel)
+        stack.enter_context(_environment({**KERNEL_ENVIRONMENT, RESULTS_ENV: str(results_file)}))
         for notebook, parameters in plan:
             result = NotebookResult(notebook=notebook.name, status="not run", parameters=parameters)
             summary.results.append(result)
@@ -360,6 +399,8 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 continue
             output = out / notebook.name
             log.info("running %s with %s", notebook.name, parameters or "its defaults")
+            if group is not None:
+                group.start_window()
             tick = time.perf_counter()
             memory = PeakMemory(include_root=False)  # the kernel and what it starts (torchrun), not the runner
             try:
@@ -376,9 +417,17 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 log.error("%s failed (%s: %s)", notebook.name, type(error).__name__, getattr(error, "ename", ""))
             result.seconds = round(time.perf_counter() - tick, 1)
             result.peak_mib = memory.peak_mib
+            if group is not None:
+                window = group.end_window()
+                result.cgroup_max_usage_mib, result.cgroup_failcnt = window.max_usage_mib, window.failcnt
+                result.oom_kills = window.oom_kills
+                if window.oom_kills and result.error:
+                    result.error = (f"{notebook.name}: {window.oom_kills} process(es) killed for memory (OOM) at the "
+                                    f"limit of {window.limit_mib:.0f} MiB\n{result.error}")
             result.output = str(output) if output.exists() else None
-            log.info("%s: %s in %.1f s, peak memory %s MiB", notebook.name, result.status, result.seconds,
-                     result.peak_mib)
+            log.info("%s: %s in %.1f s, peak memory %s MiB%s", notebook.name, result.status, result.seconds,
+                     result.peak_mib, "" if group is None else
+                     f", memory cgroup: {result.cgroup_max_usage_mib} MiB at most, {result.oom_kills} OOM kill(s)")
     summary.seconds = time.perf_counter() - started
     write_summary(summary)
     return summary
@@ -394,19 +443,63 @@ def write_summary(summary: RunSummary) -> Path:
     return write_json(Path(summary.output_dir) / "summary.json", summary.to_dict())
 
 
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and its bfloat16 instructions, read without PyTorch (the runner never loads it)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    model = " ".join(fields.get("model name", "unknown CPU").split())
+    flags = set(fields.get("flags", "").split())
+    extras = [flag.upper() for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def memory_record(summary: RunSummary) -> dict[str, Any]:
+    """What the course outline's memory table is made from: each notebook's peak (kernel and children, every page
+    counted once), and under a memory limit the cgroup's highest charge and OOM kills, with the machine and date."""
+    return {
+        "measured": time.strftime("%Y-%m-%d"),
+        "profile": summary.profile,
+        "cpu": _cpu_model(),
+        "memory_limit_mib": (summary.memory_limit or {}).get("limit_mib") if (summary.memory_limit or {}).get(
+            "applied") else None,
+        "notebooks": {r.notebook: {"status": r.status, "peak_mib": r.peak_mib,
+                                   "cgroup_max_usage_mib": r.cgroup_max_usage_mib, "oom_kills": r.oom_kills}
+                      for r in summary.results},
+    }
+
+
 def format_table(results: Sequence[NotebookResult]) -> str:
-    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak)."""
+    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak);
+    under a memory limit also the cgroup's highest charge and its OOM kills."""
     width = max([len("notebook"), *(len(r.notebook) for r in results)])
+    limited = any(r.cgroup_max_usage_mib is not None for r in results)
 
     def mib(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    peaks = [r.peak_mib for r in results if r.peak_mib is not None]
-    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}",
-             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}"]
-    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}" for r in results]
+    def largest(values: Iterable[float | None]) -> float | None:
+        present = [value for value in values if value is not None]
+        return max(present) if present else None
+
+    def extra(row: NotebookResult | None) -> str:
+        if not limited:
+            return ""
+        if row is None:  # the total line
+            return (f"  {mib(largest(r.cgroup_max_usage_mib for r in results)):>10}  "
+                    f"{sum(r.oom_kills or 0 for r in results):>3}")
+        return f"  {mib(row.cgroup_max_usage_mib):>10}  {'-' if row.oom_kills is None else row.oom_kills:>3}"
+
+    head = f"  {'cgroup MiB':>10}  {'OOM':>3}" if limited else ""
+    rule = f"  {'-' * 10}  {'-' * 3}" if limited else ""
+    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}{head}",
+             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}{rule}"]
+    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}{extra(r)}"
+              for r in results]
     lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}  "
-                 f"{mib(max(peaks) if peaks else None):>8}")
+                 f"{mib(largest(r.peak_mib for r in results)):>8}{extra(None)}")
     return "\n".join(lines)
 
 

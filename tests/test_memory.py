@@ -4,6 +4,7 @@ runner, and the course outline's table of it, which keeps every notebook within 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import nbformat
 import pytest
 
 from spleenkit.environment import PeakMemory, process_tree, process_tree_memory_mib
+from spleenkit.errors import BadInputError
 from spleenkit.notebooks import format_table, list_notebooks, run_notebooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,3 +201,101 @@ def test_the_process_count_is_found_without_loading_torch_on_a_machine_without_g
         assert out.split()[1] == "True"  # a GPU machine asks torch how many
     else:
         assert out.split() == ["2", "False"], out
+
+
+# --------------------------------------------------------------------------- a memory limit as Binder enforces it
+def test_memory_sizes_are_read_as_binary_units_and_nonsense_is_refused() -> None:
+    from spleenkit.memory_cgroup import parse_size
+
+    assert parse_size("1800M") == 1800 * MIB == parse_size("1800MiB") == parse_size("1800Mi")
+    assert parse_size("1.75G") == int(1.75 * 2**30) and parse_size("2Gi") == 2**31 and parse_size(2**30) == 2**30
+    for bad, message in (("12 parsecs", "not a memory size"), ("10M", "below 64 MiB"), ("", "not a memory size")):
+        with pytest.raises(BadInputError, match=message):
+            parse_size(bad)
+
+
+def test_where_no_cgroup_can_be_made_the_reason_is_given(tmp_path: Path) -> None:
+    from spleenkit.memory_cgroup import cgroup_unavailable
+
+    assert "no cgroup v1 memory controller" in cgroup_unavailable(tmp_path)
+    (tmp_path / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    tmp_path.chmod(0o555)
+    try:
+        if os.geteuid() != 0:  # root writes anywhere
+            assert "not writable" in cgroup_unavailable(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_the_memory_a_process_may_use_is_its_containers_limit(tmp_path: Path) -> None:
+    """Binder's pod shows the whole machine in /proc/meminfo; its cgroup's limit is what the kit plans with."""
+    from spleenkit.environment import _cgroup_limit_bytes
+
+    v2 = tmp_path / "v2"
+    (v2 / "pod" / "container").mkdir(parents=True)
+    (v2 / "pod" / "memory.max").write_text(f"{2**31}\n")
+    (v2 / "pod" / "container" / "memory.max").write_text("max\n")
+    (tmp_path / "cgroup-v2").write_text("0::/pod/container\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v2", v2) == 2**31
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.stat").write_text(f"cache 0\nhierarchical_memory_limit {1800 * MIB}\n")
+    (tmp_path / "cgroup-v1").write_text("4:memory:/job\n3:cpu:/\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v1", v1) == 1800 * MIB
+    (v1 / "memory" / "job" / "memory.stat").write_text("hierarchical_memory_limit 9223372036854771712\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v1", v1) is None  # no limit
+
+
+def _tiny_notebooks(root: Path, sizes: dict[str, int]) -> Path:
+    (root / "notebooks" / "profiles").mkdir(parents=True)
+    (root / "notebooks" / "profiles" / "quick.yaml").write_text("shared: {}\n")
+    for name, size in sizes.items():
+        notebook = nbformat.v4.new_notebook()
+        notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        notebook.cells = [nbformat.v4.new_code_cell(
+            "import time\nfrom spleenkit.environment import total_memory_gib\nprint('limit seen', total_memory_gib())\n"
+            f"block = bytearray({size} << 20)\nblock[::4096] = b'x' * ({size} * 256)\ntime.sleep(0.5)")]
+        nbformat.write(notebook, root / "notebooks" / name)
+    return root
+
+
+@pytest.mark.notebooks
+def test_each_kernel_runs_under_the_memory_limit_and_one_that_does_not_fit_is_killed(tmp_path: Path) -> None:
+    from spleenkit.memory_cgroup import cgroup_unavailable
+
+    reason = cgroup_unavailable()
+    if reason:
+        pytest.skip(f"no memory cgroup here: {reason}")
+    repo = _tiny_notebooks(tmp_path, {"00_fits.ipynb": 100, "01_too_large.ipynb": 400, "02_after.ipynb": 50})
+    summary = run_notebooks(repo=repo, out_dir=tmp_path / "out", memory_limit="300M", keep_going=True)
+    fits, too_large, after = summary.results
+    assert summary.memory_limit == {"limit_mib": 300.0, "applied": True, "reason": None}
+    assert fits.status == "ok" and fits.oom_kills == 0 and 100 <= fits.cgroup_max_usage_mib < 300
+    assert too_large.status == "failed" and too_large.oom_kills >= 1 and too_large.cgroup_max_usage_mib >= 299
+    assert "killed for memory (OOM) at the limit of 300 MiB" in too_large.error
+    assert after.status == "ok" and after.oom_kills == 0  # the group was emptied: the next notebook starts afresh
+    executed = nbformat.read(tmp_path / "out" / "00_fits.ipynb", as_version=4)
+    assert "limit seen 0.29" in executed.cells[0].outputs[0].text  # the kernel plans with the limit it is under
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["memory_limit"]["applied"] and saved["notebooks"][1]["oom_kills"] >= 1
+    table = format_table(summary.results)
+    assert "cgroup MiB" in table.splitlines()[0] and "OOM" in table.splitlines()[0]
+    assert not list(Path(__import__("spleenkit.memory_cgroup").memory_cgroup.own_memory_cgroup()).glob(
+        f"spleenkit-{os.getpid()}-*")), "the cgroup is removed after the run"
+
+
+@pytest.mark.notebooks
+def test_where_the_limit_cannot_be_applied_the_notebooks_run_and_the_reason_is_printed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from spleenkit import memory_cgroup
+    from spleenkit.cli import main
+
+    monkeypatch.setattr(memory_cgroup, "CGROUP_V1_MEMORY", tmp_path / "no-cgroups")
+    repo = _tiny_notebooks(tmp_path / "repo", {"00_small.ipynb": 10})
+    monkeypatch.chdir(repo / "notebooks")
+    assert main(["notebooks", "run", "--memory-limit", "1800M", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "memory limit of 1800 MiB not applied: no cgroup v1 memory controller" in err
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["memory_limit"]["applied"] is False and saved["notebooks"][0]["status"] == "ok"
+    assert saved["notebooks"][0]["cgroup_max_usage_mib"] is None
