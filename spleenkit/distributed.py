@@ -253,6 +253,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def in_turn(work: Callable[[], T], context: DistributedContext | None, enabled: bool = True) -> T:
+    """Run ``work`` on the processes of each machine one after another (local rank 0 first, the others waiting at a
+    barrier), not all at once: for a step whose memory peaks, such as filling a cache, on a machine whose processes
+    share little memory (a 2 GiB notebook session). Without a job, or with ``enabled`` False, it just runs."""
+    if context is None or context.world_size == 1 or not enabled:
+        return work()
+    result: T | None = None
+    for turn in range(context.local_world_size):
+        if turn == context.local_rank:
+            result = work()
+        barrier()
+    return result  # type: ignore[return-value]
+
+
 def mean_over_ranks(value: float) -> float:
     """The mean of a number over all ranks (the number itself in a single process)."""
     import torch

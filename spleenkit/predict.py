@@ -340,9 +340,13 @@ def prepare_prediction(model: str | os.PathLike[str], preset: Preset, device: to
                        stitch_device: str = "auto", largest_component: bool = False,
                        fill_holes: bool = False) -> Prediction:
     """The set-up shared by ``spleenkit evaluate`` and ``spleenkit infer``: load ``model`` strictly (its weights
-    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting."""
+    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting. Large blocks
+    go back to the system when freed from now on, and earlier work's garbage first (:mod:`spleenkit.environment`)."""
+    from spleenkit.environment import release_free_memory, return_large_blocks_promptly
     from spleenkit.model import check_finite_weights, load_model
 
+    return_large_blocks_promptly()
+    release_free_memory()
     amp = inference_amp(preset, device, amp)
     network = load_model(model, preset, device)
     check_finite_weights(network, model)

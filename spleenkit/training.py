@@ -255,7 +255,7 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
     """
     from monai.data import CacheDataset
 
-    from spleenkit.environment import release_free_memory
+    from spleenkit.environment import SMALL_MEMORY_GIB, release_free_memory, total_memory_gib
     from spleenkit.transforms import training_transforms, validation_transforms
 
     preset = get_preset(preset)
@@ -273,6 +273,11 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
         suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
         log.warning("the cache may not fit in memory; lower the cache rate (e.g. cache_rate=%s / --cache-rate %s)",
                     suggestion, suggestion)
+    memory = total_memory_gib()
+    if workers > 1 and memory is not None and memory < SMALL_MEMORY_GIB:
+        # each thread resamples a whole original volume at once (hundreds of MB for a large one)
+        log.info("filling the cache one case at a time: %.1f GiB of memory here", memory)
+        workers = 1
     # copy_cache=False: the random crops never modify the cached volume in place, so no deep copy per draw
     train = CacheDataset(train_items, training_transforms(preset), cache_rate=rate, num_workers=workers,
                          progress=progress, copy_cache=False)
@@ -1005,6 +1010,7 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     """
     from spleenkit.devices import pick_device
     from spleenkit.distributed import check_sync_bn, scale_learning_rate
+    from spleenkit.environment import release_free_memory, return_large_blocks_promptly
     from spleenkit.manifest import now
 
     started_at, started = now(), time.perf_counter()
@@ -1015,11 +1021,19 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     if sync_bn:
         check_sync_bn(torch_device)
     check_step_fits(preset, torch_device)
-    with output_folder(run_dir, lock=is_main_process()):
-        return _train_in_folder(
-            data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
-            resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
-            sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started, init_weights=init_weights)
+    # memory: large blocks go back to the system when freed, and what earlier work left (a notebook's other
+    # trainings) is freed before this one fills its cache, and this one's after it (see spleenkit.environment)
+    return_large_blocks_promptly()
+    release_free_memory()
+    try:
+        with output_folder(run_dir, lock=is_main_process()):
+            return _train_in_folder(
+                data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate,
+                resume=resume, resume_anyway=resume_anyway, num_workers=num_workers, progress=progress,
+                distributed=distributed, sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started,
+                init_weights=init_weights)
+    finally:
+        release_free_memory()
 
 
 def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset,
@@ -1115,13 +1129,19 @@ def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Pr
     from monai.utils import set_determinism
 
     from spleenkit.devices import use_fast_layout
-    from spleenkit.distributed import share_training_data, training_handlers, validation_handlers, wrap_model
+    from spleenkit.distributed import in_turn, share_training_data, training_handlers, validation_handlers, wrap_model
+    from spleenkit.environment import SMALL_MEMORY_GIB, total_memory_gib
     from spleenkit.model import build_unet, load_weights
 
     set_determinism(seed=preset.seed + start_epoch)
     share = share_training_data(train_items, validation_items, distributed, preset.cache_rate, preset.seed)
-    datasets = build_datasets(share.train_items, share.validation_items, preset, cache_rate=preset.cache_rate,
-                              num_workers=max(1, workers), progress=progress)
+    memory = total_memory_gib()
+    # with little memory the processes of one machine fill their caches in turn: each fill peaks at a whole
+    # original volume resampled, and two at once can take a notebook session past its limit
+    datasets = in_turn(lambda: build_datasets(share.train_items, share.validation_items, preset,
+                                              cache_rate=preset.cache_rate, num_workers=max(1, workers),
+                                              progress=progress),
+                       distributed, enabled=memory is not None and memory < SMALL_MEMORY_GIB)
     train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
                                                     distributed=distributed is not None and not share.partitioned)
     # the layout is set before DDP wraps the network (its gradient buckets follow the weights' layout)
