@@ -30,7 +30,7 @@ from spleenkit.data.datalist import Datalist, dataset_fingerprint, load_datalist
 from spleenkit.distributed import is_main_process, mean_over_ranks, unwrap_model
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.io import write_text
-from spleenkit.predict import autocast_inferer
+from spleenkit.predict import autocast_inferer, make_inferer
 from spleenkit.presets import Preset, get_preset
 from spleenkit.runs import (  # noqa: F401 - the run-folder layout, importable from here as before
     CHECKPOINT_NAME,
@@ -571,13 +571,12 @@ def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, prese
     softmax + argmax, MeanDice without background (the bundle's key metric ``val_mean_dice``)."""
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanDice, StatsHandler, from_engine
-    from monai.inferers import SlidingWindowInferer
     from monai.transforms import Activationsd, AsDiscreted, Compose
 
     preset = get_preset(preset)
-    window = SlidingWindowInferer(roi_size=tuple(preset.validation_roi_size),
-                                  sw_batch_size=preset.sliding_window_batch_size,
-                                  overlap=preset.sliding_window_overlap)
+    # the evaluator moves each case to the device; windows run there and the stitched volume stays there (the
+    # bundle's validate#inferer: sw_device and device both @device)
+    window = make_inferer(preset, device=device, stitch_device="auto")
     postprocessing = Compose([
         Activationsd(keys="pred", softmax=True),
         AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=2),
