@@ -46,6 +46,7 @@ SURFACE: dict[str, str] = {
     "pick_device": "spleenkit.devices",
     "use_fast_layout": "spleenkit.devices",
     # distributed
+    "data_parallel_plan": "spleenkit.distributed",
     "default_nproc": "spleenkit.distributed",
     "launch_torchrun": "spleenkit.distributed",
     "torchrun_command": "spleenkit.distributed",

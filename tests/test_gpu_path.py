@@ -253,3 +253,47 @@ def test_in_view_windows_and_the_kits_run_with_the_network_on_its_device_and_the
     if compute_device.type == "cuda":  # the real thing: the data stayed on the CPU while the network was on the GPU
         assert any(call["inputs"].device == on_the_cpu for call in windows_seen)
 
+
+# --------------------------------------------------------------------------- 04 on one GPU
+@pytest.mark.parametrize(("gpus", "expected"), [
+    (0, (2, "cpu", "no GPU")),
+    (1, (2, "cpu", "one GPU here")),  # a one-GPU Colab: still one process against two, both on the CPU
+    (2, (2, "auto", "one process per GPU")),
+    (4, (4, "auto", "one process per GPU")),
+])
+def test_the_data_parallel_lesson_compares_one_process_with_several_on_any_machine(
+        monkeypatch: pytest.MonkeyPatch, gpus: int, expected: tuple[int, str, str]) -> None:
+    from spleenkit import data_parallel_plan, distributed
+
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: gpus)
+    plan = data_parallel_plan()
+    assert (plan.processes, plan.device) == expected[:2] and expected[2] in plan.reason
+    assert plan.processes >= 2
+    assert data_parallel_plan(processes=2, device="cpu").device == "cpu"
+    assert data_parallel_plan(processes=1).processes == 1
+
+
+def test_a_data_parallel_plan_that_cannot_be_kept_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spleenkit import BadInputError, data_parallel_plan, distributed
+
+    monkeypatch.setattr(distributed, "_gpu_count", lambda: 1)
+    with pytest.raises(BadInputError, match="device='cuda' with 1 GPU"):
+        data_parallel_plan(device="cuda")
+    with pytest.raises(BadInputError, match="processes=2 on device='cuda': only 1 GPU"):
+        data_parallel_plan(processes=2, device="cuda")
+    with pytest.raises(BadInputError, match="processes=0"):
+        data_parallel_plan(processes=0)
+
+
+def test_the_plan_is_made_without_loading_torch_on_a_machine_without_gpu() -> None:
+    """04's kernel asks before torchrun starts: loading PyTorch there would hold about 180 MB beside the workers."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom spleenkit import data_parallel_plan\n"
+            "print(data_parallel_plan().processes, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    if not Path("/dev/nvidia0").exists():
+        assert out.split() == ["2", "False"], out
