@@ -620,6 +620,19 @@ def _course_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _course_badges(args: argparse.Namespace) -> int:
+    from spleenkit.course import set_course_home
+    from spleenkit.notebooks import course_home, find_repo
+
+    changed = set_course_home(args.repo, args.ref)
+    home = course_home()
+    for path in changed:
+        print(f"rewritten: {path.relative_to(find_repo())}")
+    print(f"badges and Colab installs point at github.com/{home.repository} at {home.ref} "
+          f"({len(changed)} file(s) changed); commit them, and push {home.ref} to that repository")
+    return 0
+
+
 def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
     commands = _command_group(subparsers, "course", "Teach with the notebooks: student copies, exercise checks.",
                               "Build student copies of the notebooks and check the instructor copies.")
@@ -639,6 +652,11 @@ def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="override a shared parameter such as data_dir (repeatable)")
     _command(commands, "list", _course_list, "List the exercises of every notebook.")
+    badges = _command(commands, "badges", _course_badges,
+                      "Point every Colab and Binder badge and Colab's install at a GitHub repository and ref "
+                      "(a fork's): [tool.spleenkit] in pyproject.toml, the instructor and student copies, the README.")
+    badges.add_argument("--repo", metavar="OWNER/NAME", help="the GitHub repository (default: the current one)")
+    badges.add_argument("--ref", help="a tag, branch or commit, e.g. main or v1.0 (default: the current one)")
 
 
 # --------------------------------------------------------------------------- command groups

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spleenkit import __version__
 from spleenkit.errors import BadInputError, SpleenkitError
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 from spleenkit.io import write_json, write_text
@@ -43,41 +42,98 @@ PROFILE_KEYS = {"description", "shared", "notebooks", "execution_timeout"}
 KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1", STRICT_ENV: "1"}
 EXERCISE_RESULTS_FILE = "exercises.jsonl"  # the exercise checks' verdicts, beside the executed copies
 
-# Where the kit lives on GitHub, and the release that the Colab and Binder badges open and that the
-# Colab setup cell installs: one tag for both, so that a notebook never runs against another version of
-# the library and a course is not broken by later pushes. Tag every release v<version> (git tag v0.1.0,
-# git push --tags). Change it here, then rewrite the notebooks' badges and setup cells
-# (tests/test_notebooks.py checks them).
-GITHUB_REPOSITORY = "spleenkit/spleenkit"
-GITHUB_REF = f"v{__version__}"
+# Where the course lives on GitHub: the repository and the ref (a release tag, a branch or a commit) that the
+# Colab and Binder badges open and that Colab's setup cell installs the kit from, one ref for both, so that a
+# notebook never runs against another version of the library. The setting is [tool.spleenkit] in the
+# checkout's pyproject.toml, and nowhere else; `spleenkit course badges --repo OWNER/NAME --ref REF` changes it
+# and rewrites every badge and setup cell (spleenkit.course.set_course_home; tests/test_badges.py holds them).
+HOME_TABLE = "[tool.spleenkit]"
+HOME_KEYS = ("repository", "ref")
+_HOME_LINE = re.compile(r'^(?P<key>[A-Za-z_]+)\s*=\s*"(?P<value>[^"]*)"\s*(?:#.*)?$')
 
 
-def colab_url(notebook: str, folder: str = "notebooks") -> str:
+@dataclass(frozen=True)
+class CourseHome:
+    """The GitHub ``repository`` (OWNER/NAME) and ``ref`` that badges open and Colab installs from."""
+
+    repository: str
+    ref: str
+
+
+def home_table_span(text: str, path: Path) -> tuple[int, int]:
+    """Start and end (character offsets) of the [tool.spleenkit] table's body in a pyproject.toml."""
+    header = re.search(r"^\[tool\.spleenkit\]\s*$", text, re.MULTILINE)
+    if header is None:
+        raise BadInputError(f"{path}: no {HOME_TABLE} table naming the course's GitHub repository and ref")
+    following = re.search(r"^\[", text[header.end():], re.MULTILINE)
+    return header.end(), header.end() + following.start() if following else len(text)
+
+
+def course_home(repo: str | os.PathLike[str] | None = None) -> CourseHome:
+    """The course's GitHub home, read from ``[tool.spleenkit]`` (``repository`` and ``ref``, two plain strings) of
+    the checkout's pyproject.toml (``repo``, default: :func:`find_repo`)."""
+    path = (Path(repo) if repo else find_repo()) / "pyproject.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read the course's GitHub home ({error.strerror or error})") from None
+    begin, end = home_table_span(text, path)
+    values = {}
+    for line in text[begin:end].splitlines():
+        match = _HOME_LINE.match(line.strip())
+        if match:
+            values[match.group("key")] = match.group("value")
+    missing = [key for key in HOME_KEYS if not values.get(key)]
+    if missing:
+        raise BadInputError(f"{path}: {HOME_TABLE} lacks {' and '.join(missing)} (e.g. repository = "
+                            '"OWNER/NAME", ref = "v1.0")')
+    return CourseHome(values["repository"], values["ref"])
+
+
+def __getattr__(name: str) -> str:
+    """``GITHUB_REPOSITORY`` and ``GITHUB_REF``: the current :func:`course_home`, read when asked for."""
+    if name == "GITHUB_REPOSITORY":
+        return course_home().repository
+    if name == "GITHUB_REF":
+        return course_home().ref
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def colab_url(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``) in a folder of the repository."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/{folder}/{notebook}"
+    home = home or course_home()
+    return f"https://colab.research.google.com/github/{home.repository}/blob/{home.ref}/{folder}/{notebook}"
 
 
-def binder_url(notebook: str, folder: str = "notebooks") -> str:
+def binder_url(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Binder address that opens a notebook file name (in a folder of the repository) in JupyterLab."""
-    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath={folder}%2F{notebook}"
+    home = home or course_home()
+    return f"https://mybinder.org/v2/gh/{home.repository}/{home.ref}?labpath={folder}%2F{notebook}"
 
 
-def badges_markdown(notebook: str, folder: str = "notebooks") -> str:
+def badges_markdown(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Colab and Binder badges for the first cell of a notebook (``folder="student"`` for a student copy)."""
+    home = home or course_home()
     return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-            f"({colab_url(notebook, folder)}) "
-            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder)})")
+            f"({colab_url(notebook, folder, home)}) "
+            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder, home)})")
 
 
-def setup_cell_source() -> str:
+def colab_install(home: CourseHome | None = None) -> str:
+    """What Colab's setup cell installs: the core and ONNX export (notebook 07) from the course's repository and
+    ref (Colab brings torch, Jupyter and widgets itself)."""
+    home = home or course_home()
+    return f"spleenkit[export] @ git+https://github.com/{home.repository}@{home.ref}"
+
+
+def setup_cell_source(home: CourseHome | None = None) -> str:
     """The setup cell every notebook starts with: install the kit only on Colab, show the kit's progress lines
     (:func:`~spleenkit.environment.show_progress`), then :func:`~spleenkit.environment.colab_setup`."""
     return (
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
-        # the core and ONNX export (notebook 07): Colab brings torch, Jupyter and widgets itself
-        f'    %pip install -q "spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
+        f'    %pip install -q "{colab_install(home)}"\n'
         "from spleenkit import colab_setup, show_progress\n\n"
         "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"

@@ -14,7 +14,6 @@ from urllib.parse import quote
 import nbformat
 import pytest
 
-from spleenkit import __version__
 from spleenkit.cli import main
 from spleenkit.course import course_rows
 from spleenkit.errors import BadInputError
@@ -29,6 +28,7 @@ from spleenkit.notebooks import (
     badges_markdown,
     binder_url,
     colab_url,
+    course_home,
     format_table,
     keeps_output,
     list_notebooks,
@@ -90,7 +90,7 @@ def test_first_cell_has_title_objectives_duration_and_badges(path: Path) -> None
 
 
 def test_badges_and_the_colab_install_point_at_one_release_and_each_notebooks_own_path() -> None:
-    assert GITHUB_REF == f"v{__version__}", "the notebooks and the library Colab installs come from one tag"
+    assert (GITHUB_REPOSITORY, GITHUB_REF) == (course_home(REPO).repository, course_home(REPO).ref)  # one setting
     setup = setup_cell_source()
     # the lean core plus ONNX export: no JupyterLab server or test tools on Colab
     assert f'"spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"' in setup
