@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -418,7 +419,8 @@ class PeakMemory:
     """
 
     def __init__(self, root: int | None = None, include_root: bool = True, interval_s: float = 0.2,
-                 proc: Path = PROC) -> None:
+                 proc: Path = PROC, also: Callable[[], None] | None = None) -> None:
+        self.also = also  # called at every sample too (a memory cgroup noting its resident memory)
         self.root = os.getpid() if root is None else root
         self.include_root = include_root
         self.interval_s = interval_s
@@ -432,6 +434,8 @@ class PeakMemory:
         """Take one sample now."""
         total, single = process_tree_memory_mib(self.root, self.include_root, self.proc)
         self.peak_mib = max(self.peak_mib or 0.0, total, single)
+        if self.also is not None:
+            self.also()
         self.samples += 1
 
     def _run(self) -> None:

@@ -79,16 +79,47 @@ def cgroup_unavailable(root: Path | None = None) -> str | None:
     return None
 
 
+def drop_cached_libraries(*folders: str | os.PathLike[str]) -> int:
+    """Drop from memory the cached pages of the shared libraries (``*.so*``) under ``folders`` that no process maps now
+    (``posix_fadvise(DONTNEED)``; nothing is deleted): the next process to load them reads them again and its cgroup
+    is charged for them, as in a fresh container, and not the process that happened to read them first (pip, when
+    it installed them). Pages another process maps stay where they are. Returns the number of files advised."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    advised = 0
+    for folder in dict.fromkeys(Path(f).resolve() for f in folders):
+        for path in folder.rglob("*.so*"):
+            try:
+                if not path.is_file():
+                    continue
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                advised += 1
+            except OSError:
+                pass
+            finally:
+                os.close(descriptor)
+    return advised
+
+
 @dataclass
 class MemoryWindow:
-    """What a memory cgroup saw in one window of time (one notebook): the highest charge in MiB (heaps and
-    the page cache of the files read, written or mapped), how often the limit was hit (each time the kernel
-    reclaimed page cache to stay under it), and the processes killed for memory (OOM kills)."""
+    """What a memory cgroup saw in one window of time (one notebook), in MiB: the highest charge (heaps and the page
+    cache of every file read, written or mapped: the Python modules imported, the data, the checkpoints written;
+    at the limit the kernel reclaims that cache, so this figure can reach the limit harmlessly), how often the
+    limit was hit (each time cache was reclaimed to stay under it), the highest resident memory the group could
+    not give back without swapping or reloading (heaps, mapped libraries, shared memory: ``rss + mapped_file +
+    shmem`` of ``memory.stat``, sampled; None when not sampled), and the processes killed for memory (OOM kills:
+    what a Binder session does to a notebook that does not fit)."""
 
     limit_mib: float
     max_usage_mib: float
     failcnt: int
     oom_kills: int
+    resident_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -125,6 +156,7 @@ class MemoryCgroup:
         self.root = own_memory_cgroup() if root is None else Path(root)
         self.path = self.root / (name or f"spleenkit-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._oom_kills_before = 0
+        self._resident_peak: int | None = None
 
     @property
     def procs_file(self) -> Path:
@@ -183,19 +215,38 @@ class MemoryCgroup:
             return False
         return True
 
+    def resident_bytes(self) -> int:
+        """Memory the group holds now that it cannot drop like file cache: anonymous memory, mapped files
+        (libraries) and shared memory (``total_rss + total_mapped_file + total_shmem`` of ``memory.stat``)."""
+        stat = {}
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            stat[key] = int(value)
+        return sum(stat.get(f"total_{key}", 0) for key in ("rss", "mapped_file", "shmem"))
+
+    def sample(self) -> None:
+        """Note the resident memory now (its highest value in the window is ``resident_mib``)."""
+        try:
+            resident = self.resident_bytes()
+        except (OSError, ValueError):
+            return
+        self._resident_peak = max(self._resident_peak or 0, resident)
+
     def start_window(self) -> None:
         """Empty the group and reset its high-water mark and failure count: a new measured window starts."""
         self.empty()
         self._write("memory.max_usage_in_bytes", 0)
         self._write("memory.failcnt", 0)
         self._oom_kills_before = self.oom_kills()
+        self._resident_peak = None
 
     def end_window(self) -> MemoryWindow:
         """The figures of the window since :meth:`start_window`."""
         return MemoryWindow(limit_mib=round(self.limit_bytes / MIB, 1),
                             max_usage_mib=round(self._read_int("memory.max_usage_in_bytes") / MIB, 1),
                             failcnt=self._read_int("memory.failcnt"),
-                            oom_kills=self.oom_kills() - self._oom_kills_before)
+                            oom_kills=self.oom_kills() - self._oom_kills_before,
+                            resident_mib=None if self._resident_peak is None else round(self._resident_peak / MIB, 1))
 
     def remove(self) -> None:
         """Empty and remove the group; processes still in it are moved to the parent group first."""

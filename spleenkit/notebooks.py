@@ -303,6 +303,7 @@ class NotebookResult:
     # hit (page cache reclaimed), and processes killed for memory; None without a limit
     cgroup_max_usage_mib: float | None = None
     cgroup_failcnt: int | None = None
+    cgroup_resident_mib: float | None = None  # its highest memory that is not droppable file cache
     oom_kills: int | None = None
 
 
@@ -412,7 +413,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     import papermill
 
     from spleenkit.environment import PeakMemory
-    from spleenkit.memory_cgroup import MIB, MemoryCgroup, cgroup_unavailable, parse_size
+    from spleenkit.memory_cgroup import MIB, MemoryCgroup, cgroup_unavailable, drop_cached_libraries, parse_size
 
     repo = Path(repo).resolve() if repo else find_repo()
     settings = load_profile(profile, repo)
@@ -457,8 +458,10 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
             log.info("running %s with %s", notebook.name, parameters or "its defaults")
             if group is not None:
                 group.start_window()
+                drop_cached_libraries(sys.prefix, sys.base_prefix)  # charged to the kernel's group when loaded
             tick = time.perf_counter()
-            memory = PeakMemory(include_root=False)  # the kernel and what it starts (torchrun), not the runner
+            # the kernel and what it starts (torchrun), not the runner; with a limit, the group's resident memory too
+            memory = PeakMemory(include_root=False, also=group.sample if group is not None else None)
             try:
                 with memory:
                     papermill.execute_notebook(
@@ -476,7 +479,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
             if group is not None:
                 window = group.end_window()
                 result.cgroup_max_usage_mib, result.cgroup_failcnt = window.max_usage_mib, window.failcnt
-                result.oom_kills = window.oom_kills
+                result.cgroup_resident_mib, result.oom_kills = window.resident_mib, window.oom_kills
                 if window.oom_kills and result.error:
                     result.error = (f"{notebook.name}: {window.oom_kills} process(es) killed for memory (OOM) at the "
                                     f"limit of {window.limit_mib:.0f} MiB\n{result.error}")
@@ -522,14 +525,16 @@ def memory_record(summary: RunSummary) -> dict[str, Any]:
         "memory_limit_mib": (summary.memory_limit or {}).get("limit_mib") if (summary.memory_limit or {}).get(
             "applied") else None,
         "notebooks": {r.notebook: {"status": r.status, "peak_mib": r.peak_mib,
-                                   "cgroup_max_usage_mib": r.cgroup_max_usage_mib, "oom_kills": r.oom_kills}
+                                   "cgroup_resident_mib": r.cgroup_resident_mib,
+                                   "cgroup_max_usage_mib": r.cgroup_max_usage_mib,
+                                   "cgroup_failcnt": r.cgroup_failcnt, "oom_kills": r.oom_kills}
                       for r in summary.results},
     }
 
 
 def format_table(results: Sequence[NotebookResult]) -> str:
     """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak);
-    under a memory limit also the cgroup's highest charge and its OOM kills."""
+    under a memory limit also the cgroup's highest resident memory and highest charge, and its OOM kills."""
     width = max([len("notebook"), *(len(r.notebook) for r in results)])
     limited = any(r.cgroup_max_usage_mib is not None for r in results)
 
@@ -544,12 +549,14 @@ def format_table(results: Sequence[NotebookResult]) -> str:
         if not limited:
             return ""
         if row is None:  # the total line
-            return (f"  {mib(largest(r.cgroup_max_usage_mib for r in results)):>10}  "
+            return (f"  {mib(largest(r.cgroup_resident_mib for r in results)):>15}  "
+                    f"{mib(largest(r.cgroup_max_usage_mib for r in results)):>16}  "
                     f"{sum(r.oom_kills or 0 for r in results):>3}")
-        return f"  {mib(row.cgroup_max_usage_mib):>10}  {'-' if row.oom_kills is None else row.oom_kills:>3}"
+        return (f"  {mib(row.cgroup_resident_mib):>15}  {mib(row.cgroup_max_usage_mib):>16}  "
+                f"{'-' if row.oom_kills is None else row.oom_kills:>3}")
 
-    head = f"  {'cgroup MiB':>10}  {'OOM':>3}" if limited else ""
-    rule = f"  {'-' * 10}  {'-' * 3}" if limited else ""
+    head = f"  {'cgroup resident':>15}  {'cgroup max usage':>16}  {'OOM':>3}" if limited else ""
+    rule = f"  {'-' * 15}  {'-' * 16}  {'-' * 3}" if limited else ""
     lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}{head}",
              f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}{rule}"]
     lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}{extra(r)}"

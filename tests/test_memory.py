@@ -271,6 +271,7 @@ def test_each_kernel_runs_under_the_memory_limit_and_one_that_does_not_fit_is_ki
     fits, too_large, after = summary.results
     assert summary.memory_limit == {"limit_mib": 300.0, "applied": True, "reason": None}
     assert fits.status == "ok" and fits.oom_kills == 0 and 100 <= fits.cgroup_max_usage_mib < 300
+    assert 100 <= fits.cgroup_resident_mib <= fits.cgroup_max_usage_mib  # the 100 MiB block, without file cache
     assert too_large.status == "failed" and too_large.oom_kills >= 1 and too_large.cgroup_max_usage_mib >= 299
     assert "killed for memory (OOM) at the limit of 300 MiB" in too_large.error
     assert after.status == "ok" and after.oom_kills == 0  # the group was emptied: the next notebook starts afresh
@@ -279,7 +280,7 @@ def test_each_kernel_runs_under_the_memory_limit_and_one_that_does_not_fit_is_ki
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["memory_limit"]["applied"] and saved["notebooks"][1]["oom_kills"] >= 1
     table = format_table(summary.results)
-    assert "cgroup MiB" in table.splitlines()[0] and "OOM" in table.splitlines()[0]
+    assert "cgroup resident" in table.splitlines()[0] and "OOM" in table.splitlines()[0]
     assert not list(Path(__import__("spleenkit.memory_cgroup").memory_cgroup.own_memory_cgroup()).glob(
         f"spleenkit-{os.getpid()}-*")), "the cgroup is removed after the run"
 
