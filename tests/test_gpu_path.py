@@ -297,3 +297,26 @@ def test_the_plan_is_made_without_loading_torch_on_a_machine_without_gpu() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     if not Path("/dev/nvidia0").exists():
         assert out.split() == ["2", "False"], out
+
+
+# --------------------------------------------------------------------------- the GPU check, ready for a GPU machine
+def test_the_gpu_checks_notebook_profile_gives_every_notebook_parameters_it_declares(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh runs every notebook with the full profile's device settings: its profile must load and
+    give each notebook only parameters it declares (a typo would only show on the GPU machine)."""
+    import re
+
+    from spleenkit.notebooks import load_profile, notebook_parameters
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    match = re.search(r'cat >"\$work/gpu-notebooks.yaml" <<YAML\n(.*?)\nYAML\n', script, re.DOTALL)
+    assert match, "scripts/gpu_check.sh no longer writes its notebook profile"
+    profile = tmp_path / "gpu-notebooks.yaml"
+    profile.write_text(match.group(1).replace("$work", str(tmp_path)))
+    settings = load_profile(str(profile), REPO)
+    full = load_profile("full", REPO)
+    for path in list_notebooks(REPO / "notebooks"):
+        given = notebook_parameters(path, settings, {"example_dir": str(tmp_path / "example")})
+        assert given.get("device", "auto") == "auto", "the device is the kit's choice, as in the full profile"
+        for key in ("patch_size", "spacing", "num_workers", "validation_overlap"):  # the full profile's, not its epochs
+            if key in notebook_parameters(path, full):
+                assert given[key] == notebook_parameters(path, full)[key], (path.name, key)
