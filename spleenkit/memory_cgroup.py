@@ -8,7 +8,7 @@ a notebook kernel that grows past its 2 GiB.
 
 :class:`MemoryCgroup` makes such a group, puts the processes that join it under the limit, and reads
 back, for each window of time (one notebook), the kernel's own figures: the highest charge
-(``memory.max_usage_in_bytes``), how often the limit was hit (``memory.failcnt``) and the OOM kills
+(``memory.max_usage_in_bytes``), the charges that failed at the limit (``memory.failcnt``) and the OOM kills
 (``memory.oom_control``). Between windows it empties the group (``memory.force_empty``), so the next
 window is charged for every library page it touches again, as a fresh container would be. A page is
 charged to the group that first brought it in: a library page already in memory for a process outside
@@ -109,8 +109,8 @@ def drop_cached_libraries(*folders: str | os.PathLike[str]) -> int:
 class MemoryWindow:
     """What a memory cgroup saw in one window of time (one notebook), in MiB: the highest charge (heaps and the page
     cache of every file read, written or mapped: the Python modules imported, the data, the checkpoints written;
-    at the limit the kernel reclaims that cache, so this figure can reach the limit harmlessly), how often the
-    limit was hit (each time cache was reclaimed to stay under it), the highest resident memory the group could
+    at the limit the kernel reclaims that cache, so this figure can reach the limit harmlessly), the charges that
+    failed at the limit (``memory.failcnt``), the highest resident memory the group could
     not give back without swapping or reloading (heaps, mapped libraries, shared memory: ``rss + mapped_file +
     shmem`` of ``memory.stat``, sampled; None when not sampled), and the processes killed for memory (OOM kills:
     what a Binder session does to a notebook that does not fit)."""

@@ -299,8 +299,8 @@ class NotebookResult:
     parameters: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     peak_mib: float | None = None  # the kernel's process tree at its largest (None: not measured here)
-    # under a memory limit (a cgroup, as Binder enforces it): the group's highest charge, how often the limit was
-    # hit (page cache reclaimed), and processes killed for memory; None without a limit
+    # under a memory limit (a cgroup, as Binder enforces it): the group's highest charge (page cache included), the
+    # charges that failed at the limit, and processes killed for memory; None without a limit
     cgroup_max_usage_mib: float | None = None
     cgroup_failcnt: int | None = None
     cgroup_resident_mib: float | None = None  # its highest memory that is not droppable file cache
@@ -508,7 +508,7 @@ def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "unknown CPU"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
     model = " ".join(fields.get("model name", "unknown CPU").split())
     flags = set(fields.get("flags", "").split())
     extras = [flag.upper() for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
