@@ -9,10 +9,12 @@ a notebook kernel that grows past its 2 GiB.
 :class:`MemoryCgroup` makes such a group, puts the processes that join it under the limit, and reads
 back, for each window of time (one notebook), the kernel's own figures: the highest charge
 (``memory.max_usage_in_bytes``), the charges that failed at the limit (``memory.failcnt``) and the OOM kills
-(``memory.oom_control``). Between windows it empties the group (``memory.force_empty``), so the next
-window is charged for every library page it touches again, as a fresh container would be. A page is
-charged to the group that first brought it in: a library page already in memory for a process outside
-the group is not charged to it, so a measurement made beside other users of the same files is lower.
+(``memory.oom_control``), and, sampled, what it holds that it cannot drop like file cache. Between windows it
+empties the group (``memory.force_empty``), and :func:`drop_cached_libraries` drops the cached pages of the
+environment's libraries that no process maps, so the next window is charged for every library page it loads,
+as a fresh container would be. A page is charged to the group that first brought it in: a library page that a
+process outside the group maps (a developer's tests on the same environment) is not charged to it, so a
+measurement made there is lower.
 
 Creating a group needs root and a writable cgroup v1 memory hierarchy (as on CI machines and in many
 containers); :func:`cgroup_unavailable` says why it cannot be used elsewhere (macOS, cgroup v2 only,

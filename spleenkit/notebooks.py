@@ -404,7 +404,8 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     ``memory_limit`` (``"1800M"``: Binder's 2 GiB less its Jupyter server) runs every kernel, with the processes
     it starts, inside a Linux memory cgroup with that limit, as Binder enforces it
     (:class:`~spleenkit.memory_cgroup.MemoryCgroup`): a notebook that does not fit is killed and fails, and each
-    notebook's cgroup figures are recorded (``cgroup_max_usage_mib``, ``cgroup_failcnt``, ``oom_kills``). Where
+    notebook's cgroup figures are recorded (``cgroup_resident_mib``, ``cgroup_max_usage_mib``, ``cgroup_failcnt``,
+    ``oom_kills``; see :class:`~spleenkit.memory_cgroup.MemoryWindow`). Where
     no cgroup can be made (not root, no cgroup v1, not Linux, a named kernel) the notebooks run without the
     limit and ``summary.memory_limit["reason"]`` says why.
     """
@@ -486,7 +487,8 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
             result.output = str(output) if output.exists() else None
             log.info("%s: %s in %.1f s, peak memory %s MiB%s", notebook.name, result.status, result.seconds,
                      result.peak_mib, "" if group is None else
-                     f", memory cgroup: {result.cgroup_max_usage_mib} MiB at most, {result.oom_kills} OOM kill(s)")
+                     f", memory cgroup: {result.cgroup_resident_mib} MiB resident, {result.cgroup_max_usage_mib} MiB "
+                     f"charged at most, {result.oom_kills} OOM kill(s)")
     summary.seconds = time.perf_counter() - started
     write_summary(summary)
     return summary
