@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Check the multi-GPU path (NCCL, DDP, SyncBatchNorm, distributed evaluation, failure handling) on a
-# machine with GPUs; the CPU tests (tests/test_distributed.py) cover the same code with gloo.
+# Check the GPU path on a machine with GPUs: the multi-GPU training (NCCL, DDP, SyncBatchNorm, distributed
+# evaluation, failure handling; the CPU tests in tests/test_distributed.py cover the same code with gloo), then
+# every notebook run by the notebook runner with the full profile's device settings (the device the kit picks:
+# the GPU; mixed precision; 04's and 08's windows, 07's loader workers) on the small synthetic dataset, with the
+# quick recipe so that it takes minutes. No notebook has run on a GPU before this check.
 #
-#   scripts/gpu_check.sh [WORK_DIR]       (about 2-4 minutes; uses every GPU, at most 8)
+#   scripts/gpu_check.sh [WORK_DIR]       (about 6-8 minutes on one GPU; uses every GPU, at most 8)
 #
-# Exits non-zero at the first check that fails; prints one line per check and a summary.
+# 06 reads the real example CT: set SPLEENKIT_EXAMPLE_DIR, or put its files in data/totalseg-example (no
+# internet needed then); without it 06 is left out and the summary says so. SPLEENKIT_GPU_CHECK_NOTEBOOKS=0
+# skips the notebooks. Exits non-zero at the first check that fails; prints one line per check and a summary.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 work=${1:-$(mktemp -d -t spleenkit-gpu-check-XXXX)}
@@ -81,5 +86,49 @@ if [[ "$nproc" -ge 2 ]]; then
     echo "ok   crash: non-zero exit naming rank 1 after $(( SECONDS - started )) s"
 else
     echo "(one GPU: the crash check needs two processes and is skipped)"
+fi
+if [[ "${SPLEENKIT_GPU_CHECK_NOTEBOOKS:-1}" != "0" ]]; then
+    echo "== the notebooks on the GPU: the full profile's device settings, synthetic phantoms, quick recipe"
+    # the full profile (notebooks/profiles/full.yaml) without its hours: the same device and loader settings
+    cat >"$work/gpu-notebooks.yaml" <<YAML
+description: the full profile's device settings on the synthetic phantoms, quick recipe (scripts/gpu_check.sh)
+execution_timeout: 600
+shared:
+  preset: quick
+  data_dir: $work/notebook-data/synthetic
+  runs_dir: $work/notebook-runs
+  device: auto
+notebooks:
+  "01":
+    source: synthetic
+  "04":
+    patch_size: null
+  "07":
+    patch_size: null
+    spacing: null
+    num_workers: 4
+  "08":
+    patch_size: null
+    validation_overlap: 0.5
+YAML
+    only=()
+    if [[ -z "${SPLEENKIT_EXAMPLE_DIR:-}" && ! -f data/totalseg-example/ct.nii.gz ]]; then
+        echo "(no example CT: SPLEENKIT_EXAMPLE_DIR unset and data/totalseg-example/ct.nii.gz missing; 06 left out)"
+        only=(--only $(spleenkit notebooks list --paths | xargs -n1 basename | grep -v '^06_' | cut -c1-2))
+    fi
+    started=$SECONDS
+    if spleenkit notebooks run --profile "$work/gpu-notebooks.yaml" --out "$work/notebooks" "${only[@]}" \
+            --set example_dir="$PWD/data/totalseg-example" >"$work/notebooks.log" 2>&1; then
+        echo "ok   notebooks on the GPU ($(( SECONDS - started )) s):"
+    else
+        echo "FAIL notebooks on the GPU (see $work/notebooks.log)"; tail -n 60 "$work/notebooks.log"; exit 1
+    fi
+    sed -n '/^notebook /,/^total/p' "$work/notebooks.log"
+    python - "$work/notebooks/summary.json" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+devices = {n["notebook"]: n["parameters"].get("device") for n in summary["notebooks"]}
+print("     device parameter per notebook:", devices)
+PY
 fi
 echo "== all GPU checks passed ($work)"

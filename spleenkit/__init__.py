@@ -48,6 +48,7 @@ SURFACE: dict[str, str] = {
     # dicom_seg
     "read_back_with_dcmqi": "spleenkit.dicom_seg",
     # distributed
+    "data_parallel_plan": "spleenkit.distributed",
     "default_nproc": "spleenkit.distributed",
     "launch_torchrun": "spleenkit.distributed",
     "torchrun_command": "spleenkit.distributed",

@@ -82,7 +82,16 @@ def _notebooks_run(args: argparse.Namespace) -> int:
         logging.getLogger("papermill").setLevel(logging.WARNING)
     overrides = _settings(args.set)
     summary = run_notebooks(profile=args.profile, only=args.only, out_dir=args.out, overrides=overrides,
-                            kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output)
+                            kernel_name=args.kernel, keep_going=args.keep_going, log_output=args.log_output,
+                            memory_limit=args.memory_limit)
+    if summary.memory_limit and not summary.memory_limit["applied"]:
+        print(f"memory limit of {summary.memory_limit['limit_mib']:.0f} MiB not applied: "
+              f"{summary.memory_limit['reason']}", file=sys.stderr)
+    if args.memory_record:
+        from spleenkit.io import write_json
+        from spleenkit.notebooks import memory_record
+
+        write_json(args.memory_record, memory_record(summary))
     for failure in summary.failures:
         print(f"\n{failure.error}\n", file=sys.stderr)
     print(format_table(summary.results))
@@ -137,6 +146,13 @@ def _add_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--kernel", help="Jupyter kernel name (default: a kernel running this Python)")
     run.add_argument("--keep-going", action="store_true", help="run the later notebooks after a failure")
     run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the log")
+    run.add_argument("--memory-limit", metavar="SIZE",
+                     help="run each kernel and its children in a Linux memory cgroup with this limit, as Binder "
+                          "does (1800M: Binder's 2 GiB less its Jupyter server); records the cgroup's highest "
+                          "charge and OOM kills per notebook; needs root and cgroup v1, else skipped with the reason")
+    run.add_argument("--memory-record", metavar="FILE",
+                     help="also write each notebook's peak memory, cgroup charge and OOM kills, the CPU and the date "
+                          "to FILE (JSON; notebooks/memory.json is the course outline's measurement)")
     listing = _command(commands, "list", _notebooks_list, "List the numbered notebooks and their titles.")
     listing.add_argument("--kept", action="store_true", help="only the notebooks with kept (nbval-compared) outputs")
     listing.add_argument("--paths", action="store_true", help="print paths only")
@@ -601,6 +617,19 @@ def _course_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _course_badges(args: argparse.Namespace) -> int:
+    from spleenkit.course import set_course_home
+    from spleenkit.notebooks import course_home, find_repo
+
+    changed = set_course_home(args.repo, args.ref)
+    home = course_home()
+    for path in changed:
+        print(f"rewritten: {path.relative_to(find_repo())}")
+    print(f"badges and Colab installs point at github.com/{home.repository} at {home.ref} "
+          f"({len(changed)} file(s) changed); commit them, and push {home.ref} to that repository")
+    return 0
+
+
 def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
     commands = _command_group(subparsers, "course", "Teach with the notebooks: student copies, exercise checks.",
                               "Build student copies of the notebooks and check the instructor copies.")
@@ -620,6 +649,11 @@ def _add_course_commands(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="override a shared parameter such as data_dir (repeatable)")
     _command(commands, "list", _course_list, "List the exercises of every notebook.")
+    badges = _command(commands, "badges", _course_badges,
+                      "Point every Colab and Binder badge and Colab's install at a GitHub repository and ref "
+                      "(a fork's): [tool.spleenkit] in pyproject.toml, the instructor and student copies, the README.")
+    badges.add_argument("--repo", metavar="OWNER/NAME", help="the GitHub repository (default: the current one)")
+    badges.add_argument("--ref", help="a tag, branch or commit, e.g. main or v1.0 (default: the current one)")
 
 
 # --------------------------------------------------------------------------- command groups

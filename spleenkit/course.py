@@ -34,10 +34,15 @@ from typing import Any
 
 from spleenkit.errors import BadInputError
 from spleenkit.exercises import EXERCISES, Verdict, read_results
+from spleenkit.io import write_text
 from spleenkit.notebooks import (
     EXERCISE_RESULTS_FILE,
+    HOME_TABLE,
+    CourseHome,
     badges_markdown,
+    course_home,
     find_repo,
+    home_table_span,
     list_notebooks,
     notebook_number,
     run_notebooks,
@@ -330,6 +335,79 @@ def build_student_copies(out_dir: str | os.PathLike[str], notebook_dir: str | os
         write_notebook(student, target)
         written.append(target)
     return written
+
+
+# --------------------------------------------------------------------------- where the badges point
+_OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_REF = re.compile(r"^[A-Za-z0-9_.-]+$")
+# every place a notebook or the README names the course's home: Colab and Binder badges, and Colab's install
+_HOME_ADDRESSES = (
+    (re.compile(r"https://colab\.research\.google\.com/github/[^/\s()]+/[^/\s()]+/blob/[^/\s()]+/"),
+     "https://colab.research.google.com/github/{repository}/blob/{ref}/"),
+    (re.compile(r"https://mybinder\.org/v2/gh/[^/\s()]+/[^/\s()]+/[^/?\s()]+\?"),
+     "https://mybinder.org/v2/gh/{repository}/{ref}?"),
+    (re.compile(r"git\+https://github\.com/[^/\s\"@]+/[^/\s\"@]+@[^\s\"]+"),
+     "git+https://github.com/{repository}@{ref}"),
+)
+
+
+def home_addresses(text: str) -> list[str]:
+    """Every Colab, Binder or GitHub-install address of the course's home in a text (what :func:`set_course_home`
+    rewrites)."""
+    return [match.group(0) for pattern, _ in _HOME_ADDRESSES for match in pattern.finditer(text)]
+
+
+def _rewrite_home(text: str, repository: str, ref: str) -> str:
+    for pattern, replacement in _HOME_ADDRESSES:
+        text = pattern.sub(replacement.format(repository=repository, ref=ref), text)
+    return text
+
+
+def set_course_home(repository: str | None = None, ref: str | None = None,
+                    repo: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Point the course at ``repository`` (OWNER/NAME on GitHub) and ``ref`` (a tag, branch or commit; either may be
+    left as it is): ``[tool.spleenkit]`` in pyproject.toml, then every badge and Colab install line in the
+    instructor copies, the student copies (``student/``) and the README. A fork runs this once
+    (``spleenkit course badges --repo OWNER/NAME --ref main``), and its badges open its own copies. Returns the
+    files changed (none when everything already points there)."""
+    import nbformat
+
+    root = Path(repo).resolve() if repo else find_repo()
+    current = course_home(root)
+    repository, ref = repository or current.repository, ref or current.ref
+    if not _OWNER_NAME.match(repository):
+        raise BadInputError(f"--repo {repository}: not a GitHub repository; write it as OWNER/NAME")
+    if not _REF.match(ref):
+        raise BadInputError(f"--ref {ref}: use a tag, a branch without '/' or a commit (letters, digits, . _ -)")
+    changed = []
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text(encoding="utf-8")
+    begin, end = home_table_span(text, pyproject)
+    body = text[begin:end]
+    for key, value in (("repository", repository), ("ref", ref)):
+        body = re.sub(rf'^(\s*{key}\s*=\s*)"[^"]*"', lambda m, v=value: f'{m.group(1)}"{v}"', body,
+                      flags=re.MULTILINE)
+    if body != text[begin:end]:
+        write_text(pyproject, text[:begin] + body + text[end:])
+        changed.append(pyproject)
+    if course_home(root) != CourseHome(repository, ref):
+        raise BadInputError(f"{pyproject}: {HOME_TABLE} could not be rewritten to {repository}@{ref}")
+    for folder in (root / "notebooks", root / STUDENT_FOLDER):
+        for path in list_notebooks(folder):
+            notebook = nbformat.read(path, as_version=4)
+            before = [cell.source for cell in notebook.cells]
+            for cell in notebook.cells:
+                cell.source = _rewrite_home(cell.source, repository, ref)
+            if [cell.source for cell in notebook.cells] != before:
+                write_notebook(notebook, path)
+                changed.append(path)
+    readme = root / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        if (rewritten := _rewrite_home(text, repository, ref)) != text:
+            write_text(readme, rewritten)
+            changed.append(readme)
+    return changed
 
 
 # --------------------------------------------------------------------------- checking the instructor copies

@@ -242,6 +242,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def in_turn(work: Callable[[], T], context: DistributedContext | None, enabled: bool = True) -> T:
+    """Run ``work`` on the processes of each machine one after another (local rank 0 first, the others waiting at a
+    barrier), not all at once: for a step whose memory peaks, such as filling a cache, on a machine whose processes
+    share little memory (a 2 GiB notebook session). Without a job, or with ``enabled`` False, it just runs."""
+    if context is None or context.world_size == 1 or not enabled:
+        return work()
+    result: T | None = None
+    for turn in range(context.local_world_size):
+        if turn == context.local_rank:
+            result = work()
+        barrier()
+    return result  # type: ignore[return-value]
+
+
 def mean_over_ranks(value: float) -> float:
     """The mean of a number over all ranks (the number itself in a single process)."""
     import torch
@@ -489,6 +503,56 @@ def default_nproc() -> int:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return 2
+
+
+@dataclass(frozen=True)
+class DataParallelPlan:
+    """How many processes a data-parallel lesson launches here, on which device (``"auto"``: a GPU each; ``"cpu"``),
+    and why, in a sentence a notebook can print."""
+
+    processes: int
+    device: str
+    reason: str
+
+
+def _gpu_count() -> int:
+    if _no_gpu_here():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def data_parallel_plan(processes: int | None = None, device: str = "auto") -> DataParallelPlan:
+    """The processes for comparing data-parallel training with one process on this machine.
+
+    ``processes`` None: one process per GPU where there are two or more; otherwise two CPU processes, also on a
+    machine with one GPU (a one-GPU Colab): data parallelism needs a device per process (NCCL will not put two
+    processes on one GPU), and one GPU process against itself would compare nothing. The one-process run of the
+    comparison then belongs on the plan's device too, so that like is compared with like. A given number of
+    processes runs on the GPUs when there are that many (``device`` "auto" or "cuda"), else on the CPU.
+    """
+    if processes is not None and int(processes) < 1:
+        raise BadInputError(f"processes={processes}: need at least one")
+    gpus = 0 if str(device) == "cpu" else _gpu_count()
+    wanted = str(device).split(":")[0] == "cuda"
+    if processes is None:
+        if gpus >= 2:
+            return DataParallelPlan(gpus, device, f"{gpus} GPUs here: one process per GPU")
+        if wanted:
+            raise BadInputError(f"device={device!r} with {gpus} GPU(s): data parallelism needs a GPU per process; "
+                                "use device='auto' (CPU processes stand in) or processes=1")
+        why = ("one GPU here, and data parallelism needs a device per process: two CPU processes stand in, and the "
+               "one-process run is on the CPU too, so that like is compared with like" if gpus == 1 else
+               "no GPU here: two CPU processes stand in for two GPUs")
+        return DataParallelPlan(2, "cpu", why)
+    count = int(processes)
+    if gpus >= count:
+        return DataParallelPlan(count, device, f"{count} process(es), one GPU each")
+    if wanted:
+        raise BadInputError(f"processes={count} on device={device!r}: only {gpus} GPU(s) here, one per process")
+    return DataParallelPlan(count, "cpu", f"{count} CPU process(es)" + (f" ({gpus} GPU(s) cannot give each "
+                                                                       "process its own)" if gpus else ""))
 
 
 def _cores() -> int:

@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,32 +28,109 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def total_memory_gib() -> float | None:
-    """Physical memory in GiB (None where it cannot be read)."""
+#: Below this much memory (a Binder session's 2 GiB, a small laptop) the kit fills a cache one case at a time.
+SMALL_MEMORY_GIB = 4.0
+_UNLIMITED = 2**62  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        mount: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup and its parents (v2 ``memory.max``, v1 ``hierarchical_memory_limit``);
+    None when there is none or it cannot be read. A container (Binder's pod) is limited this way, while /proc and
+    sysconf still show the whole machine's memory."""
     try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
         return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: memory.max of the group and of each parent
+            folder = mount / path.lstrip("/")
+            while True:
+                try:
+                    value = (folder / "memory.max").read_text().strip()
+                    if value != "max":
+                        limits.append(int(value))
+                except (OSError, ValueError):
+                    pass
+                if folder == mount or mount not in folder.parents:
+                    break
+                folder = folder.parent
+        elif "memory" in controllers.split(","):  # cgroup v1: the limit of the group and its parents, in one line
+            try:
+                for stat in (mount / "memory" / path.lstrip("/") / "memory.stat").read_text().splitlines():
+                    key, _, value = stat.partition(" ")
+                    if key == "hierarchical_memory_limit":
+                        limits.append(int(value))
+            except (OSError, ValueError):
+                pass
+    limits = [limit for limit in limits if 0 < limit < _UNLIMITED]
+    return min(limits) if limits else None
 
 
-def release_free_memory() -> bool:
-    """Hand the memory that freed temporaries left in the C heap back to the system (glibc's ``malloc_trim``).
+def total_memory_gib() -> float | None:
+    """The memory this process may use, in GiB: the machine's, or its container's limit (a memory cgroup, as on
+    Binder) where that is lower; None where neither can be read."""
+    try:
+        physical: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = None
+    limit = _cgroup_limit_bytes() if sys.platform.startswith("linux") else None
+    sizes = [size for size in (physical, limit) if size]
+    return round(min(sizes) / 2**30, 2) if sizes else None
 
-    Filling a cache resamples every case through large temporary arrays; glibc keeps their freed pages for
-    reuse, so without this a training process holds about 100 MB it no longer uses, which counts against a
-    2 GiB Binder session. True where it ran (Linux with glibc); elsewhere it does nothing.
-    """
+
+def _glibc() -> Any:
+    """The C library when it is glibc (Linux), for its heap controls; None elsewhere (macOS, musl)."""
     import ctypes
     import ctypes.util
 
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, for one, has no malloc_trim)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_free_memory() -> bool:
+    """Free unreachable objects, then hand the memory freed temporaries left in the C heap back to the system
+    (``gc.collect`` and glibc's ``malloc_trim``).
+
+    MONAI's engines and handlers refer to each other, so a finished training (its network, optimiser and
+    datasets) is freed only when Python's cycle collector next runs; and glibc keeps freed pages for reuse.
+    Without this a notebook kernel holds hundreds of MB it no longer uses after a training, which count against
+    a 2 GiB Binder session. True where the heap was trimmed (Linux with glibc); elsewhere only ``gc`` runs.
+    """
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)
     return True
+
+
+#: glibc's ``M_MMAP_THRESHOLD`` (``mallopt``), and the value the kit sets: blocks from 64 KiB up get pages of their own.
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 64 * 1024
+
+
+def return_large_blocks_promptly() -> bool:
+    """Make every block of 64 KiB or more (each volume, crop and feature map) come straight from the system and go
+    straight back when freed, in this process and from now on (glibc's ``mallopt(M_MMAP_THRESHOLD)``).
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which volumes
+    are carved out of the heap and their pages stay with the process: a training or a cache fill then holds
+    200-400 MB more than it uses (measured on the quick recipe: peak 1053 against 849 MiB), enough to push a
+    notebook over Binder's 2 GiB. The same setting is the environment variable ``MALLOC_MMAP_THRESHOLD_``.
+    True where it was set (Linux with glibc).
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
 
 
 def peak_memory_mib() -> float:
@@ -292,41 +370,53 @@ def _command_line(pid: int, proc: Path = PROC) -> bytes | None:
         return None
 
 
-def _proportional_kib(pid: int, proc: Path = PROC) -> int | None:
-    """The proportional set size (PSS) of a process in KiB: its own pages plus its share of pages it shares."""
+def _rollup_kib(pid: int, proc: Path = PROC) -> dict[str, int]:
+    """The fields of /proc/PID/smaps_rollup in KiB (Rss, Pss_Anon, Anonymous ...); empty when it cannot be read."""
+    values = {}
     try:
         with open(proc / str(pid) / "smaps_rollup") as rollup:
             for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    values[parts[0].rstrip(":")] = int(parts[1])
+    except (OSError, ValueError):
+        return {}
+    return values
 
 
 def process_tree_memory_mib(root: int, include_root: bool = True, proc: Path = PROC) -> tuple[float, float]:
-    """The memory of a process tree now: (the sum of its processes' PSS, the largest single peak RSS), in MiB.
+    """The memory of a process tree now: (its memory with every page counted once, the largest single peak RSS), MiB.
 
-    PSS counts a page shared by several processes (PyTorch's libraries in torchrun's workers) once in
-    all, as a memory limit (Binder's, a container's) does; each process's own peak (VmHWM) catches a
-    spike between two samples. Processes that end while being read are skipped; without the root, so are
-    copies of it that have not yet turned into the program they start (a fork before its exec shows the
-    root's memory).
+    Anonymous memory (heaps, tensors) is each process's proportional share (``Pss_Anon``: a page two processes
+    share after a fork counts once in all); the file-backed pages in memory (PyTorch's libraries: 150 MiB and
+    more) are counted in full, once, as those of the process that maps most of them (torchrun's workers map the
+    same libraries). Not their PSS: that divides a library page among every process on the machine mapping it,
+    so the same notebook measured beside other PyTorch processes (a developer's tests, a second notebook) looked
+    60-130 MiB smaller than in a fresh container, where the notebook alone maps its libraries and a memory limit
+    charges them in full. Each process's own peak (VmHWM) catches a spike between two samples. Processes that
+    end while being read are skipped; without the root, so are copies of it that have not yet turned into the
+    program they start (a fork before its exec shows the root's memory).
     """
-    total = largest_peak = 0
+    anonymous = largest_files = largest_peak = 0
     root_command = None if include_root else _command_line(root, proc)
     for pid in process_tree(root, proc):
         if pid == root and not include_root:
             continue
         if root_command is not None and _command_line(pid, proc) == root_command:
             continue
-        status = _status_kib(pid, ("VmRSS", "VmHWM"), proc)
+        status = _status_kib(pid, ("VmRSS", "VmHWM", "RssFile"), proc)
         if not status:
             continue
-        pss = _proportional_kib(pid, proc)
-        total += pss if pss is not None else status.get("VmRSS", 0)
+        rollup = _rollup_kib(pid, proc)
+        if "Pss_Anon" in rollup:
+            anonymous += rollup["Pss_Anon"] + rollup.get("Pss_Shmem", 0)
+            files = rollup.get("Rss", 0) - rollup.get("Anonymous", 0) - rollup.get("Pss_Shmem", 0)
+        else:  # no smaps_rollup (an old kernel): the resident set
+            anonymous += status.get("VmRSS", 0) - status.get("RssFile", 0)
+            files = status.get("RssFile", 0)
+        largest_files = max(largest_files, files)
         largest_peak = max(largest_peak, status.get("VmHWM", 0))
-    return round(total / 1024, 1), round(largest_peak / 1024, 1)
+    return round((anonymous + largest_files) / 1024, 1), round(largest_peak / 1024, 1)
 
 
 class PeakMemory:
@@ -334,12 +424,13 @@ class PeakMemory:
 
     ``with PeakMemory(include_root=False) as memory: run_a_notebook()`` measures the kernel this process
     starts and every process the kernel starts in turn (torchrun and its workers), not this process.
-    The peak is the larger of the highest sampled sum (PSS, see :func:`process_tree_memory_mib`) and the
-    highest single-process peak; it is None where /proc does not exist (macOS, Windows).
+    The peak is the larger of the highest sampled sum (every page counted once, see
+    :func:`process_tree_memory_mib`) and the highest single-process peak; None where /proc does not exist (macOS).
     """
 
     def __init__(self, root: int | None = None, include_root: bool = True, interval_s: float = 0.2,
-                 proc: Path = PROC) -> None:
+                 proc: Path = PROC, also: Callable[[], None] | None = None) -> None:
+        self.also = also  # called at every sample too (a memory cgroup noting its resident memory)
         self.root = os.getpid() if root is None else root
         self.include_root = include_root
         self.interval_s = interval_s
@@ -353,6 +444,8 @@ class PeakMemory:
         """Take one sample now."""
         total, single = process_tree_memory_mib(self.root, self.include_root, self.proc)
         self.peak_mib = max(self.peak_mib or 0.0, total, single)
+        if self.also is not None:
+            self.also()
         self.samples += 1
 
     def _run(self) -> None:

@@ -1303,9 +1303,9 @@ def sliding_window_count(image_shape: Sequence[int], roi_size: Sequence[int], ov
         calls.append(batch.shape[0])
         return batch
 
-    with torch.no_grad():
+    with torch.no_grad():  # zeros and a predictor that returns its input: nothing to move, all on the CPU
         sliding_window_inference(torch.zeros(1, 1, *[int(s) for s in image_shape]), [int(s) for s in roi_size],
-                                 sw_batch_size=1, predictor=predictor, overlap=overlap)
+                                 sw_batch_size=1, predictor=predictor, overlap=overlap, sw_device="cpu", device="cpu")
     return sum(calls)
 
 
@@ -1406,10 +1406,15 @@ def _nifti(volume: Any) -> Any:
 
 @exercise("06-sliding-window", "the sliding-window call",
           "Set my_logits: sliding_window_inference(inputs=slab[None], roi_size=..., sw_batch_size=..., "
-          "predictor=network, overlap=..., mode=...)[0], under torch.no_grad().", kind="object")
+          "predictor=network, overlap=..., mode=..., sw_device=compute_device, device=torch.device('cpu'))[0], "
+          "under torch.no_grad().", kind="object")
 def _sliding_window(answer: Any, image: Any, network: Any, preset: Any, device: Any = "cpu") -> str:
     import torch
 
+    if isinstance(answer, torch.Tensor) and answer.device.type != "cpu":
+        raise Hint(f"the logits are on {answer.device}: the stitched volume belongs on the CPU, so that the GPU's "
+                   "memory does not grow with the scan; add device=torch.device('cpu') (windows still run on "
+                   "sw_device=compute_device).")
     logits = torch.as_tensor(answer.detach() if hasattr(answer, "detach") else answer).float().cpu()
     expected = predict_logits(network, image, make_inferer(preset, device=device), device, amp=False).cpu()
     if logits.ndim == expected.ndim + 1 and logits.shape[0] == 1 and logits.shape[1:] == expected.shape:
@@ -1434,8 +1439,9 @@ def _sliding_window(answer: Any, image: Any, network: Any, preset: Any, device: 
         from monai.inferers import sliding_window_inference
 
         with torch.no_grad():
-            candidate = sliding_window_inference(image[None].to(device), predictor=network, sw_batch_size=1,
-                                                 **{**window, **change})[0].float().cpu()
+            candidate = sliding_window_inference(image[None], predictor=network, sw_batch_size=1,
+                                                 **{**window, **change}, sw_device=device,
+                                                 device=torch.device("cpu"))[0].float()
         if torch.allclose(logits, candidate, rtol=1e-4, atol=1e-4):
             raise Hint(f"those logits come from {words}; the recipe's {setting} is {window[setting]!r}.")
     raise Hint(f"your logits differ from the kit's by up to {float((logits - expected).abs().max()):.3g}. Use "

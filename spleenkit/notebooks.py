@@ -30,11 +30,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spleenkit import __version__
 from spleenkit.environment import PeakMemory
 from spleenkit.errors import BadInputError, NotebookRunError, first_line
 from spleenkit.exercises import RESULTS_ENV, STRICT_ENV
 from spleenkit.io import check_writable, write_json, write_text
+from spleenkit.memory_cgroup import (
+    JOIN_AND_EXEC,
+    MIB,
+    MemoryCgroup,
+    cgroup_unavailable,
+    drop_cached_libraries,
+    parse_size,
+)
 from spleenkit.presets import FIELDS, lookup_preset, parse_value, resolve_preset
 
 log = logging.getLogger(__name__)
@@ -47,41 +54,98 @@ PROFILE_KEYS = {"description", "shared", "notebooks", "execution_timeout"}
 KERNEL_ENVIRONMENT = {"SPLEENKIT_NONINTERACTIVE": "1", STRICT_ENV: "1"}
 EXERCISE_RESULTS_FILE = "exercises.jsonl"  # the exercise checks' verdicts, beside the executed copies
 
-# Where the kit lives on GitHub, and the release that the Colab and Binder badges open and that the
-# Colab setup cell installs: one tag for both, so that a notebook never runs against another version of
-# the library and a course is not broken by later pushes. Tag every release v<version> (git tag v0.1.0,
-# git push --tags). Change it here, then rewrite the notebooks' badges and setup cells
-# (tests/test_notebooks.py checks them).
-GITHUB_REPOSITORY = "spleenkit/spleenkit"
-GITHUB_REF = f"v{__version__}"
+# Where the course lives on GitHub: the repository and the ref (a release tag, a branch or a commit) that the
+# Colab and Binder badges open and that Colab's setup cell installs the kit from, one ref for both, so that a
+# notebook never runs against another version of the library. The setting is [tool.spleenkit] in the
+# checkout's pyproject.toml, and nowhere else; `spleenkit course badges --repo OWNER/NAME --ref REF` changes it
+# and rewrites every badge and setup cell (spleenkit.course.set_course_home; tests/test_badges.py holds them).
+HOME_TABLE = "[tool.spleenkit]"
+HOME_KEYS = ("repository", "ref")
+_HOME_LINE = re.compile(r'^(?P<key>[A-Za-z_]+)\s*=\s*"(?P<value>[^"]*)"\s*(?:#.*)?$')
 
 
-def colab_url(notebook: str, folder: str = "notebooks") -> str:
+@dataclass(frozen=True)
+class CourseHome:
+    """The GitHub ``repository`` (OWNER/NAME) and ``ref`` that badges open and Colab installs from."""
+
+    repository: str
+    ref: str
+
+
+def home_table_span(text: str, path: Path) -> tuple[int, int]:
+    """Start and end (character offsets) of the [tool.spleenkit] table's body in a pyproject.toml."""
+    header = re.search(r"^\[tool\.spleenkit\]\s*$", text, re.MULTILINE)
+    if header is None:
+        raise BadInputError(f"{path}: no {HOME_TABLE} table naming the course's GitHub repository and ref")
+    following = re.search(r"^\[", text[header.end():], re.MULTILINE)
+    return header.end(), header.end() + following.start() if following else len(text)
+
+
+def course_home(repo: str | os.PathLike[str] | None = None) -> CourseHome:
+    """The course's GitHub home, read from ``[tool.spleenkit]`` (``repository`` and ``ref``, two plain strings) of
+    the checkout's pyproject.toml (``repo``, default: :func:`find_repo`)."""
+    path = (Path(repo) if repo else find_repo()) / "pyproject.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read the course's GitHub home ({error.strerror or error})") from None
+    begin, end = home_table_span(text, path)
+    values = {}
+    for line in text[begin:end].splitlines():
+        match = _HOME_LINE.match(line.strip())
+        if match:
+            values[match.group("key")] = match.group("value")
+    missing = [key for key in HOME_KEYS if not values.get(key)]
+    if missing:
+        raise BadInputError(f"{path}: {HOME_TABLE} lacks {' and '.join(missing)} (e.g. repository = "
+                            '"OWNER/NAME", ref = "v1.0")')
+    return CourseHome(values["repository"], values["ref"])
+
+
+def __getattr__(name: str) -> str:
+    """``GITHUB_REPOSITORY`` and ``GITHUB_REF``: the current :func:`course_home`, read when asked for."""
+    if name == "GITHUB_REPOSITORY":
+        return course_home().repository
+    if name == "GITHUB_REF":
+        return course_home().ref
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def colab_url(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Open-in-Colab address of a notebook file name (e.g. ``01_data.ipynb``) in a folder of the repository."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{GITHUB_REF}/{folder}/{notebook}"
+    home = home or course_home()
+    return f"https://colab.research.google.com/github/{home.repository}/blob/{home.ref}/{folder}/{notebook}"
 
 
-def binder_url(notebook: str, folder: str = "notebooks") -> str:
+def binder_url(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Binder address that opens a notebook file name (in a folder of the repository) in JupyterLab."""
-    return f"https://mybinder.org/v2/gh/{GITHUB_REPOSITORY}/{GITHUB_REF}?labpath={folder}%2F{notebook}"
+    home = home or course_home()
+    return f"https://mybinder.org/v2/gh/{home.repository}/{home.ref}?labpath={folder}%2F{notebook}"
 
 
-def badges_markdown(notebook: str, folder: str = "notebooks") -> str:
+def badges_markdown(notebook: str, folder: str = "notebooks", home: CourseHome | None = None) -> str:
     """The Colab and Binder badges for the first cell of a notebook (``folder="student"`` for a student copy)."""
+    home = home or course_home()
     return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-            f"({colab_url(notebook, folder)}) "
-            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder)})")
+            f"({colab_url(notebook, folder, home)}) "
+            f"[![Binder](https://mybinder.org/badge_logo.svg)]({binder_url(notebook, folder, home)})")
 
 
-def setup_cell_source() -> str:
+def colab_install(home: CourseHome | None = None) -> str:
+    """What Colab's setup cell installs: the core and ONNX export (notebook 07) from the course's repository and
+    ref (Colab brings torch, Jupyter and widgets itself)."""
+    home = home or course_home()
+    return f"spleenkit[export] @ git+https://github.com/{home.repository}@{home.ref}"
+
+
+def setup_cell_source(home: CourseHome | None = None) -> str:
     """The setup cell every notebook starts with: install the kit only on Colab, show the kit's progress lines
     (:func:`~spleenkit.environment.show_progress`), then :func:`~spleenkit.environment.colab_setup`."""
     return (
         "# Setup: on Google Colab install the kit first; elsewhere it is already installed (see the README).\n"
         "import sys\n\n"
         'if "google.colab" in sys.modules:\n'
-        # the core and ONNX export (notebook 07): Colab brings torch, Jupyter and widgets itself
-        f'    %pip install -q "spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"\n'
+        f'    %pip install -q "{colab_install(home)}"\n'
         "from spleenkit import colab_setup, show_progress\n\n"
         "show_progress()  # long cells show the kit's progress lines as they run\n"
         "on_colab = colab_setup()"
@@ -274,6 +338,12 @@ class NotebookResult:
     parameters: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     peak_mib: float | None = None  # the kernel's process tree at its largest (None: not measured here)
+    # under a memory limit (a cgroup, as Binder enforces it): the group's highest charge (page cache included), the
+    # charges that failed at the limit, and processes killed for memory; None without a limit
+    cgroup_max_usage_mib: float | None = None
+    cgroup_failcnt: int | None = None
+    cgroup_resident_mib: float | None = None  # its highest memory that is not droppable file cache
+    oom_kills: int | None = None
 
 
 @dataclass
@@ -285,6 +355,8 @@ class RunSummary:
     python: str
     results: list[NotebookResult]
     seconds: float = 0.0
+    # the memory limit asked for: {"limit_mib": ..., "applied": bool, "reason": why not applied}; None: none asked
+    memory_limit: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -299,7 +371,8 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {"profile": self.profile, "output_dir": self.output_dir, "python": self.python, "ok": self.ok,
-                "seconds": round(self.seconds, 1), "notebooks": [asdict(r) for r in self.results]}
+                "seconds": round(self.seconds, 1), "memory_limit": self.memory_limit,
+                "notebooks": [asdict(r) for r in self.results]}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -331,17 +404,21 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def this_python_kernel() -> Iterator[str]:
+def this_python_kernel(cgroup_procs: str | os.PathLike[str] | None = None) -> Iterator[str]:
     """A kernel spec named ``python3`` that runs this interpreter, shadowing any other for the duration.
 
     Without it papermill may pick a ``python3`` kernel of another environment (a user-wide
-    kernel spec, say), where the kit is missing or is another version.
+    kernel spec, say), where the kit is missing or is another version. With ``cgroup_procs`` (a memory
+    cgroup's ``cgroup.procs``, see :mod:`spleenkit.memory_cgroup`) each kernel joins that group before it
+    starts, so the kernel and every process it starts live under the group's memory limit.
     """
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    if cgroup_procs is not None:
+        kernel = [sys.executable, "-c", JOIN_AND_EXEC, str(cgroup_procs), *kernel]
     with tempfile.TemporaryDirectory(prefix="spleenkit-kernel-") as folder:
         spec_dir = Path(folder) / "kernels" / "python3"
         spec_dir.mkdir(parents=True)
-        spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "Python 3 (spleenkit)", "language": "python"}
+        spec = {"argv": kernel, "display_name": "Python 3 (spleenkit)", "language": "python"}
         write_json(spec_dir / "kernel.json", spec, indent=1)
         jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
         with _environment({"JUPYTER_PATH": jupyter_path}):
@@ -351,7 +428,8 @@ def this_python_kernel() -> Iterator[str]:
 def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = None,
                   out_dir: str | os.PathLike[str] | None = None, repo: str | os.PathLike[str] | None = None,
                   overrides: dict[str, Any] | None = None, kernel_name: str | None = None,
-                  keep_going: bool = False, log_output: bool = False) -> RunSummary:
+                  keep_going: bool = False, log_output: bool = False,
+                  memory_limit: str | int | None = None) -> RunSummary:
     """Execute the numbered notebooks in order under a profile and write executed copies and ``summary.json``.
 
     ``overrides`` replace shared profile values (e.g. ``data_dir``) for the notebooks that declare
@@ -359,6 +437,14 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     ``keep_going``. ``kernel_name`` None means a kernel running this Python. Each notebook's peak memory
     (its kernel and every process the kernel starts, see :class:`~spleenkit.environment.PeakMemory`) is
     recorded as ``peak_mib``: the figure to hold against a memory limit such as Binder's 2 GiB.
+
+    ``memory_limit`` (``"1800M"``: Binder's 2 GiB less its Jupyter server) runs every kernel, with the processes
+    it starts, inside a Linux memory cgroup with that limit, as Binder enforces it
+    (:class:`~spleenkit.memory_cgroup.MemoryCgroup`): a notebook that does not fit is killed and fails, and each
+    notebook's cgroup figures are recorded (``cgroup_resident_mib``, ``cgroup_max_usage_mib``, ``cgroup_failcnt``,
+    ``oom_kills``; see :class:`~spleenkit.memory_cgroup.MemoryWindow`). Where
+    no cgroup can be made (not root, no cgroup v1, not Linux, a named kernel) the notebooks run without the
+    limit and ``summary.memory_limit["reason"]`` says why.
     """
     import papermill
 
@@ -370,6 +456,7 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
         raise BadInputError(f"{notebook_dir}: no numbered notebooks (NN_short_name.ipynb) to run")
     shared_overrides = _resolve_paths(read_overrides(overrides), repo)
     check_overrides(shared_overrides, notebooks)
+    limit_bytes = None if memory_limit is None else parse_size(memory_limit)
     settings["shared"].update(shared_overrides)
     plan = [(nb, notebook_parameters(nb, settings, shared_overrides)) for nb in notebooks]  # check all first
     out = Path(out_dir).resolve() if out_dir else repo / "runs" / settings["name"] / "notebooks"
@@ -378,10 +465,23 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
     summary = RunSummary(profile=settings["name"], output_dir=str(out), python=sys.executable, results=[])
     started = time.perf_counter()
     failed = False
-    kernel = this_python_kernel() if kernel_name is None else _named_kernel(kernel_name)
     results_file = out / EXERCISE_RESULTS_FILE
     results_file.unlink(missing_ok=True)
-    with kernel as name, _environment({**KERNEL_ENVIRONMENT, RESULTS_ENV: str(results_file)}):
+    with contextlib.ExitStack() as stack:
+        group = None
+        if limit_bytes is not None:
+            reason = "a named kernel (--kernel) starts outside the runner's control" if kernel_name else \
+                cgroup_unavailable()
+            summary.memory_limit = {"limit_mib": round(limit_bytes / MIB, 1), "applied": reason is None,
+                                    "reason": reason}
+            if reason:
+                log.warning("memory limit of %.0f MiB not applied: %s", limit_bytes / MIB, reason)
+            else:
+                group = stack.enter_context(MemoryCgroup(limit_bytes))
+        kernel = _named_kernel(kernel_name) if kernel_name else \
+            this_python_kernel(group.procs_file if group else None)
+        name = stack.enter_context(kernel)
+        stack.enter_context(_environment({**KERNEL_ENVIRONMENT, RESULTS_ENV: str(results_file)}))
         for notebook, parameters in plan:
             result = NotebookResult(notebook=notebook.name, status="not run", parameters=parameters)
             summary.results.append(result)
@@ -389,8 +489,12 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 continue
             output = out / notebook.name
             log.info("running %s with %s", notebook.name, parameters or "its defaults")
+            if group is not None:
+                group.start_window()
+                drop_cached_libraries(sys.prefix, sys.base_prefix)  # charged to the kernel's group when loaded
             tick = time.perf_counter()
-            memory = PeakMemory(include_root=False)  # the kernel and what it starts (torchrun), not the runner
+            # the kernel and what it starts (torchrun), not the runner; with a limit, the group's resident memory too
+            memory = PeakMemory(include_root=False, also=group.sample if group is not None else None)
             try:
                 with memory:
                     papermill.execute_notebook(
@@ -405,9 +509,18 @@ def run_notebooks(profile: str = "quick", only: Iterable[str | int] | None = Non
                 log.error("%s failed (%s: %s)", notebook.name, type(error).__name__, getattr(error, "ename", ""))
             result.seconds = round(time.perf_counter() - tick, 1)
             result.peak_mib = memory.peak_mib
+            if group is not None:
+                window = group.end_window()
+                result.cgroup_max_usage_mib, result.cgroup_failcnt = window.max_usage_mib, window.failcnt
+                result.cgroup_resident_mib, result.oom_kills = window.resident_mib, window.oom_kills
+                if window.oom_kills and result.error:
+                    result.error = (f"{notebook.name}: {window.oom_kills} process(es) killed for memory (OOM) at the "
+                                    f"limit of {window.limit_mib:.0f} MiB\n{result.error}")
             result.output = str(output) if output.exists() else None
-            log.info("%s: %s in %.1f s, peak memory %s MiB", notebook.name, result.status, result.seconds,
-                     result.peak_mib)
+            log.info("%s: %s in %.1f s, peak memory %s MiB%s", notebook.name, result.status, result.seconds,
+                     result.peak_mib, "" if group is None else
+                     f", memory cgroup: {result.cgroup_resident_mib} MiB resident, {result.cgroup_max_usage_mib} MiB "
+                     f"charged at most, {result.oom_kills} OOM kill(s)")
     summary.seconds = time.perf_counter() - started
     write_summary(summary)
     return summary
@@ -423,19 +536,67 @@ def write_summary(summary: RunSummary) -> Path:
     return write_json(Path(summary.output_dir) / "summary.json", summary.to_dict())
 
 
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and its bfloat16 instructions, read without PyTorch (the runner never loads it)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown CPU"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    model = " ".join(fields.get("model name", "unknown CPU").split())
+    flags = set(fields.get("flags", "").split())
+    extras = [flag.upper() for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def memory_record(summary: RunSummary) -> dict[str, Any]:
+    """What the course outline's memory table is made from: each notebook's peak (kernel and children, every page
+    counted once), and under a memory limit the cgroup's highest charge and OOM kills, with the machine and date."""
+    return {
+        "measured": time.strftime("%Y-%m-%d"),
+        "profile": summary.profile,
+        "cpu": _cpu_model(),
+        "memory_limit_mib": (summary.memory_limit or {}).get("limit_mib") if (summary.memory_limit or {}).get(
+            "applied") else None,
+        "notebooks": {r.notebook: {"status": r.status, "peak_mib": r.peak_mib,
+                                   "cgroup_resident_mib": r.cgroup_resident_mib,
+                                   "cgroup_max_usage_mib": r.cgroup_max_usage_mib,
+                                   "cgroup_failcnt": r.cgroup_failcnt, "oom_kills": r.oom_kills}
+                      for r in summary.results},
+    }
+
+
 def format_table(results: Sequence[NotebookResult]) -> str:
-    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak)."""
+    """A plain-text table of notebook / status / seconds / peak MiB, with a total line (and the largest peak);
+    under a memory limit also the cgroup's highest resident memory and highest charge, and its OOM kills."""
     width = max([len("notebook"), *(len(r.notebook) for r in results)])
+    limited = any(r.cgroup_max_usage_mib is not None for r in results)
 
     def mib(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    peaks = [r.peak_mib for r in results if r.peak_mib is not None]
-    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}",
-             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}"]
-    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}" for r in results]
+    def largest(values: Iterable[float | None]) -> float | None:
+        present = [value for value in values if value is not None]
+        return max(present) if present else None
+
+    def extra(row: NotebookResult | None) -> str:
+        if not limited:
+            return ""
+        if row is None:  # the total line
+            return (f"  {mib(largest(r.cgroup_resident_mib for r in results)):>15}  "
+                    f"{mib(largest(r.cgroup_max_usage_mib for r in results)):>16}  "
+                    f"{sum(r.oom_kills or 0 for r in results):>3}")
+        return (f"  {mib(row.cgroup_resident_mib):>15}  {mib(row.cgroup_max_usage_mib):>16}  "
+                f"{'-' if row.oom_kills is None else row.oom_kills:>3}")
+
+    head = f"  {'cgroup resident':>15}  {'cgroup max usage':>16}  {'OOM':>3}" if limited else ""
+    rule = f"  {'-' * 15}  {'-' * 16}  {'-' * 3}" if limited else ""
+    lines = [f"{'notebook':<{width}}  {'status':<8}  {'seconds':>8}  {'peak MiB':>8}{head}",
+             f"{'-' * width}  {'-' * 8}  {'-' * 8}  {'-' * 8}{rule}"]
+    lines += [f"{r.notebook:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {mib(r.peak_mib):>8}{extra(r)}"
+              for r in results]
     lines.append(f"{'total':<{width}}  {'':<8}  {sum(r.seconds for r in results):>8.1f}  "
-                 f"{mib(max(peaks) if peaks else None):>8}")
+                 f"{mib(largest(r.peak_mib for r in results)):>8}{extra(None)}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spleenkit.devices import autocast, choose_precision, use_fast_layout
+from spleenkit.environment import release_free_memory, return_large_blocks_promptly
 from spleenkit.errors import BadInputError
 from spleenkit.images import read_nifti
 from spleenkit.model import check_finite_weights, load_model
@@ -329,7 +330,10 @@ def prepare_prediction(model: str | os.PathLike[str], preset: Preset, device: to
                        stitch_device: str = "auto", largest_component: bool = False,
                        fill_holes: bool = False) -> Prediction:
     """The set-up shared by ``spleenkit evaluate`` and ``spleenkit infer``: load ``model`` strictly (its weights
-    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting."""
+    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting. Large blocks
+    go back to the system when freed from now on, and earlier work's garbage first (:mod:`spleenkit.environment`)."""
+    return_large_blocks_promptly()
+    release_free_memory()
     amp = inference_amp(preset, device, amp)
     network = load_model(model, preset, device)
     check_finite_weights(network, model)

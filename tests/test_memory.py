@@ -4,6 +4,7 @@ runner, and the course outline's table of it, which keeps every notebook within 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +14,11 @@ import nbformat
 import pytest
 
 from spleenkit.environment import PeakMemory, process_tree, process_tree_memory_mib
+from spleenkit.errors import BadInputError
 from spleenkit.notebooks import format_table, list_notebooks, run_notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = list_notebooks(REPO / "notebooks")
-BINDER_MIB = 2048
 MIB = 2**20
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's /proc")
@@ -145,24 +146,60 @@ def test_the_runner_records_each_notebooks_peak(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the course outline's table
-def _memory_rows() -> dict[str, float]:
+PEAK_MIB = 1792  # 1.75 GiB: each notebook's kernel and children, inside Binder's 2 GiB less its server (1800 MiB)
+RECORD = REPO / "notebooks" / "memory.json"
+
+
+def _memory_rows() -> dict[str, tuple[float, float, float, int]]:
+    """The course outline's table: notebook -> (peak, resident, charged, OOM kills)."""
     text = (REPO / "notebooks" / "README.md").read_text()
     assert "### Peak memory (measured)" in text, "the course outline lacks its memory table"
     section = text.split("### Peak memory (measured)")[1].split("\n#")[0]
     rows = {}
     for line in section.splitlines():
-        match = re.match(r"\|\s*(\d\d_\w+\.ipynb)\s*\|\s*([\d.]+)\s*MiB\s*\|", line)
+        match = re.match(r"\|\s*(\d\d_\w+\.ipynb)\s*\|\s*([\d.]+) MiB\s*\|\s*([\d.]+) MiB\s*\|\s*([\d.]+) MiB\s*\|"
+                         r"\s*(\d+)\s*\|", line)
         if match:
-            rows[match.group(1)] = float(match.group(2))
+            rows[match.group(1)] = (*(float(match.group(i)) for i in (2, 3, 4)), int(match.group(5)))
     return rows
 
 
-def test_the_course_outline_gives_every_notebooks_peak_memory_within_binders_2_gib() -> None:
+def test_every_notebook_fits_in_binders_memory_as_measured_from_a_fresh_clone() -> None:
+    """notebooks/memory.json is the runner's record of the run inside an 1800 MiB cgroup: every notebook ran, none
+    was killed, and each peak is within 1.75 GiB."""
+    record = json.loads(RECORD.read_text())
+    assert record["memory_limit_mib"] == 1800 and record["profile"] == "quick"
+    assert list(record["notebooks"]) == [path.name for path in NOTEBOOKS], "measure every notebook"
+    for name, figures in record["notebooks"].items():
+        assert figures["status"] == "ok" and figures["oom_kills"] == 0, name
+        assert figures["peak_mib"] <= PEAK_MIB and figures["cgroup_resident_mib"] <= PEAK_MIB, (name, figures)
+        assert figures["cgroup_max_usage_mib"] <= record["memory_limit_mib"], (name, figures)
+
+
+def test_the_outline_and_the_troubleshooting_page_quote_that_measurement() -> None:
+    record = json.loads(RECORD.read_text())
     rows = _memory_rows()
-    missing = [path.name for path in NOTEBOOKS if path.name not in rows]
-    assert not missing, f"no measured peak memory in notebooks/README.md for {missing}"
-    over = {name: mib for name, mib in rows.items() if mib > BINDER_MIB}
-    assert not over, f"above Binder's {BINDER_MIB} MiB: {over}"
+    assert set(rows) == set(record["notebooks"]), "the outline's table lists every measured notebook"
+    for name, figures in record["notebooks"].items():
+        measured = (round(figures["peak_mib"]), round(figures["cgroup_resident_mib"]),
+                    round(figures["cgroup_max_usage_mib"]), figures["oom_kills"])
+        assert rows[name] == measured, f"{name}: the outline says {rows[name]}, notebooks/memory.json {measured}"
+    largest = round(max(figures["peak_mib"] for figures in record["notebooks"].values()))
+    outline = (REPO / "notebooks" / "README.md").read_text()
+    assert f"Measured on {record['measured']}" in outline and f"went above {largest} MiB" in outline
+    troubleshooting = (REPO / "docs" / "troubleshooting.md").read_text()
+    assert f"went above **{largest} MiB**" in troubleshooting and "1800 MiB memory cgroup" in troubleshooting
+
+
+def test_the_record_is_what_the_runner_writes() -> None:
+    """The committed record has the runner's own shape (spleenkit notebooks run --memory-record), not a hand copy's."""
+    from spleenkit.notebooks import NotebookResult, RunSummary, memory_record
+
+    made = memory_record(RunSummary("quick", "out", "python", [NotebookResult("00_x.ipynb", "ok")],
+                                    memory_limit={"limit_mib": 1800.0, "applied": True, "reason": None}))
+    record = json.loads(RECORD.read_text())
+    assert set(record) == set(made)
+    assert set(next(iter(record["notebooks"].values()))) == set(made["notebooks"]["00_x.ipynb"])
 
 
 # --------------------------------------------------------------------------- what the kit does to stay small
@@ -199,3 +236,102 @@ def test_the_process_count_is_found_without_loading_torch_on_a_machine_without_g
         assert out.split()[1] == "True"  # a GPU machine asks torch how many
     else:
         assert out.split() == ["2", "False"], out
+
+
+# --------------------------------------------------------------------------- a memory limit as Binder enforces it
+def test_memory_sizes_are_read_as_binary_units_and_nonsense_is_refused() -> None:
+    from spleenkit.memory_cgroup import parse_size
+
+    assert parse_size("1800M") == 1800 * MIB == parse_size("1800MiB") == parse_size("1800Mi")
+    assert parse_size("1.75G") == int(1.75 * 2**30) and parse_size("2Gi") == 2**31 and parse_size(2**30) == 2**30
+    for bad, message in (("12 parsecs", "not a memory size"), ("10M", "below 64 MiB"), ("", "not a memory size")):
+        with pytest.raises(BadInputError, match=message):
+            parse_size(bad)
+
+
+def test_where_no_cgroup_can_be_made_the_reason_is_given(tmp_path: Path) -> None:
+    from spleenkit.memory_cgroup import cgroup_unavailable
+
+    assert "no cgroup v1 memory controller" in cgroup_unavailable(tmp_path)
+    (tmp_path / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    tmp_path.chmod(0o555)
+    try:
+        if os.geteuid() != 0:  # root writes anywhere
+            assert "not writable" in cgroup_unavailable(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_the_memory_a_process_may_use_is_its_containers_limit(tmp_path: Path) -> None:
+    """Binder's pod shows the whole machine in /proc/meminfo; its cgroup's limit is what the kit plans with."""
+    from spleenkit.environment import _cgroup_limit_bytes
+
+    v2 = tmp_path / "v2"
+    (v2 / "pod" / "container").mkdir(parents=True)
+    (v2 / "pod" / "memory.max").write_text(f"{2**31}\n")
+    (v2 / "pod" / "container" / "memory.max").write_text("max\n")
+    (tmp_path / "cgroup-v2").write_text("0::/pod/container\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v2", v2) == 2**31
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.stat").write_text(f"cache 0\nhierarchical_memory_limit {1800 * MIB}\n")
+    (tmp_path / "cgroup-v1").write_text("4:memory:/job\n3:cpu:/\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v1", v1) == 1800 * MIB
+    (v1 / "memory" / "job" / "memory.stat").write_text("hierarchical_memory_limit 9223372036854771712\n")
+    assert _cgroup_limit_bytes(tmp_path / "cgroup-v1", v1) is None  # no limit
+
+
+def _tiny_notebooks(root: Path, sizes: dict[str, int]) -> Path:
+    (root / "notebooks" / "profiles").mkdir(parents=True)
+    (root / "notebooks" / "profiles" / "quick.yaml").write_text("shared: {}\n")
+    for name, size in sizes.items():
+        notebook = nbformat.v4.new_notebook()
+        notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        notebook.cells = [nbformat.v4.new_code_cell(
+            "import time\nfrom spleenkit.environment import total_memory_gib\nprint('limit seen', total_memory_gib())\n"
+            f"block = bytearray({size} << 20)\nblock[::4096] = b'x' * ({size} * 256)\ntime.sleep(0.5)")]
+        nbformat.write(notebook, root / "notebooks" / name)
+    return root
+
+
+@pytest.mark.notebooks
+def test_each_kernel_runs_under_the_memory_limit_and_one_that_does_not_fit_is_killed(tmp_path: Path) -> None:
+    from spleenkit.memory_cgroup import cgroup_unavailable
+
+    reason = cgroup_unavailable()
+    if reason:
+        pytest.skip(f"no memory cgroup here: {reason}")
+    repo = _tiny_notebooks(tmp_path, {"00_fits.ipynb": 100, "01_too_large.ipynb": 400, "02_after.ipynb": 50})
+    summary = run_notebooks(repo=repo, out_dir=tmp_path / "out", memory_limit="300M", keep_going=True)
+    fits, too_large, after = summary.results
+    assert summary.memory_limit == {"limit_mib": 300.0, "applied": True, "reason": None}
+    assert fits.status == "ok" and fits.oom_kills == 0 and 100 <= fits.cgroup_max_usage_mib < 300
+    assert 100 <= fits.cgroup_resident_mib <= fits.cgroup_max_usage_mib  # the 100 MiB block, without file cache
+    assert too_large.status == "failed" and too_large.oom_kills >= 1 and too_large.cgroup_max_usage_mib >= 299
+    assert "killed for memory (OOM) at the limit of 300 MiB" in too_large.error
+    assert after.status == "ok" and after.oom_kills == 0  # the group was emptied: the next notebook starts afresh
+    executed = nbformat.read(tmp_path / "out" / "00_fits.ipynb", as_version=4)
+    assert "limit seen 0.29" in executed.cells[0].outputs[0].text  # the kernel plans with the limit it is under
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["memory_limit"]["applied"] and saved["notebooks"][1]["oom_kills"] >= 1
+    table = format_table(summary.results)
+    assert "cgroup resident" in table.splitlines()[0] and "OOM" in table.splitlines()[0]
+    assert not list(Path(__import__("spleenkit.memory_cgroup").memory_cgroup.own_memory_cgroup()).glob(
+        f"spleenkit-{os.getpid()}-*")), "the cgroup is removed after the run"
+
+
+@pytest.mark.notebooks
+def test_where_the_limit_cannot_be_applied_the_notebooks_run_and_the_reason_is_printed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from spleenkit import memory_cgroup
+    from spleenkit.cli import main
+
+    monkeypatch.setattr(memory_cgroup, "CGROUP_V1_MEMORY", tmp_path / "no-cgroups")
+    repo = _tiny_notebooks(tmp_path / "repo", {"00_small.ipynb": 10})
+    monkeypatch.chdir(repo / "notebooks")
+    assert main(["notebooks", "run", "--memory-limit", "1800M", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "memory limit of 1800 MiB not applied: no cgroup v1 memory controller" in err
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["memory_limit"]["applied"] is False and saved["notebooks"][0]["status"] == "ok"
+    assert saved["notebooks"][0]["cgroup_max_usage_mib"] is None

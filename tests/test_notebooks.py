@@ -7,17 +7,18 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import quote
 
 import nbformat
 import pytest
 
-from spleenkit import __version__
 from spleenkit.cli import main
 from spleenkit.course import course_rows
 from spleenkit.errors import BadInputError
 from spleenkit.exercises import read_results
+from spleenkit.memory_cgroup import cgroup_unavailable
 from spleenkit.notebooks import (
     EXERCISE_RESULTS_FILE,
     GITHUB_REF,
@@ -27,6 +28,7 @@ from spleenkit.notebooks import (
     badges_markdown,
     binder_url,
     colab_url,
+    course_home,
     format_table,
     keeps_output,
     list_notebooks,
@@ -43,6 +45,8 @@ from spleenkit.notebooks import (
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
+BINDER_LIMIT = "1800M"  # Binder's 2 GiB for the whole session, less its Jupyter server
+PEAK_MIB = 1792  # 1.75 GiB: every notebook's kernel and children, with room below the limit
 NOTEBOOKS = list_notebooks(NOTEBOOK_DIR)
 IDS = [path.stem for path in NOTEBOOKS]
 
@@ -86,7 +90,7 @@ def test_first_cell_has_title_objectives_duration_and_badges(path: Path) -> None
 
 
 def test_badges_and_the_colab_install_point_at_one_release_and_each_notebooks_own_path() -> None:
-    assert GITHUB_REF == f"v{__version__}", "the notebooks and the library Colab installs come from one tag"
+    assert (GITHUB_REPOSITORY, GITHUB_REF) == (course_home(REPO).repository, course_home(REPO).ref)  # one setting
     setup = setup_cell_source()
     # the lean core plus ONNX export: no JupyterLab server or test tools on Colab
     assert f'"spleenkit[export] @ git+https://github.com/{GITHUB_REPOSITORY}@{GITHUB_REF}"' in setup
@@ -272,13 +276,23 @@ def test_every_notebook_runs_under_the_quick_profile(tmp_path: Path) -> None:
     # Executed copies stay in $SPLEENKIT_NOTEBOOK_ARTIFACTS when set (scripts/test.sh sets runs/test), and
     # so do the run folders. The data are the profile's (data/synthetic, made by notebook 01 when missing),
     # the same folder nbval's run of 01 reads afterwards: the phantoms are made once per checkout.
+    # Where the machine allows it (root, cgroup v1: CI), every kernel runs inside a memory cgroup of Binder's size,
+    # so a notebook that would not fit there is killed and fails here.
+    unavailable = cgroup_unavailable()
+    if unavailable:
+        warnings.warn(f"the notebooks ran without Binder's memory limit ({BINDER_LIMIT}): {unavailable}", stacklevel=1)
     artifacts = Path(os.environ.get("SPLEENKIT_NOTEBOOK_ARTIFACTS") or tmp_path)
     shutil.rmtree(artifacts, ignore_errors=True)
     summary = run_notebooks("quick", out_dir=artifacts / "notebooks", repo=REPO,
-                            overrides={"runs_dir": str(artifacts / "runs")})
+                            overrides={"runs_dir": str(artifacts / "runs")},
+                            memory_limit=None if unavailable else BINDER_LIMIT)
     print(format_table(summary.results))
     require_ok(summary)
     assert [r.notebook for r in summary.results] == [p.name for p in NOTEBOOKS]
+    if not unavailable:
+        assert all(r.oom_kills == 0 for r in summary.results)
+        over = {r.notebook: r.peak_mib for r in summary.results if r.peak_mib is not None and r.peak_mib > PEAK_MIB}
+        assert not over, f"notebooks above {PEAK_MIB} MiB (kernel and children) inside Binder's limit: {over}"
     # the runner is strict about exercises (a wrong solution fails its notebook); also make sure every
     # exercise's check ran and said correct: the instructor copies teach what the student copies ask
     rows = course_rows(NOTEBOOKS, read_results(artifacts / "notebooks" / EXERCISE_RESULTS_FILE))

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from spleenkit.data.datalist import Datalist
 from spleenkit.devices import use_fast_layout
 from spleenkit.distributed import is_main_process, train_sampler, unwrap_model
-from spleenkit.environment import release_free_memory
+from spleenkit.environment import SMALL_MEMORY_GIB, release_free_memory, total_memory_gib
 from spleenkit.errors import BadInputError
-from spleenkit.predict import autocast_inferer
+from spleenkit.predict import autocast_inferer, make_inferer
 from spleenkit.presets import Preset, get_preset
 from spleenkit.runs import MODEL_NAME
 from spleenkit.training.handlers import RunRecorder, StopOnNonFinite, ValidateAndKeepBest
@@ -81,6 +81,11 @@ def build_datasets(train_items: Datalist, validation_items: Datalist, preset: Pr
         suggestion = max(0.0, round(rate * 0.8 * estimate.available_bytes / estimate.total_bytes, 2))
         log.warning("the cache may not fit in memory; lower the cache rate (e.g. cache_rate=%s / --cache-rate %s)",
                     suggestion, suggestion)
+    memory = total_memory_gib()
+    if workers > 1 and memory is not None and memory < SMALL_MEMORY_GIB:
+        # each thread resamples a whole original volume at once (hundreds of MB for a large one)
+        log.info("filling the cache one case at a time: %.1f GiB of memory here", memory)
+        workers = 1
     # copy_cache=False: the random crops never modify the cached volume in place, so no deep copy per draw
     train = CacheDataset(train_items, training_transforms(preset), cache_rate=rate, num_workers=workers,
                          progress=progress, copy_cache=False)
@@ -178,12 +183,11 @@ def build_evaluator(network: torch.nn.Module, validation_loader: Iterable, prese
     softmax + argmax, MeanDice without background (the bundle's key metric ``val_mean_dice``)."""
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanDice, StatsHandler, from_engine
-    from monai.inferers import SlidingWindowInferer
     from monai.transforms import Activationsd, AsDiscreted, Compose
 
-    window = SlidingWindowInferer(roi_size=tuple(preset.validation_roi_size),
-                                  sw_batch_size=preset.sliding_window_batch_size,
-                                  overlap=preset.sliding_window_overlap)
+    # the evaluator moves each case to the device; windows run there and the stitched volume stays there (the
+    # bundle's validate#inferer: sw_device and device both @device)
+    window = make_inferer(preset, device=device, stitch_device="auto")
     postprocessing = Compose([
         Activationsd(keys="pred", softmax=True),
         AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=2),

@@ -29,6 +29,7 @@ from spleenkit.distributed import (
     check_sync_bn,
     describe_training,
     gather_objects,
+    in_turn,
     is_main_process,
     scale_learning_rate,
     share_training_data,
@@ -36,7 +37,13 @@ from spleenkit.distributed import (
     workers_per_process,
     wrap_model,
 )
-from spleenkit.environment import peak_memory_mib
+from spleenkit.environment import (
+    SMALL_MEMORY_GIB,
+    peak_memory_mib,
+    release_free_memory,
+    return_large_blocks_promptly,
+    total_memory_gib,
+)
 from spleenkit.errors import BadInputError, NonFiniteTrainingError
 from spleenkit.manifest import build_manifest, now, read_manifest, write_manifest, write_stopped_manifest
 from spleenkit.model import build_unet, load_weights
@@ -142,12 +149,20 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     if sync_bn:
         check_sync_bn(torch_device)
     check_step_fits(preset, torch_device)
-    with output_folder(run_dir, lock=is_main_process()):
-        resume = decide_resume(run_dir, resume, start_afresh) if is_main_process() else resume
-        return _train_in_folder(
-            data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate, resume=resume,
-            resume_anyway=resume_anyway, num_workers=num_workers, progress=progress, distributed=distributed,
-            sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started, init_weights=init_weights)
+    # memory: large blocks go back to the system when freed, and what earlier work left (a notebook's other
+    # trainings) is freed before this one fills its cache, and this one's after it (see spleenkit.environment)
+    return_large_blocks_promptly()
+    release_free_memory()
+    try:
+        with output_folder(run_dir, lock=is_main_process()):
+            resume = decide_resume(run_dir, resume, start_afresh) if is_main_process() else resume
+            return _train_in_folder(
+                data_dir, run_dir, preset, torch_device, amp=amp, base_learning_rate=base_learning_rate,
+                resume=resume, resume_anyway=resume_anyway, num_workers=num_workers, progress=progress,
+                distributed=distributed, sync_bn=sync_bn, scale_lr=scale_lr, started_at=started_at, started=started,
+                init_weights=init_weights)
+    finally:
+        release_free_memory()
 
 
 def _train_in_folder(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], preset: Preset,
@@ -213,8 +228,13 @@ def _build_engines(train_items: Datalist, validation_items: Datalist, preset: Pr
 
     set_determinism(seed=preset.seed + start_epoch)
     share = share_training_data(train_items, validation_items, distributed, preset.cache_rate, preset.seed)
-    datasets = build_datasets(share.train_items, share.validation_items, preset, cache_rate=preset.cache_rate,
-                              num_workers=max(1, workers), progress=progress)
+    memory = total_memory_gib()
+    # with little memory the processes of one machine fill their caches in turn: each fill peaks at a whole
+    # original volume resampled, and two at once can take a notebook session past its limit
+    datasets = in_turn(lambda: build_datasets(share.train_items, share.validation_items, preset,
+                                              cache_rate=preset.cache_rate, num_workers=max(1, workers),
+                                              progress=progress),
+                       distributed, enabled=memory is not None and memory < SMALL_MEMORY_GIB)
     train_loader, validation_loader = build_loaders(datasets, preset, num_workers=workers,
                                                     distributed=distributed is not None and not share.partitioned)
     # the layout is set before DDP wraps the network (its gradient buckets follow the weights' layout)
