@@ -74,9 +74,10 @@ def export_torchscript(network: torch.nn.Module, out: str | os.PathLike[str],
 
 def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
                 sample_shape: tuple[int, ...] = SAMPLE_SHAPE,
-                check: Callable[[Path], None] | None = None) -> Path:
+                check: Callable[[Path], None] | None = None, recipe: dict[str, Any] | None = None) -> Path:
     """Export ``network`` to ONNX with any batch size and any spatial size divisible by 16 (``check`` as for
-    :func:`export_torchscript`).
+    :func:`export_torchscript`); ``recipe`` goes into the model's metadata (:data:`RECIPE_KEY`), which marks the
+    file as the kit's export.
 
     Weights below :data:`ONNX_EMBED_LIMIT` are embedded, so the file is whole on its own; larger ones go into
     ``NAME.data`` beside it (ONNX's 2 GB limit), named after the final file and placed first. Either way the
@@ -100,6 +101,7 @@ def export_onnx(network: torch.nn.Module, out: str | os.PathLike[str],
     def write(path: Path) -> None:
         torch.onnx.export(network, (sample,), str(path), dynamo=True, input_names=["image"], output_names=["pred"],
                           dynamic_shapes=dynamic, verbose=False, **options)
+        mark_onnx(path, recipe)
 
     def check_elsewhere(path: Path) -> None:  # what a user's copy of the file (and its named companion) gets
         import shutil
@@ -207,11 +209,11 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
 
     The network is the model's own recipe's (:func:`spleenkit.model.recipe_for`: carried in model.pt, else its run
     manifest, else seed with a warning; another ``preset`` that changes the masks needs ``force_preset``), and the
-    recipe goes into the TorchScript file's metadata (``spleenkit_recipe``). Loads strictly with
-    ``weights_only=True`` and refuses NaN or infinite weights; an existing ``out`` that is not a model export
-    (TorchScript, ONNX) is refused, never overwritten; with ``check`` each exported file is run against the eager
-    network *before* it replaces an earlier export, and a difference above :data:`TOLERANCE` is an error that
-    leaves the earlier file as it was. Returns a summary.
+    recipe goes into the metadata of each file (``spleenkit_recipe``). Loads strictly with ``weights_only=True`` and
+    refuses NaN or infinite weights; an existing ``out`` that is not the kit's own export (:func:`is_kit_export`:
+    another tool's model, a user's notes) is refused, never overwritten; with ``check`` each exported file is run
+    against the eager network *before* it replaces an earlier export, and a difference above :data:`TOLERANCE` is
+    an error that leaves the earlier file as it was. Returns a summary.
     """
     out = Path(out)
     if out.is_dir():
@@ -230,7 +232,9 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
             metadata = json.loads(Path(metadata_file).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise BadInputError(f"cannot read the metadata ({error})", metadata_file) from error
-    metadata = {**metadata, RECIPE_KEY: recipe.to_dict()} if isinstance(metadata, dict) else metadata
+        if not isinstance(metadata, dict):
+            raise BadInputError("the metadata must be one JSON object (as a bundle's metadata.json is)", metadata_file)
+    metadata = {**metadata, RECIPE_KEY: recipe.to_dict()}
     differences: dict[str, float] = {}
 
     def checked(kind: str) -> Callable[[Path], None] | None:
@@ -238,7 +242,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
 
     written = {"torchscript": export_torchscript(network, out, metadata, check=checked("torchscript"))}
     if onnx:
-        written["onnx"] = export_onnx(network, onnx_out, check=checked("onnx"))
+        written["onnx"] = export_onnx(network, onnx_out, check=checked("onnx"), recipe=recipe.to_dict())
     summary: dict[str, Any] = {kind: str(path) for kind, path in written.items()}
     for kind, difference in differences.items():
         summary[f"{kind}_max_abs_difference"] = difference
@@ -247,31 +251,47 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], pre
     return summary
 
 
-def refuse_non_export(path: str | os.PathLike[str], kind: str = "torchscript") -> None:
-    """Refuse to overwrite an existing ``path`` that is not a model export (a TorchScript archive, an ONNX model):
-    ``--out notes.txt`` must not replace the notes."""
+def mark_onnx(path: Path, recipe: dict[str, Any] | None) -> None:
+    """Store ``recipe`` in the ONNX model's metadata_props under :data:`RECIPE_KEY` (external weights untouched)."""
+    import onnx
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {RECIPE_KEY: json.dumps(recipe or {}, sort_keys=True)})
+    onnx.save_model(model, str(path))
+
+
+def is_kit_export(path: str | os.PathLike[str], kind: str = "torchscript") -> bool:
+    """True when ``path`` is a model export written by the kit: a TorchScript archive or an ONNX model whose
+    metadata holds the recipe (:data:`RECIPE_KEY`). Reads the metadata only, not the weights."""
     import zipfile
 
+    path = Path(path)
+    if kind == "torchscript":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [name for name in archive.namelist() if name.endswith("/extra/metadata.json")]
+                return bool(names) and RECIPE_KEY in json.loads(archive.read(names[0]) or b"{}")
+        except (zipfile.BadZipFile, OSError, ValueError, TypeError):
+            return False
+    try:
+        import onnx
+
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a protobuf ONNX model
+        return False
+    return any(prop.key == RECIPE_KEY for prop in model.metadata_props)
+
+
+def refuse_non_export(path: str | os.PathLike[str], kind: str = "torchscript") -> None:
+    """Refuse to overwrite an existing ``path`` that is not the kit's own model export (:func:`is_kit_export`):
+    ``--out notes.txt`` must not replace the notes, nor ``--out model.ts`` a model another tool exported."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_file():
         raise BadInputError("exists and is not a file; give the file to write", path)
-    if kind == "torchscript":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                ok = any(name.endswith("/data.pkl") for name in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            ok = False
-    else:
-        try:
-            import onnx
-
-            onnx.load_model(str(path), load_external_data=False)
-            ok = True
-        except Exception:  # noqa: BLE001 - not a protobuf ONNX model
-            ok = False
-    if not ok:
-        what = "a TorchScript" if kind == "torchscript" else "an ONNX"
-        raise BadInputError(f"exists and is not {what} model export; refusing to overwrite it: choose another --out, "
-                            "or move the file away", path)
+    if not is_kit_export(path, kind):
+        what = "TorchScript" if kind == "torchscript" else "ONNX"
+        raise BadInputError(f"exists and is not a spleenkit {what} export (the kit's recipe is not in its "
+                            "metadata); refusing to overwrite it: choose another --out, or move the file away", path)

@@ -377,17 +377,56 @@ def test_large_onnx_weights_go_into_a_named_file_beside_it(onnx_ready: None, tin
     assert export.parity(load_model(tiny_model, TINY), elsewhere / "m.onnx") < 1e-4
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "model.ts", "model.onnx"])
-def test_export_never_overwrites_a_file_that_is_not_an_export(name: str, tiny_model: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def another_tools_export(target: Path) -> None:
+    """A model exported by another tool: a TorchScript archive (as ``ckpt_export`` writes one, with metadata) or an
+    ONNX model, neither carrying the kit's recipe."""
+    import torch
+    from monai.data import save_net_with_metadata
+
+    network = torch.nn.Conv3d(1, 2, 1)
+    if target.suffix == ".ts":
+        save_net_with_metadata(torch.jit.script(network), str(target), include_config_vals=False,
+                               meta_values={"version": "0.5.9"})
+    else:
+        torch.onnx.export(network, (torch.zeros(1, 1, 4, 4, 4),), str(target), dynamo=True)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "model.ts", "model.onnx", "other-tool/model.ts",
+                                  "other-tool/model.onnx"])
+def test_export_never_overwrites_a_file_that_is_not_the_kits_export(name: str, tiny_model: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / name
-    target.write_text("my notes, not a model")
+    if name.startswith("other-tool/"):
+        target.parent.mkdir()
+        another_tools_export(target)
+    else:
+        target.write_text("my notes, not a model")
     before = digests(tmp_path)
-    out = tmp_path / ("model.ts" if name == "model.onnx" else name)
+    out = target.with_suffix(".ts") if target.suffix == ".onnx" else target
     assert main(["export", "--model", str(tiny_model), "--out", str(out), "--onnx"]) == 2
     line = error_of(capsys)
-    assert f"{target}: exists and is not a" in line and "refusing to overwrite it" in line
+    assert f"{target}: exists and is not a spleenkit" in line and "refusing to overwrite it" in line
     assert digests(tmp_path) == before
+
+
+def test_export_replaces_its_own_export_and_marks_both_files(onnx_ready: None, tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    from spleenkit.export import is_kit_export
+
+    out = tmp_path / "model.ts"
+    for _ in range(2):
+        assert main(["export", "--model", str(tiny_model), "--out", str(out), "--onnx"]) == 0
+    assert is_kit_export(out, "torchscript") and is_kit_export(out.with_suffix(".onnx"), "onnx")
+
+
+def test_export_refuses_metadata_that_is_not_one_object(tiny_model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text("[1, 2]")
+    assert main(["export", "--model", str(tiny_model), "--out", str(tmp_path / "m.ts"), "--metadata",
+                 str(metadata)]) == 2
+    assert f"{metadata}: the metadata must be one JSON object" in error_of(capsys)
+    assert not (tmp_path / "m.ts").exists()
 
 
 def test_synth_force_removes_only_what_the_generator_wrote(tmp_path: Path) -> None:
