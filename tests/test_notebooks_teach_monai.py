@@ -68,3 +68,21 @@ def test_the_first_notebooks_have_the_students_write_monai(notebook: str) -> Non
     for name in WRITTEN_BY_STUDENTS[notebook]:
         assert name in imported and name in used, f"{notebook}: no exercise has the students write {name}"
         assert name in tasks, f"{notebook}: no task names {name}"
+
+
+@pytest.mark.parametrize("preset", ["seed", "bundle-0.5.9", "tutorial", "fast", "quick"])
+def test_03s_schedule_in_view_steps_as_the_package_does(preset: str) -> None:
+    """03's engines in view step the recipe's schedule when spleenkit.train does: StepLR once per epoch, as bundle
+    0.5.9's LrScheduleHandler does, the cosine decay once per iteration."""
+    from spleenkit.presets import get_preset
+    from spleenkit.training import epoch_level_schedule
+
+    assignments = {node.targets[0].id: node.value for node in ast.walk(code_in_view("03_training"))
+                   if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    handlers = [node for node in ast.walk(code_in_view("03_training")) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "LrScheduleHandler"]
+    assert [ast.unparse(keyword.value) for handler in handlers for keyword in handler.keywords
+            if keyword.arg == "epoch_level"] == ["schedule_per_epoch"]
+    in_view = eval(compile(ast.Expression(assignments["schedule_per_epoch"]), "03", "eval"),  # noqa: S307
+                   {"recipe": get_preset(preset)})
+    assert in_view == epoch_level_schedule(preset)
