@@ -336,10 +336,13 @@ class Preset:
     def from_dict(cls, data: Mapping[str, Any]) -> Preset:
         """The preset :meth:`to_dict` wrote (a run manifest's ``parameters.preset``): the named preset with the
         stored settings applied through :func:`resolve_preset`. A setting this version does not know is an error
-        naming it."""
+        naming it; one it added since is given the value the stored run used."""
         if not isinstance(data, Mapping) or not data.get("name"):
             raise BadInputError(f"a stored preset needs a name and its settings, not {data!r:.80}")
         settings = {key: value for key, value in data.items() if key not in ("name", "description", "extra")}
+        if "include_background" not in settings:  # stored before the field existed: the loss those runs trained with
+            loss = settings.get("loss", getattr(PRESETS.get(str(data["name"])), "loss", None))
+            settings["include_background"] = loss != "dice_ce"  # DiceCELoss(False) then, DiceLoss's default True
         return resolve_preset(str(data["name"]), settings)
 
     def precision_request(self, amp: bool | None = None) -> bool | None:

@@ -322,6 +322,22 @@ def test_resume_with_another_recipe_is_refused_listing_the_differences(one_epoch
     assert manifest["recipe_changes_on_resume"] == ["learning_rate: 0.001 -> 0.0005"]
 
 
+def test_a_run_recorded_before_a_recipe_setting_existed_resumes(one_epoch_run: Path, synthetic_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from spleenkit.training import train
+
+    run = Path(shutil.copytree(one_epoch_run, tmp_path / "run"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["parameters"]["preset"]["include_background"]  # as a run of an earlier version records it
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = train(synthetic_dataset, run, "quick", epochs=2, resume=True, **TRAIN)
+    assert result.resumed_from_epoch == 1 and result.epochs == 2
+    assert read_manifest(run).get("recipe_changes_on_resume", []) == []
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_a_learning_rate_that_is_not_a_finite_positive_number_is_refused_up_front(
         value: str, synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

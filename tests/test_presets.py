@@ -209,6 +209,15 @@ def test_a_stored_preset_with_an_unknown_setting_or_no_name_is_refused() -> None
         Preset.from_dict({"patch_size": [64, 64, 64]})
 
 
+@pytest.mark.parametrize(("name", "trained_with"), [("seed", False), ("bundle-0.5.9", False), ("quick", False),
+                                                   ("tutorial", True)])
+def test_a_run_stored_before_include_background_keeps_the_loss_it_trained_with(name: str, trained_with: bool) -> None:
+    # the loss then: DiceCELoss(include_background=False) for dice_ce recipes, DiceLoss's default (True) for "dice"
+    stored = {key: value for key, value in get_preset(name).to_dict().items() if key != "include_background"}
+    assert Preset.from_dict(stored).include_background is trained_with
+    assert Preset.from_dict({**stored, "loss": "dice"}).include_background is True
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_survives_its_dictionary(name: str) -> None:
     preset = get_preset(name, patch_size=48, learning_rate=3e-4)

@@ -84,7 +84,14 @@ def restore_checkpoint(trainer: SupervisedTrainer, checkpoint: dict[str, Any],
 
 def recipe_differences(old: dict[str, Any], new: Preset) -> list[str]:
     """The preset settings (other than :data:`RESUMABLE_SETTINGS`) that differ between a run's recorded
-    preset (``manifest["parameters"]["preset"]``) and ``new``, as "name: old -> new" lines."""
+    preset (``manifest["parameters"]["preset"]``) and ``new``, as "name: old -> new" lines. A recorded preset is
+    read through :meth:`Preset.from_dict` first, so a setting added since it was written counts with the value the
+    run used, not as missing."""
+    try:
+        old = Preset.from_dict(old).to_dict()
+    except BadInputError:  # damaged, or written by a newer version: compare what is there
+        pass
+    old = json.loads(json.dumps(old, default=str))
     current = json.loads(json.dumps(new.to_dict(), default=str))
     changes = []
     for key in sorted(set(old) | set(current)):
