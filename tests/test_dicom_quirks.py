@@ -440,17 +440,23 @@ def test_dcmqi_refusing_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the reported case, end to end
+def infer_command(source: Path, model: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """``spleenkit infer`` in a child process, as a user runs it: exit 0 and no traceback asserted."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "spleenkit", "infer", "--input", str(source), "--model", str(model),
+                           "--out", str(out), "--no-overlay"],
+                          capture_output=True, text=True, timeout=600, env=environment, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done
+
+
 def test_the_reported_series_through_the_command_with_the_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
     """The anonymised JPEG 2000 series whose empty SOPClassUID made highdicom raise KeyError: '' after the mask
     was written: now exit 0, the SEG written and read back by dcmqi, what was derived in the manifest."""
     folder = tmp_path / "Anon_Abdomen"
     sop_class_empty_jpeg_2000(folder)
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "spleenkit", "infer", "--input", str(folder), "--model",
-                           str(tiny_model), "--out", str(tmp_path / "out"), "--no-overlay"],
-                          capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    infer_command(folder, tiny_model, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     (case,) = manifest["cases"]
     assert case["segmentation"] == str(tmp_path / "out" / f"Anon_Abdomen{SEG_SUFFIX}")
@@ -639,12 +645,7 @@ def test_a_media_export_through_the_command_from_its_root(tiny_model: Path, tmp_
     generator made, and its SEG read back by dcmqi equals its mask; what is not a volume is named."""
     disc = tmp_path / "CD_2019"
     truth = export_of_two_series(disc)
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "spleenkit", "infer", "--input", str(disc), "--model",
-                           str(tiny_model), "--out", str(tmp_path / "out"), "--no-overlay"],
-                          capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    infer_command(disc, tiny_model, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [case["name"] for case in manifest["cases"]] == ["CD_2019_series3", "CD_2019_series4"]
     assert manifest["skipped"] == [
