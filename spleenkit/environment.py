@@ -119,16 +119,23 @@ def release_free_memory() -> bool:
 _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 64 * 1024
 
 
-def return_large_blocks_promptly() -> bool:
-    """Make every block of 64 KiB or more (each volume, crop and feature map) come straight from the system and go
-    straight back when freed, in this process and from now on (glibc's ``mallopt(M_MMAP_THRESHOLD)``).
+def return_large_blocks_promptly(below_gib: float | None = SMALL_MEMORY_GIB) -> bool:
+    """Where memory is small (:func:`total_memory_gib` below ``below_gib``: a Binder session's 2 GiB), make every
+    block of 64 KiB or more (each volume, crop and feature map) come straight from the system and go straight back
+    when freed, in this process and from now on (glibc's ``mallopt(M_MMAP_THRESHOLD)``); ``below_gib=None``: always.
 
     By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which volumes
     are carved out of the heap and their pages stay with the process: a training or a cache fill then holds
     200-400 MB more than it uses (measured on the quick recipe: peak 1053 against 849 MiB), enough to push a
-    notebook over Binder's 2 GiB. The same setting is the environment variable ``MALLOC_MMAP_THRESHOLD_``.
-    True where it was set (Linux with glibc).
+    notebook over Binder's 2 GiB. The price is time: every feature map then costs a fresh mapping and its page
+    faults, and a training step of the quick recipe on a CPU takes 1.6-1.8x as long (0.39-0.42 s against
+    0.23-0.25 s), so where memory is plentiful glibc's default stays. The same setting is the environment variable
+    ``MALLOC_MMAP_THRESHOLD_``. True where it was set (Linux with glibc, memory small).
     """
+    if below_gib is not None:
+        memory = total_memory_gib()
+        if memory is None or memory >= below_gib:
+            return False
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
 

@@ -330,8 +330,9 @@ def prepare_prediction(model: str | os.PathLike[str], preset: Preset, device: to
                        stitch_device: str = "auto", largest_component: bool = False,
                        fill_holes: bool = False) -> Prediction:
     """The set-up shared by ``spleenkit evaluate`` and ``spleenkit infer``: load ``model`` strictly (its weights
-    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting. Large blocks
-    go back to the system when freed from now on, and earlier work's garbage first (:mod:`spleenkit.environment`)."""
+    must be finite), fold batch norm, choose the precision, make the inferer, and name every setting. Where memory is
+    small, large blocks go back to the system when freed from now on; earlier work's garbage goes first
+    (:mod:`spleenkit.environment`)."""
     return_large_blocks_promptly()
     release_free_memory()
     amp = inference_amp(preset, device, amp)

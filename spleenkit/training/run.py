@@ -149,8 +149,9 @@ def train(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], pre
     if sync_bn:
         check_sync_bn(torch_device)
     check_step_fits(preset, torch_device)
-    # memory: large blocks go back to the system when freed, and what earlier work left (a notebook's other
-    # trainings) is freed before this one fills its cache, and this one's after it (see spleenkit.environment)
+    # memory: where it is small, large blocks go back to the system when freed; what earlier work left (a
+    # notebook's other trainings) is freed before this one fills its cache, and this one's after it (see
+    # spleenkit.environment)
     return_large_blocks_promptly()
     release_free_memory()
     try:
