@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -613,11 +614,18 @@ def report_last(system: Any) -> None:
     system.excepthook = hook
 
 
+# MONAI's warnings that say nothing about the kit's own bundle: configs are code (it cannot know whose they are),
+# and the original metadata's "optional_packages_version", kept as model-zoo writes it
+_OWN_BUNDLE_NOTICES = (r"parsing config_file .*any `\"_target_\"` value in it is resolved",
+                       r"Detected deprecated name 'optional_packages_version'")
+
+
 def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> None:
     """Run one of the seed's single-process commands in this process, after checking the overrides.
 
     ``command`` is a key of :data:`COMMANDS` ("train", "evaluate", "infer"); ``overrides`` are
-    config ids and values, e.g. ``dataset_dir=...``, ``epochs=1``, ``bundle_root=...``.
+    config ids and values, e.g. ``dataset_dir=...``, ``epochs=1``, ``bundle_root=...``. On the kit's own bundle,
+    MONAI's notices about configs it cannot vouch for are left out; on another ``bundle_dir`` they stay.
     """
     from monai.bundle import ConfigParser
     from monai.bundle import run as monai_run
@@ -635,8 +643,12 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
     overrides.setdefault("bundle_root", str(root))
     check_recipe(files, overrides)
     try:
-        monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
-                  logging_file=str(root / "configs" / "logging.conf"), **overrides)
+        with warnings.catch_warnings():
+            if root.resolve() == bundle_source().resolve():  # the kit's own configs, just checked: MONAI's notices
+                for notice in _OWN_BUNDLE_NOTICES:  # on configs it cannot vouch for do not apply to them
+                    warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+            monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
+                      logging_file=str(root / "configs" / "logging.conf"), **overrides)
     except Exception as error:
         found = kit_error(error)
         if found is None:
