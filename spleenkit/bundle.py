@@ -624,8 +624,9 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
     """Run one of the seed's single-process commands in this process, after checking the overrides.
 
     ``command`` is a key of :data:`COMMANDS` ("train", "evaluate", "infer"); ``overrides`` are
-    config ids and values, e.g. ``dataset_dir=...``, ``epochs=1``, ``bundle_root=...``. On the kit's own bundle,
-    MONAI's notices about configs it cannot vouch for are left out; on another ``bundle_dir`` they stay.
+    config ids and values, e.g. ``dataset_dir=...``, ``epochs=1``, ``bundle_root=...``. On the kit's own bundle
+    (no ``bundle_dir``), MONAI's notices about configs it cannot vouch for are left out; on a ``bundle_dir`` they
+    stay.
     """
     from monai.bundle import ConfigParser
     from monai.bundle import run as monai_run
@@ -644,8 +645,8 @@ def run(command: str, bundle_dir: str | os.PathLike[str] | None = None, **overri
     check_recipe(files, overrides)
     try:
         with warnings.catch_warnings():
-            if root.resolve() == bundle_source().resolve():  # the kit's own configs, just checked: MONAI's notices
-                for notice in _OWN_BUNDLE_NOTICES:  # on configs it cannot vouch for do not apply to them
+            if bundle_dir is None:  # the kit's own configs, just checked: MONAI's notices on configs it cannot
+                for notice in _OWN_BUNDLE_NOTICES:  # vouch for do not apply to them
                     warnings.filterwarnings("ignore", message=notice, category=UserWarning)
             monai_run(run_id=run_id, meta_file=str(root / "configs" / "metadata.json"), config_file=files,
                       logging_file=str(root / "configs" / "logging.conf"), **overrides)
