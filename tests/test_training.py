@@ -223,6 +223,34 @@ def test_cache_estimate_from_headers_matches_the_filled_cache(synthetic_dataset:
     assert "GiB" in datasets.estimate.describe()
 
 
+def test_an_interrupt_while_the_loader_starts_its_thread_stops_the_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MONAI's ThreadBuffer starts its thread before the try that stops it: a Ctrl-C or SIGTERM landing in
+    # Thread.start left the thread running, and the process aborted at exit (status -6) after a clean stop
+    import threading
+
+    from monai.data import thread_buffer
+
+    from spleenkit.training.loaders import TrainingLoader
+
+    started: list[threading.Thread] = []
+
+    class InterruptedAsItStarts(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            started.append(self)
+            raise KeyboardInterrupt  # the signal, arriving while start() waits for the thread
+
+    monkeypatch.setattr(thread_buffer, "Thread", InterruptedAsItStarts)
+    loader = TrainingLoader([torch.full((1,), float(i)) for i in range(50)], batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader))
+    assert len(started) == 1 and not started[0].is_alive()
+
+    monkeypatch.undo()  # with nothing interrupting, the batches, their order and repeats are the loader's
+    assert [float(b) for b in TrainingLoader([torch.full((1,), float(i)) for i in range(3)], batch_size=1,
+                                             repeats=2)] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+
+
 def test_loss_optimizer_and_schedules_follow_the_preset() -> None:
     from monai.bundle import ConfigParser
     from monai.losses import DiceLoss

@@ -105,18 +105,20 @@ def build_loaders(datasets: Datasets, preset: Preset, *, num_workers: int | None
                   distributed: bool = False) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders.
 
-    A fully cached training set is read by a ThreadDataLoader: the random crops run in a background
-    thread while the network trains, with no worker processes to start. Uncached items are loaded
-    from disk by ``num_workers`` processes.
+    A fully cached training set is read by MONAI's ThreadDataLoader (as :class:`TrainingLoader`, whose thread
+    an interrupt stops too): the random crops run in a background thread while the network trains, with no
+    worker processes to start. Uncached items are loaded from disk by ``num_workers`` processes.
     """
-    from monai.data import DataLoader, ThreadDataLoader
+    from monai.data import DataLoader
+
+    from spleenkit.training.loaders import TrainingLoader  # imports MONAI: not at ``import spleenkit``
 
     train_ds = datasets.train
     fully_cached = getattr(train_ds, "cache_num", 0) >= len(train_ds)
     workers = 0 if fully_cached else (default_num_workers() if num_workers is None else num_workers)
     sampler = make_train_sampler(train_ds, distributed=distributed, seed=preset.seed)
-    train_loader = ThreadDataLoader(train_ds, batch_size=preset.batch_size, shuffle=sampler is None,
-                                    sampler=sampler, num_workers=workers)
+    train_loader = TrainingLoader(train_ds, batch_size=preset.batch_size, shuffle=sampler is None,
+                                  sampler=sampler, num_workers=workers)
     validation_loader = DataLoader(datasets.validation, batch_size=1, shuffle=False, num_workers=0)
     return train_loader, validation_loader
 
