@@ -1,10 +1,11 @@
 """The training loader: MONAI's ``ThreadDataLoader``, whose background thread is stopped however an epoch ends.
 
-MONAI's ``ThreadBuffer`` (1.4 to 1.6) starts its thread before the ``try`` whose ``finally`` stops it. An
-interrupt (Ctrl-C, or SIGTERM, which the command line raises the same way) that arrives while ``Thread.start``
-waits leaves the thread filling its buffer for ever; at exit the interpreter ends it in the middle of a torch
-call and the process aborts ("terminate called without an active exception", status -6) after the run had
-stopped cleanly and recorded why. This loader owns the buffer and stops it in its own ``finally``.
+MONAI's ``ThreadBuffer`` (1.6.1, and earlier releases with the same code) starts its thread before the
+``try`` whose ``finally`` stops it. An interrupt (Ctrl-C, or SIGTERM, which the command line raises the same
+way) that arrives while ``Thread.start`` waits leaves the thread filling its buffer for ever; at exit the
+interpreter ends it in the middle of a torch call and the process aborts ("terminate called without an active
+exception", status -6) after the run had stopped cleanly and recorded why. This loader owns the buffer and stops
+it in its own ``finally``.
 """
 
 from __future__ import annotations
